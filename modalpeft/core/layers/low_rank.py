@@ -1,0 +1,68 @@
+"""Low-rank delta: ``ΔW = s · B A`` beside a frozen Linear (LoRA's form, for native methods)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..layer import AdapterModule, InitMode
+
+
+class LowRankDelta(AdapterModule):
+    """A parallel low-rank update ``y = W x + s · B A drop(x)``.
+
+    Used by SPT's structured tuning, TMoE-like experts and text methods; peft's LoRA is used through peft.
+
+    Args:
+        in_features: ``d_in`` of the adapted Linear.
+        out_features: ``d_out`` of the adapted Linear.
+        rank: ``r``.
+        scaling: ``s`` (SPT uses 1.0, i.e. no ``alpha / r``).
+        dropout: dropout on the branch input.
+        init_weights: ``True``/``"identity"``: ``A`` kaiming-uniform (a=√5), ``B = 0`` (LoRA's init, the
+            identity); ``False``: both random.
+
+    Shapes:
+        - input: ``(*, d_in)``
+        - output: ``(*, d_out)``
+        - ``A``: ``(r, d_in)``, ``B``: ``(d_out, r)``; :meth:`delta_weight`: ``(d_out, d_in)``
+    """
+
+    mergeable = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        scaling: float = 1.0,
+        dropout: float = 0.0,
+        init_weights: InitMode = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank={rank} must be >= 1")
+        self.scaling = scaling
+        self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_adapter(init_weights)
+
+    @torch.no_grad()
+    def reset_adapter(self, init_weights: InitMode = True) -> None:
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        if init_weights is False:
+            nn.init.normal_(self.B, std=0.1)
+        else:
+            nn.init.zeros_(self.B)
+
+    def parallel(self, x: Tensor) -> Tensor:
+        return (self.drop(x) @ self.A.t() @ self.B.t()) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        return (self.B @ self.A) * self.scaling

@@ -1,0 +1,258 @@
+"""``AdaptedModel``: the wrapper that :func:`adapt` returns, and the adapter lifecycle on it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from .config import AdapterConfig
+from .inject import (
+    adapter_parameters,
+    base_modules,
+    hosts,
+    modules_to_save_modules,
+    set_requires_grad,
+    unwrap_all,
+    unwrap_empty,
+)
+from .registry import get_method
+from .state import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+
+
+def class_path(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class AdaptedModel(nn.Module):
+    """A base model with one or more named adapters; behaves like the base model.
+
+    Attribute access and ``forward`` pass through to the base model, so timm's ``forward_features``,
+    open_clip's ``encode_image`` or a diffusers UNet's ``config`` keep working. The base model is
+    ``self.base_model`` (adapted in place: hosts wrap its adapted modules).
+
+    Do not build it directly: use :func:`modalpeft.adapt` or :func:`modalpeft.load_adapter`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, Any] = {}
+        self._active: str | None = None
+
+    # -- pass-through ------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- adapters ----------------------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str | None:
+        """The name of the adapter that runs in ``forward``."""
+        return self._active
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.peft_config)
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: AdapterConfig,
+        modules_to_save: list[str] | None = None,
+        *,
+        state: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Place a new adapter named ``adapter_name`` in the model and make it the active one.
+
+        On any error the model is left exactly as it was.
+        """
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(
+                f"{type(config).__name__} is not a modalpeft AdapterConfig; a model adapted with native methods "
+                "takes native configs only (peft configs go to a model adapted with a peft config)."
+            )
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"an adapter named {adapter_name!r} exists already (adapters: {self.adapter_names}); pick another "
+                "name or delete_adapter() it first."
+            )
+        if modules_to_save:
+            merged = list(dict.fromkeys([*(config.modules_to_save or []), *modules_to_save]))
+            config = type(config).from_dict({**config.to_dict(), "modules_to_save": merged})
+        modules_to_save_modules(self.base_model, config.modules_to_save or [])  # validates the names
+        info = get_method(config.method)
+        try:
+            info.apply(self.base_model, config, adapter_name, state)
+        except BaseException:
+            self._drop(adapter_name)
+            raise
+        self.peft_config[adapter_name] = config
+        self.set_adapter(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active (and trainable) adapter."""
+        self._check_name(adapter_name)
+        for _, host in hosts(self.base_model):
+            host.active_adapter = adapter_name if adapter_name in host.adapters else None
+        self._active = adapter_name
+        set_requires_grad(self.base_model, adapter_name, self.peft_config[adapter_name].modules_to_save or [])
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (unmerging it first if needed)."""
+        self._check_name(adapter_name)
+        self._drop(adapter_name)
+        del self.peft_config[adapter_name]
+        if self._active == adapter_name:
+            self._active = None
+            if self.peft_config:
+                self.set_adapter(next(iter(self.peft_config)))
+
+    def _drop(self, adapter_name: str) -> None:
+        for _, host in list(hosts(self.base_model)):
+            if adapter_name in host.adapters:
+                host.remove(adapter_name)
+        unwrap_empty(self.base_model)
+
+    def _check_name(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {self.adapter_names}")
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Within the block, the model computes as the base model (merged adapters are unmerged meanwhile).
+
+        ``modules_to_save`` are trained in place, so they keep their trained values here.
+        """
+        was_merged = [(host, list(host.merged)) for _, host in hosts(self.base_model)]
+        for host, names in was_merged:
+            for name in names:
+                host.unmerge(name)
+            host.disabled = True
+        try:
+            yield
+        finally:
+            for host, names in was_merged:
+                host.disabled = False
+                for name in names:
+                    host.merge(name)
+
+    # -- merging -----------------------------------------------------------------------------------------
+    def _check_mergeable(self, adapter_name: str) -> None:
+        method = self.peft_config[adapter_name].method
+        for name, host in hosts(self.base_model):
+            if adapter_name in host.adapters and not host.adapters[adapter_name].mergeable:
+                raise ValueError(
+                    f"adapter {adapter_name!r} (method {method!r}) cannot be merged: its layer at {name!r} "
+                    f"({type(host.adapters[adapter_name]).__name__}) is not a linear update of the weights. Keep "
+                    "the model unmerged, or call unload() to get the base model back without the adapter."
+                )
+
+    def merge_adapter(self) -> None:
+        """Fold the active adapter into the base weights (exactly); ``unmerge_adapter`` undoes it."""
+        if self._active is None:
+            raise ValueError("no active adapter to merge")
+        self._check_mergeable(self._active)
+        for _, host in hosts(self.base_model):
+            if self._active in host.adapters:
+                host.merge(self._active)
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged adapter back out of the base weights."""
+        for _, host in hosts(self.base_model):
+            for name in list(host.merged):
+                host.unmerge(name)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapter and return the plain base model: its own module types, no overhead.
+
+        Other adapters are dropped; ``modules_to_save`` keep their trained values.
+        """
+        self.merge_adapter()
+        return self._release()
+
+    def unload(self) -> nn.Module:
+        """Return the base model without any adapter (merged ones are taken out first)."""
+        self.unmerge_adapter()
+        return self._release()
+
+    def _release(self) -> nn.Module:
+        model = unwrap_all(self.base_model)
+        self.peft_config.clear()
+        self._active = None
+        return model
+
+    # -- parameters and files ----------------------------------------------------------------------------
+    def trainable_summary(self) -> dict[str, float]:
+        """``{"trainable": int, "total": int, "percent": float}`` over unique parameters."""
+        params = {id(p): p for p in self.parameters()}.values()
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+    def print_trainable_parameters(self) -> None:
+        s = self.trainable_summary()
+        print(f"trainable: {s['trainable']:,} | total: {s['total']:,} | {s['percent']:.4g}%")
+
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:
+        """The tensors ``save_adapter`` writes: adapter parameters and buffers (keys without the adapter name)
+        and the ``modules_to_save`` (their base-model keys)."""
+        name = adapter_name or self._active
+        if name is None:
+            raise ValueError("no adapter to save")
+        self._check_name(name)
+        state = {k: v.detach() for k, v in adapter_parameters(self.base_model, name)}
+        for mod_name, module in modules_to_save_modules(self.base_model, self.peft_config[name].modules_to_save or []):
+            for k, v in module.state_dict().items():
+                state[f"{mod_name}.{k}"] = v.detach()
+        return state
+
+    def save_adapter(self, save_directory: str | os.PathLike[str], adapter_name: str | None = None) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``save_directory``, atomically."""
+        name = adapter_name or self._active
+        state = self.adapter_state_dict(name)
+        config = self.peft_config[name].to_dict()
+        config.update(modalpeft_version=__version__, base_model_class=class_path(self.base_model))
+        atomic_write({WEIGHTS_NAME: state, CONFIG_NAME: config}, save_directory)
+
+    def load_adapter_state(self, state: Mapping[str, Tensor], adapter_name: str) -> None:
+        """Copy saved tensors into the adapter ``adapter_name``; every key and shape is checked first."""
+        expected = self.adapter_state_dict(adapter_name)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = [
+            f"{k}: saved {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in sorted(set(expected) & set(state))
+            if state[k].shape != expected[k].shape
+        ]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                "the adapter does not fit this model (was it saved for another architecture or configuration?)"
+                f"\n  missing keys ({len(missing)}): {missing[:10]}"
+                f"\n  unexpected keys ({len(unexpected)}): {unexpected[:10]}"
+                f"\n  shape mismatches ({len(shapes)}): {shapes[:10]}"
+                "\nLoad it into the model it was trained on, or adapt this model anew."
+            )
+        with torch.no_grad():
+            for key, value in state.items():
+                expected[key].copy_(value.to(expected[key].dtype))
+
+    def modules_to_save_names(self) -> list[str]:
+        names = self.peft_config[self._active].modules_to_save if self._active else None
+        return [n for n, _ in modules_to_save_modules(self.base_model, names or [])]
+
+    def base_module_names(self) -> list[str]:
+        return [n for n, _ in base_modules(self.base_model) if n]

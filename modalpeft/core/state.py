@@ -1,0 +1,84 @@
+"""Adapter files on disk: ``adapter_config.json`` + ``adapter_model.safetensors``, written atomically.
+
+Nothing here unpickles: configs are JSON, tensors are safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def atomic_write(files: Mapping[str, Any], directory: str | os.PathLike[str]) -> None:
+    """Write several files into ``directory`` so that either all of them change or none does.
+
+    Args:
+        files: file name -> a dict (written as JSON) or a ``{key: tensor}`` mapping under a ``.safetensors``
+            name, or ``bytes``.
+        directory: created when missing.
+
+    Every file is first written under a temporary name in ``directory``; only when all are written are they
+    renamed into place. A failure removes the temporary files and leaves the old files as they were.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, str] = {}
+    try:
+        for name, content in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            temps[name] = tmp
+            if name.endswith(".safetensors"):
+                tensors = {k: v.detach().contiguous().cpu() for k, v in content.items()}
+                save_file(tensors, tmp, metadata={"format": "pt"})
+            elif isinstance(content, bytes):
+                Path(tmp).write_bytes(content)
+            else:
+                Path(tmp).write_text(json.dumps(content, indent=2) + "\n")
+        for name, tmp in temps.items():
+            os.replace(tmp, directory / name)
+        temps.clear()
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+
+
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of an adapter directory, with errors that say what is wrong."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: {directory} is not an adapter directory (expected {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME}, as written by save_adapter)."
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupted: save the adapter again.") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_tensors(directory: str | os.PathLike[str], name: str = WEIGHTS_NAME) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter directory's safetensors file (never unpickled)."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; save the adapter again with save_adapter().")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); it is truncated or corrupted: save the adapter again."
+        ) from e
