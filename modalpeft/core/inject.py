@@ -123,6 +123,12 @@ def attach(model: nn.Module, name: str, adapter_name: str, adapter: AdapterModul
     """
     path = _real_path(model, name)
     module = model.get_submodule(path) if path else model
+    parent_path = path.rpartition(".")[0]
+    if isinstance(model.get_submodule(parent_path) if parent_path else model, nn.MultiheadAttention):
+        raise ValueError(
+            f"{name!r} sits inside an nn.MultiheadAttention, which reads its weights directly and never calls it; "
+            f"target the MultiheadAttention module ({clean_name(parent_path)!r}) instead."
+        )
     if not isinstance(module, AdapterLayer):
         if not path:
             raise ValueError("the model itself cannot be wrapped; target one of its submodules")
@@ -203,3 +209,32 @@ def modules_to_save_modules(model: nn.Module, names: list[str]) -> list[tuple[st
             )
         found.extend(matched)
     return found
+
+
+_FASTPATH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_GUARD = "_modalpeft_fastpath_guard"
+
+
+def _no_op_pre_hook(module: nn.Module, args: tuple) -> None:
+    return None
+
+
+def guard_torch_fastpath(model: nn.Module, is_adapter: Callable[[nn.Module], bool]) -> None:
+    """Keep torch's fused inference path of ``nn.TransformerEncoderLayer`` off where adapters sit inside it.
+
+    In eval mode that fast path reads the layer's weights directly and skips its submodules' ``forward``,
+    which would silently drop the adapters. PyTorch takes the fast path only when no forward hook is
+    attached, so a no-op pre-hook on each such layer holding an adapter turns it off; layers without adapters
+    keep it. :func:`release_fastpath_guards` removes the hooks.
+    """
+    for module in model.modules():
+        if isinstance(module, _FASTPATH_LAYERS) and not hasattr(module, _GUARD):
+            if any(is_adapter(m) for m in module.modules()):
+                setattr(module, _GUARD, module.register_forward_pre_hook(_no_op_pre_hook))
+
+
+def release_fastpath_guards(model: nn.Module) -> None:
+    for module in model.modules():
+        if hasattr(module, _GUARD):
+            getattr(module, _GUARD).remove()
+            delattr(module, _GUARD)

@@ -12,11 +12,14 @@ from torch import Tensor, nn
 
 from .. import __version__
 from .config import AdapterConfig
+from .layer import AdapterLayer
 from .inject import (
     adapter_parameters,
     base_modules,
+    guard_torch_fastpath,
     hosts,
     modules_to_save_modules,
+    release_fastpath_guards,
     set_requires_grad,
     unwrap_all,
     unwrap_empty,
@@ -101,6 +104,7 @@ class AdaptedModel(nn.Module):
             self._drop(adapter_name)
             raise
         self.peft_config[adapter_name] = config
+        guard_torch_fastpath(self.base_model, lambda m: isinstance(m, AdapterLayer))
         self.set_adapter(adapter_name)
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -190,6 +194,7 @@ class AdaptedModel(nn.Module):
         return self._release()
 
     def _release(self) -> nn.Module:
+        release_fastpath_guards(self.base_model)
         model = unwrap_all(self.base_model)
         self.peft_config.clear()
         self._active = None

@@ -20,11 +20,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .inject import modules_to_save_modules
+from .inject import guard_torch_fastpath, modules_to_save_modules, release_fastpath_guards
 from .model import AdaptedModel
 from .state import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_tensors
 
 _PEFT_PREFIX = "base_model.model."
+
+
+def _is_peft_layer(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
 
 
 def is_peft_config(config: Any) -> bool:
@@ -54,6 +60,7 @@ class PeftAdaptedModel(AdaptedModel):
         super().__init__(get_peft_model(model, config, adapter_name=adapter_name))
         self._modules_to_save: dict[str, list[str]] = {adapter_name: names}
         self._active = adapter_name
+        guard_torch_fastpath(self.base_model, _is_peft_layer)
         self._refresh_trainable()
 
     @property
@@ -94,6 +101,7 @@ class PeftAdaptedModel(AdaptedModel):
         config, names = _split_modules_to_save(config, modules_to_save)
         modules_to_save_modules(self._inner, names)
         self.base_model.add_adapter(adapter_name, config)
+        guard_torch_fastpath(self.base_model, _is_peft_layer)
         self._modules_to_save[adapter_name] = names
         self.set_adapter(adapter_name)
 
@@ -126,9 +134,11 @@ class PeftAdaptedModel(AdaptedModel):
         self.base_model.unmerge_adapter()
 
     def merge_and_unload(self) -> nn.Module:
+        release_fastpath_guards(self.base_model)
         return self.base_model.merge_and_unload()
 
     def unload(self) -> nn.Module:
+        release_fastpath_guards(self.base_model)
         return self.base_model.unload()
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:

@@ -1,6 +1,21 @@
 """The shared adapter layer set: small modules that native methods compose (see ``core/layer.py``)."""
 
+from .bottleneck import Bottleneck
+from .experts import LowRankExperts
+from .kronecker import KroneckerDelta
 from .low_rank import LowRankDelta
+from .prompt import PromptTokens
+from .scale_shift import ScaleShift
 from .selectors import ParamDelta
+from .sparse import SparseDelta
 
-__all__ = ["LowRankDelta", "ParamDelta"]
+__all__ = [
+    "Bottleneck",
+    "KroneckerDelta",
+    "LowRankDelta",
+    "LowRankExperts",
+    "ParamDelta",
+    "PromptTokens",
+    "ScaleShift",
+    "SparseDelta",
+]

@@ -1,0 +1,128 @@
+"""Kronecker delta: ``ΔW = s · (A ⊗ B)`` beside a frozen Linear (KronA, DiffuseKronA).
+
+KronA (Edalati et al., 2022, https://arxiv.org/abs/2212.10650) and DiffuseKronA (Marjit et al., WACV 2025)
+replace LoRA's low-rank product by a Kronecker product of two small factors. The branch never forms ``ΔW``:
+``(A ⊗ B) x`` is computed as ``A X Bᵀ`` on ``x`` viewed as an ``(a2, b2)`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..layer import AdapterModule, InitMode
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n``, in increasing order."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def most_square_factor(n: int) -> int:
+    """The divisor of ``n`` closest to ``√n`` (the smaller one on a tie), e.g. 768 -> 24, 64 -> 8, 7 -> 1.
+
+    Used for the default Kronecker factor sizes: ``a1 = most_square_factor(d_out)`` gives the most balanced
+    split ``d_out = a1 · b1``.
+    """
+    if n < 1:
+        raise ValueError(f"most_square_factor needs a positive integer, got {n}")
+    below = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)  # the largest divisor <= √n
+    above = n // below  # the smallest divisor >= √n
+    root = math.sqrt(n)
+    return below if root - below <= above - root else above
+
+
+def check_kron_factors(in_features: int, out_features: int, a1: int, a2: int, where: str = "") -> None:
+    """Raise a ``ValueError`` unless ``a1`` divides ``d_out`` and ``a2`` divides ``d_in``.
+
+    Args:
+        in_features: ``d_in`` of the adapted Linear.
+        out_features: ``d_out`` of the adapted Linear.
+        a1: rows of ``A``; must divide ``d_out``.
+        a2: columns of ``A``; must divide ``d_in``.
+        where: the module's name, for the message.
+    """
+    problems = []
+    if a1 < 1 or out_features % a1:
+        problems.append(f"a1={a1} does not divide d_out={out_features} (valid a1: {divisors(out_features)})")
+    if a2 < 1 or in_features % a2:
+        problems.append(f"a2={a2} does not divide d_in={in_features} (valid a2: {divisors(in_features)})")
+    if problems:
+        at = f" at {where!r}" if where else ""
+        raise ValueError(
+            f"Kronecker factors do not fit the layer{at} (d_in={in_features}, d_out={out_features}): "
+            f"{'; '.join(problems)}. Pick a1 from the divisors of d_out and a2 from those of d_in, or leave them "
+            "None for the most-square split."
+        )
+
+
+class KroneckerDelta(AdapterModule):
+    """A parallel Kronecker update ``y = W x + s · (A ⊗ B) drop(x)``.
+
+    With ``x`` viewed as ``X ∈ R^{a2×b2}`` (row-major, ``X[j, l] = x[j·b2 + l]``), ``(A ⊗ B) x`` is
+    ``vec(A X Bᵀ)`` read row-major, since ``(A ⊗ B)[i·b1 + k, j·b2 + l] = A[i, j] B[k, l]``; this is exactly
+    ``x @ torch.kron(A, B).T``. The branch costs ``O(d_in · (a1 + b1))`` per token instead of ``O(d_in·d_out)``.
+
+    Args:
+        in_features: ``d_in`` of the adapted Linear.
+        out_features: ``d_out`` of the adapted Linear.
+        a1: rows of ``A``; must divide ``d_out`` (``b1 = d_out / a1``).
+        a2: columns of ``A``; must divide ``d_in`` (``b2 = d_in / a2``).
+        scaling: ``s`` (1.0 in KronA's and DiffuseKronA's code).
+        dropout: dropout on the branch input.
+        init_weights: ``True``/``"identity"``: ``A ~ N(0, (1/a1)²)``, ``B = 0`` (DiffuseKronA's init, so
+            ``ΔW = 0``); ``False``: both random.
+
+    Shapes:
+        - input: ``(*, d_in)``
+        - output: ``(*, d_out)``
+        - ``A``: ``(a1, a2)``, ``B``: ``(b1, b2)``; :meth:`delta_weight`: ``(d_out, d_in)``
+    """
+
+    mergeable = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        a1: int,
+        a2: int,
+        *,
+        scaling: float = 1.0,
+        dropout: float = 0.0,
+        init_weights: InitMode = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_kron_factors(in_features, out_features, a1, a2)
+        self.a1, self.a2 = a1, a2
+        self.b1, self.b2 = out_features // a1, in_features // a2
+        self.scaling = scaling
+        self.A = nn.Parameter(torch.empty(a1, a2, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(self.b1, self.b2, device=device, dtype=dtype))
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_adapter(init_weights)
+
+    @torch.no_grad()
+    def reset_adapter(self, init_weights: InitMode = True) -> None:
+        nn.init.normal_(self.A, std=1.0 / self.a1)
+        if init_weights is False:
+            nn.init.normal_(self.B, std=0.1)
+        else:
+            nn.init.zeros_(self.B)
+
+    def parallel(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x = self.drop(x).reshape(*lead, self.a2, self.b2)  # (*, a2, b2)
+        y = self.A @ x @ self.B.t()  # (a1, a2) @ (*, a2, b2) @ (b2, b1) -> (*, a1, b1)
+        return y.reshape(*lead, self.a1 * self.b1) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        return torch.kron(self.A, self.B) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"A=({self.a1}, {self.a2}), B=({self.b1}, {self.b2}), scaling={self.scaling}"

@@ -1,0 +1,160 @@
+import pytest
+import timm.layers
+import torch
+from torch import nn
+
+from modalpeft.core.layer import AdapterLayer
+from modalpeft.core.layers import ScaleShift
+
+
+def _hosted(base: nn.Module, adapter: ScaleShift) -> AdapterLayer:
+    base.requires_grad_(False)
+    host = AdapterLayer(base)
+    host.add("default", adapter)
+    host.active_adapter = "default"
+    return host
+
+
+# (base module, channel_dim, input shape): every module type the merge folds into.
+FOLDABLE = [
+    (lambda: nn.Linear(5, 6), -1, (2, 3, 5)),
+    (lambda: nn.Conv1d(4, 6, 3), 1, (2, 4, 7)),
+    (lambda: nn.Conv2d(4, 6, 3, groups=2), 1, (2, 4, 5, 5)),
+    (lambda: nn.Conv3d(2, 6, 2), 1, (1, 2, 3, 3, 3)),
+    (lambda: nn.LayerNorm(6), -1, (2, 3, 6)),
+    (lambda: timm.layers.LayerNorm(6), -1, (2, 3, 6)),
+    (lambda: timm.layers.LayerNorm2d(6), 1, (2, 6, 3, 3)),
+    (lambda: nn.GroupNorm(3, 6), 1, (2, 6, 4)),
+]
+
+
+def _randomise_affine(base: nn.Module) -> None:
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_()
+
+
+def test_post_is_per_channel_affine():
+    torch.manual_seed(0)
+    ssf = ScaleShift(4, init_weights=False)
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(ssf.post(x), x * ssf.scale + ssf.shift)
+    conv = ScaleShift(4, channel_dim=1, init_weights=False)
+    x = torch.randn(2, 4, 3, 5)
+    torch.testing.assert_close(conv.post(x), x * conv.scale[:, None, None] + conv.shift[:, None, None])
+
+
+def test_post_rejects_wrong_channel_count():
+    with pytest.raises(ValueError, match="dim=4.*5 channels"):
+        ScaleShift(4).post(torch.randn(2, 5))
+
+
+def test_init_modes():
+    torch.manual_seed(0)
+    paper = ScaleShift(4096)
+    assert abs(paper.scale.mean().item() - 1) < 2e-3 and abs(paper.scale.std().item() - 0.02) < 2e-3
+    assert abs(paper.shift.mean().item()) < 2e-3 and abs(paper.shift.std().item() - 0.02) < 2e-3
+    identity = ScaleShift(8, init_weights="identity")
+    assert torch.equal(identity.scale, torch.ones(8)) and torch.equal(identity.shift, torch.zeros(8))
+    rand = ScaleShift(4096, init_weights=False)
+    assert rand.shift.std().item() > 0.05 and (rand.scale - 1).std().item() > 0.05
+
+
+@pytest.mark.parametrize(("make", "channel_dim", "shape"), FOLDABLE)
+def test_hosted_output_and_exact_merge(make, channel_dim, shape):
+    torch.manual_seed(0)
+    base = make()
+    _randomise_affine(base)
+    x = torch.randn(shape)
+    y_base = base(x)
+    ssf = ScaleShift(6, channel_dim=channel_dim, init_weights=False)
+    host = _hosted(base, ssf)
+    y = host(x)
+    view = [1] * y.ndim
+    view[channel_dim] = 6
+    torch.testing.assert_close(y, y_base * ssf.scale.view(view) + ssf.shift.view(view))
+
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    host.merge("default")
+    assert not torch.equal(base.weight, before["weight"])
+    torch.testing.assert_close(host(x), y, atol=1e-5, rtol=1e-5)
+    host.unmerge("default")
+    for k, v in base.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(host(x), y, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("make", "channel_dim", "shape"), FOLDABLE)
+def test_identity_init_leaves_output_unchanged(make, channel_dim, shape):
+    base = make()
+    x = torch.randn(shape)
+    host = _hosted(base, ScaleShift(6, channel_dim=channel_dim, init_weights="identity"))
+    torch.testing.assert_close(host(x), base(x), atol=0, rtol=0)
+
+
+def test_paper_init_is_not_identity():
+    base = nn.Linear(5, 6)
+    x = torch.randn(3, 5)
+    assert not torch.allclose(_hosted(base, ScaleShift(6))(x), base(x))
+
+
+def test_gradients_reach_scale_and_shift_only():
+    base = nn.Linear(5, 6)
+    ssf = ScaleShift(6)
+    host = _hosted(base, ssf)
+    x = torch.randn(4, 5)
+    host(x).square().sum().backward()
+    assert base.weight.grad is None and base.bias.grad is None
+    torch.testing.assert_close(ssf.shift.grad, 2 * host(x).sum(0).detach())
+    assert ssf.scale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("base", "match"),
+    [
+        (nn.Linear(5, 6, bias=False), "Linear: it has no bias"),
+        (nn.Conv2d(3, 6, 1, bias=False), "Conv2d: it has no bias"),
+        (nn.LayerNorm(6, elementwise_affine=False), "LayerNorm: it has no affine weight"),
+        (nn.LayerNorm(6, bias=False), "LayerNorm: it has no bias"),
+        (nn.GroupNorm(3, 6, affine=False), "GroupNorm: it has no affine"),
+        (nn.LayerNorm((4, 6)), "normalises over 2 axes"),
+        (nn.GELU(), "GELU: only nn.Linear"),
+        (nn.Sequential(nn.Linear(5, 6)), "Sequential: only nn.Linear"),
+    ],
+)
+def test_unfoldable_bases_raise(base, match):
+    assert not ScaleShift.can_fold(base)
+    host = _hosted(base, ScaleShift(6))
+    with pytest.raises(ValueError, match=match):
+        host.merge("default")
+    assert host.merged == []
+
+
+def test_can_fold_accepts_foldable():
+    assert all(ScaleShift.can_fold(make()) for make, _, _ in FOLDABLE)
+
+
+def test_merge_checks_channel_axis_and_count():
+    with pytest.raises(ValueError, match="set channel_dim=1"):
+        ScaleShift(6).merge(nn.Conv2d(3, 6, 1))
+    with pytest.raises(ValueError, match="set channel_dim=-1"):
+        ScaleShift(6, channel_dim=1).merge(nn.Linear(3, 6))
+    with pytest.raises(ValueError, match="set dim=7"):
+        ScaleShift(6).merge(nn.Linear(3, 7))
+
+
+def test_unmerge_with_zero_scale_raises():
+    base = nn.Linear(3, 4)
+    ssf = ScaleShift(4)
+    with torch.no_grad():
+        ssf.scale[1] = 0
+    host = _hosted(base, ssf)
+    host.merge("default")
+    with pytest.raises(ValueError, match="scales γ are 0"):
+        host.unmerge("default")
+
+
+def test_low_precision_output_keeps_dtype():
+    base = nn.Linear(5, 6).to(torch.bfloat16)
+    host = _hosted(base, ScaleShift(6, init_weights=False))
+    assert host(torch.randn(2, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16

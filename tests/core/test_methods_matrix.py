@@ -1,0 +1,324 @@
+"""Every method x every toy model x every lifecycle invariant of DESIGN.md.
+
+A method joins by registering (``list_methods()`` drives the matrix) and by one entry in ``CASES``: how to
+build its config on each toy model (``None``: the method does not apply there) and its parameter-count
+formula. No test below knows about any particular method.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import peft
+import pytest
+import torch
+from peft.tuners.lokr.layer import factorization
+from torch import nn
+
+import modalpeft as mp
+from modalpeft.core.inject import base_modules
+
+from .toy_models import TOY_MODELS, make
+
+ATOL = 1e-5
+
+
+def _targets(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    return [m for n, m in base_modules(model) if any(n == t or n.endswith("." + t) for t in names)]
+
+
+def bitfit_count(model: nn.Module, cfg: Any) -> int:
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if n.rsplit(".", 1)[-1] in ("bias", "in_proj_bias") and not n.startswith("head.")
+    )
+
+
+def adapter_count(model: nn.Module, cfg: Any) -> int:
+    m = cfg.bottleneck_dim
+    return sum(2 * t.out_features * m + m + t.out_features for t in _targets(model, cfg.target_modules))
+
+
+def krona_count(model: nn.Module, cfg: Any) -> int:
+    return sum(
+        cfg.a1 * cfg.a2 + (t.out_features // cfg.a1) * (t.in_features // cfg.a2)
+        for t in _targets(model, cfg.target_modules)
+    )
+
+
+def lora_count(model: nn.Module, cfg: Any) -> int:
+    total = 0
+    for t in _targets(model, cfg.target_modules):
+        if isinstance(t, nn.Conv2d):
+            total += cfg.r * t.in_channels * t.kernel_size[0] * t.kernel_size[1] + t.out_channels * cfg.r
+        else:
+            total += cfg.r * (t.in_features + t.out_features)
+    return total
+
+
+def lokr_count(model: nn.Module, cfg: Any) -> int:
+    total = 0
+    for t in _targets(model, cfg.target_modules):
+        out_l, out_k = factorization(t.out_features, cfg.decompose_factor)
+        in_m, in_n = factorization(t.in_features, cfg.decompose_factor)
+        w2 = cfg.r * (out_k + in_n) if cfg.r < max(out_k, in_n) / 2 else out_k * in_n
+        total += out_l * in_m + w2
+    return total
+
+
+def ln_count(model: nn.Module, cfg: Any) -> int:
+    return sum(p.numel() for t in _targets(model, cfg.target_modules) for p in t.parameters())
+
+
+@dataclass
+class Case:
+    """How one method is built on each toy model, and its trainable-parameter formula (head excluded)."""
+
+    build: Callable[[str, Any], Any]  # (toy model name, init) -> config, or None where it does not apply
+    count: Callable[[nn.Module, Any], int]
+    identity: Any = "identity"  # the init value that must leave outputs unchanged (None: no such init)
+    random: Any = False  # the init value giving random non-zero adapters
+    mergeable: bool = True
+    peft: bool = False
+    skip: set[str] = field(default_factory=set)
+
+
+def native(name: str, per_model: dict[str, dict | None]) -> Callable[[str, Any], Any]:
+    def build(model: str, init: Any) -> Any:
+        kwargs = per_model.get(model)
+        return None if kwargs is None else mp.create_config(name, init_weights=init, **kwargs)
+
+    return build
+
+
+def via_peft(cls: type, init_field: str | None, per_model: dict[str, dict | None]) -> Callable[[str, Any], Any]:
+    def build(model: str, init: Any) -> Any:
+        kwargs = per_model.get(model)
+        if kwargs is None:
+            return None
+        return cls(**kwargs, **({init_field: init} if init_field else {}))
+
+    return build
+
+
+ALL = {m: {} for m in TOY_MODELS}
+CASES: dict[str, Case] = {
+    "bitfit": Case(native("bitfit", ALL), bitfit_count),
+    "adapter": Case(
+        native(
+            "adapter",
+            {
+                "mlp": {"style": "houlsby", "bottleneck_dim": 4, "target_modules": ["fc2"]},
+                "vit": {"style": "houlsby", "bottleneck_dim": 4, "target_modules": ["attn.proj", "mlp.fc2"]},
+                "mha": {"style": "pfeiffer", "bottleneck_dim": 4, "target_modules": ["linear2"]},
+                "conv": None,
+            },
+        ),
+        adapter_count,
+        mergeable=False,
+    ),
+    "krona": Case(
+        native(
+            "krona",
+            {
+                "mlp": {"a1": 4, "a2": 4, "target_modules": ["fc1", "fc2"]},
+                "vit": {"a1": 4, "a2": 4, "target_modules": ["qkv", "fc1"]},
+                "mha": {"a1": 4, "a2": 4, "target_modules": ["linear1", "linear2"]},
+                "conv": None,
+            },
+        ),
+        krona_count,
+    ),
+    "peft:lora": Case(
+        via_peft(
+            peft.LoraConfig,
+            "init_lora_weights",
+            {
+                "mlp": {"r": 2, "target_modules": ["fc1", "fc2"]},
+                "vit": {"r": 2, "target_modules": ["qkv"]},
+                "mha": {"r": 2, "target_modules": ["linear1"]},
+                "conv": {"r": 2, "target_modules": ["conv1", "conv2"]},
+            },
+        ),
+        lora_count,
+        identity=True,
+        peft=True,
+    ),
+    "peft:lokr": Case(
+        via_peft(
+            peft.LoKrConfig,
+            "init_weights",
+            {
+                "mlp": {"r": 2, "target_modules": ["fc1", "fc2"]},
+                "vit": {"r": 2, "target_modules": ["qkv"]},
+                "mha": {"r": 2, "target_modules": ["linear1"]},
+                "conv": None,
+            },
+        ),
+        lokr_count,
+        identity=True,
+        peft=True,
+    ),
+    "peft:ln_tuning": Case(
+        via_peft(
+            peft.LNTuningConfig,
+            None,
+            {
+                "mlp": {"target_modules": ["norm"]},
+                "vit": {"target_modules": ["norm1", "norm2"]},
+                # peft's LNTuningLayer hides LayerNorm attributes (eps) that nn.TransformerEncoderLayer reads
+                "mha": None,
+                "conv": None,
+            },
+        ),
+        ln_count,
+        identity=True,
+        random=True,
+        peft=True,
+    ),
+}
+
+
+def test_every_registered_method_has_a_case() -> None:
+    missing = sorted(set(mp.list_methods()) - set(CASES))
+    assert not missing, f"add these methods to CASES in {__file__}: {missing}"
+
+
+PARAMS = [
+    pytest.param(method, model, id=f"{method}-{model}")
+    for method in sorted(CASES)
+    if CASES[method].peft or method in mp.list_methods()
+    for model in TOY_MODELS
+    if CASES[method].build(model, CASES[method].random) is not None
+]
+
+
+def adapted(method: str, model_name: str, init: Any, save_head: bool = True) -> tuple[nn.Module, mp.AdaptedModel]:
+    base = make(model_name)
+    reference = copy.deepcopy(base)
+    model = mp.adapt(base, CASES[method].build(model_name, init), modules_to_save=["head"] if save_head else None)
+    return reference, model
+
+
+def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    target = torch.randn_like(model(x))
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), target).backward()
+        opt.step()
+
+
+def module_types(model: nn.Module) -> list[str]:
+    return [f"{n}:{type(m).__name__}" for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize(("method", "model_name"), PARAMS)
+def test_identity_at_init(method: str, model_name: str) -> None:
+    case = CASES[method]
+    if case.identity is None:
+        pytest.skip("no identity init")
+    reference, model = adapted(method, model_name, case.identity)
+    x = reference.make_input()
+    torch.testing.assert_close(model(x), reference(x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("method", "model_name"), PARAMS)
+def test_trainable_count_matches_formula(method: str, model_name: str) -> None:
+    case = CASES[method]
+    reference, model = adapted(method, model_name, case.random)
+    config = case.build(model_name, case.random)
+    head = sum(p.numel() for p in reference.head.parameters())
+    assert model.trainable_summary()["trainable"] == case.count(reference, config) + head
+
+
+@pytest.mark.parametrize(("method", "model_name"), PARAMS)
+def test_only_adapter_and_saved_modules_train(method: str, model_name: str) -> None:
+    case = CASES[method]
+    base = make(model_name)
+    base_params = {id(p): n for n, p in base.named_parameters()}
+    head_ids = {id(p) for p in base.head.parameters()}
+    frozen = [(n, p, p.detach().clone()) for n, p in base.named_parameters() if id(p) not in head_ids]
+    model = mp.adapt(base, case.build(model_name, case.random), modules_to_save=["head"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    wrong = [base_params[id(p)] for p in trainable if id(p) in base_params and id(p) not in head_ids]
+    assert not wrong, f"frozen base parameters were made trainable: {wrong}"
+    assert {id(p) for p in trainable} >= head_ids
+    starts = [p.detach().clone() for p in trainable]
+    train_steps(model, model.make_input())
+    for n, p, start in frozen:
+        torch.testing.assert_close(p, start, atol=0, rtol=0, msg=f"frozen {n} changed")
+    unchanged = sum(torch.equal(p, s) for p, s in zip(trainable, starts, strict=True))
+    assert unchanged == 0, f"{unchanged} trainable tensors did not change"
+
+
+@pytest.mark.parametrize(("method", "model_name"), PARAMS)
+def test_disable_adapters_gives_base_output(method: str, model_name: str) -> None:
+    reference, model = adapted(method, model_name, CASES[method].random, save_head=False)
+    x = reference.make_input()
+    train_steps(model, x)
+    assert not torch.allclose(model(x), reference(x), atol=ATOL), "the trained adapter should change the output"
+    with model.disable_adapters():
+        torch.testing.assert_close(model(x), reference(x), atol=ATOL, rtol=0)
+    assert not torch.allclose(model(x), reference(x), atol=ATOL)
+
+
+@pytest.mark.parametrize(("method", "model_name"), PARAMS)
+def test_save_then_load_gives_identical_outputs(method: str, model_name: str, tmp_path) -> None:
+    reference, model = adapted(method, model_name, CASES[method].random)
+    train_steps(model, reference.make_input())
+    x = reference.make_input()
+    expected = model(x)
+    model.save_adapter(tmp_path / "adapter")
+    loaded = mp.load_adapter(make(model_name, seed=0), tmp_path / "adapter")
+    torch.testing.assert_close(loaded(x), expected, atol=ATOL, rtol=0)
+    assert loaded.trainable_summary()["trainable"] == 0
+    trainable = mp.load_adapter(make(model_name, seed=0), tmp_path / "adapter", is_trainable=True)
+    assert trainable.trainable_summary()["trainable"] == model.trainable_summary()["trainable"]
+
+
+@pytest.mark.parametrize(("method", "model_name"), PARAMS)
+def test_merge_is_exact_and_unmerge_restores(method: str, model_name: str) -> None:
+    case = CASES[method]
+    reference, model = adapted(method, model_name, case.random)
+    x = reference.make_input()
+    expected = model(x)
+    if not case.mergeable:
+        with pytest.raises(ValueError, match="cannot be merged"):
+            model.merge_and_unload()
+        torch.testing.assert_close(model(x), expected, atol=0, rtol=0)  # left as it was
+        return
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), expected, atol=ATOL, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(x), expected, atol=ATOL, rtol=1e-5)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged(x), expected, atol=ATOL, rtol=1e-5)
+    assert module_types(merged) == module_types(reference), "merge_and_unload must give the base's modules"
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+@pytest.mark.parametrize(("method", "model_name"), [p for p in PARAMS if CASES[p.values[0]].mergeable])
+def test_unmerge_restores_base_weights(method: str, model_name: str) -> None:
+    reference, model = adapted(method, model_name, CASES[method].random)
+    inner = model.base_model
+    before = {n: p.detach().clone() for n, p in inner.named_parameters() if not p.requires_grad}
+    model.merge_adapter()
+    model.unmerge_adapter()
+    for n, p in inner.named_parameters():
+        if n in before:
+            torch.testing.assert_close(p, before[n], atol=ATOL, rtol=1e-5, msg=f"{n} not restored")
+
+
+@pytest.mark.parametrize(("method", "model_name"), PARAMS)
+def test_unload_gives_the_base_model_back(method: str, model_name: str) -> None:
+    reference, model = adapted(method, model_name, CASES[method].random)
+    x = reference.make_input()
+    base = model.unload()
+    assert module_types(base) == module_types(reference)
+    torch.testing.assert_close(base(x), reference(x), atol=ATOL, rtol=0)

@@ -1,0 +1,123 @@
+"""The lifecycle on ``AdaptedModel``: several adapters, pass-through, failures that leave the model as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import modalpeft as mp
+from modalpeft.core.inject import hosts
+
+from .toy_models import make
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_attributes_and_forward_pass_through() -> None:
+    model = mp.adapt(make("vit"), mp.BitFitConfig())
+    assert model.num_features == 32 and model.num_prefix_tokens == 1
+    x = torch.randn(2, 3, 16, 16)
+    assert model.forward_features(x).shape == (2, 5, 32)
+    assert model(x).shape == (2, 4)
+
+
+def test_several_adapters_switch_and_delete() -> None:
+    reference = make("mlp")
+    x = reference.make_input()
+    model = mp.adapt(make("mlp"), mp.BitFitConfig(init_weights=False), adapter_name="a")
+    out_a = model(x)
+    model.add_adapter("b", mp.BitFitConfig(init_weights=False, target_modules=["fc1"]))
+    assert model.active_adapter == "b" and model.adapter_names == ["a", "b"]
+    out_b = model(x)
+    assert not torch.allclose(out_a, out_b)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"base_model.fc1.adapters.b.delta_bias"}
+    model.set_adapter("a")
+    torch.testing.assert_close(model(x), out_a)
+    model.delete_adapter("a")
+    assert model.active_adapter == "b" and model.adapter_names == ["b"]
+    torch.testing.assert_close(model(x), out_b)
+    assert [n for n, _ in hosts(model.base_model)] == ["fc1"]
+    model.delete_adapter("b")
+    torch.testing.assert_close(model(x), reference(x))
+    assert not list(hosts(model))
+
+
+def test_taken_adapter_name_is_refused_and_changes_nothing() -> None:
+    model = mp.adapt(make("mlp"), mp.BitFitConfig())
+    before = state(model)
+    with pytest.raises(ValueError, match="'default' exists already"):
+        model.add_adapter("default", mp.BitFitConfig(target_modules=["fc1"]))
+    assert state(model).keys() == before.keys()
+
+
+def test_target_that_matches_nothing_lists_existing_modules() -> None:
+    base = make("mlp")
+    before = state(base)
+    with pytest.raises(ValueError, match=r"matched no module.*'fc1'"):
+        mp.adapt(base, mp.BitFitConfig(target_modules=["does_not_exist"]))
+    assert state(base).keys() == before.keys()
+
+
+def test_unknown_modules_to_save_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no module named 'classifier'"):
+        mp.adapt(make("mlp"), mp.BitFitConfig(), modules_to_save=["classifier"])
+
+
+def test_adapting_twice_points_to_add_adapter() -> None:
+    model = mp.adapt(make("mlp"), mp.BitFitConfig())
+    with pytest.raises(TypeError, match="add_adapter"):
+        mp.adapt(model, mp.BitFitConfig())
+
+
+def test_non_config_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="create_config"):
+        mp.adapt(make("mlp"), {"method": "bitfit"})
+
+
+def test_failure_inside_apply_leaves_model_unchanged(monkeypatch) -> None:
+    from modalpeft.core import registry
+
+    info = registry.get_method("bitfit")
+
+    def half_then_fail(model, config, adapter_name, state=None):
+        info.apply(model, config, adapter_name, state)
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(registry._REGISTRY, "bitfit", info.__class__(**{**info.__dict__, "apply": half_then_fail}))
+    base = make("mlp")
+    types = [type(m) for m in base.modules()]
+    with pytest.raises(RuntimeError, match="boom"):
+        mp.adapt(base, mp.BitFitConfig())
+    assert [type(m) for m in base.modules()] == types
+
+
+def test_print_trainable_parameters(capsys) -> None:
+    model = mp.adapt(make("mlp"), mp.BitFitConfig(), modules_to_save=["head"])
+    model.print_trainable_parameters()
+    summary = model.trainable_summary()
+    assert summary["trainable"] == 32 + 32 + 32 + 4 * 32 + 4
+    assert f"trainable: {summary['trainable']:,}" in capsys.readouterr().out
+
+
+def test_modules_to_save_train_in_place_without_a_copy() -> None:
+    base = make("mlp")
+    head_weight = base.head.weight
+    model = mp.adapt(base, mp.BitFitConfig(), modules_to_save=["head"])
+    assert model.base_model.head.weight is head_weight and head_weight.requires_grad
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == sum(p.numel() for p in make("mlp").parameters()) + 32 * 3  # only the bias deltas
+
+
+def test_disable_adapters_unmerges_and_restores_merge() -> None:
+    reference = make("mlp")
+    x = reference.make_input()
+    model = mp.adapt(make("mlp"), mp.BitFitConfig(init_weights=False))
+    adapted = model(x)
+    model.merge_adapter()
+    with model.disable_adapters():
+        torch.testing.assert_close(model(x), reference(x))
+    torch.testing.assert_close(model(x), adapted)
+    assert all(h.merged == ["default"] for _, h in hosts(model))

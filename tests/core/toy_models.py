@@ -1,0 +1,75 @@
+"""Small models that every method is tested on: each has a ``head`` to save and a ``make_input``."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(nn.functional.gelu(self.norm(self.fc1(x))))))
+
+    @staticmethod
+    def make_input() -> torch.Tensor:
+        return torch.randn(4, 16)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, stride=2)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(torch.relu(self.norm(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+    @staticmethod
+    def make_input() -> torch.Tensor:
+        return torch.randn(2, 3, 8, 8)
+
+
+class MHAModel(nn.Module):
+    """A torch ``nn.TransformerEncoderLayer`` (its attention is ``nn.MultiheadAttention``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 32)
+        self.encoder = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+    @staticmethod
+    def make_input() -> torch.Tensor:
+        return torch.randn(2, 5, 16)
+
+
+def tiny_vit() -> nn.Module:
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+        num_classes=4,
+    )
+    model.make_input = lambda: torch.randn(2, 3, 16, 16)
+    return model
+
+
+TOY_MODELS = {"mlp": MLP, "conv": ConvNet, "vit": tiny_vit, "mha": MHAModel}
+
+
+def make(name: str, seed: int = 0) -> nn.Module:
+    """A fresh toy model with deterministic weights, in eval mode."""
+    torch.manual_seed(seed)
+    return TOY_MODELS[name]().eval()
