@@ -67,16 +67,15 @@ class SparseDelta(AdapterModule):
                 f"entry ({int(rows[k])}, {int(cols[k])}) of indices lies outside the weight of shape {shape} "
                 f"({int(outside.sum())} entries do); indices are (row, column) pairs into (out_features, in_features)"
             )
-        flat = rows * in_features + cols
-        if flat.unique().numel() != flat.numel():
+        repeated = indices.shape[1] - (rows * in_features + cols).unique().numel()
+        if repeated:
             raise ValueError(
-                f"indices holds {flat.numel() - flat.unique().numel()} repeated entries of the weight of shape "
-                f"{shape}; pass each entry once"
+                f"indices holds {repeated} repeated entries of the weight of shape {shape}; pass each entry once"
             )
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("indices", indices.to(device=device, dtype=torch.long))
         self.values = nn.Parameter(torch.empty(indices.shape[1], device=device, dtype=dtype))
+        self.register_buffer("indices", indices.to(device=self.values.device, dtype=torch.long))
         self.reset_adapter(init_weights)
 
     @torch.no_grad()
@@ -117,7 +116,8 @@ class _SparseDeltaMatmul(torch.autograd.Function):
             for start in range(0, values.shape[0], chunk):
                 rows, cols = indices[:, start : start + chunk]
                 # (T, c) · (T, c) summed over T: the gradients of c entries, without a dense (d_out, d_in) matrix.
-                grad_values[start : start + chunk] = (grad_y2.t() @ x2)[rows, cols]
+                products = grad_y2[:, rows].to(values.dtype) * x2[:, cols].to(values.dtype)
+                grad_values[start : start + chunk] = products.sum(0)
         return grad_x, grad_values, None, None
 
 

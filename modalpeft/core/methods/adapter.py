@@ -10,6 +10,8 @@
 ``f(h) = s · up(drop(act(down(h))))`` with ``up`` zero at the start, so every style starts as the identity.
 Trainable count per adapted module: ``d·m + m + m·d_out + d_out`` (``d`` the adapter's input dim), plus
 LayerNorm parameters and 1 for a learnable scaling.
+Style defaults: ``scaling`` 1.0 (houlsby, pfeiffer) or 0.1 (adaptformer); ``act`` GELU (houlsby) or ReLU
+(pfeiffer, and adaptformer as in its official code).
 
 Default placements (``target_modules=None``), for timm ViTs and torch's ``nn.TransformerEncoderLayer`` /
 ``nn.TransformerDecoderLayer``:
@@ -32,7 +34,6 @@ Known differences from the official code:
 - Houlsby et al. also train the LayerNorms; here only the adapters (and ``modules_to_save``) train.
 - ``init_weights=True`` is AdaptFormer's LoRA-style init (``up = 0``) for every style; Houlsby et al. draw
   both projections near zero instead. Both start as (nearly) the identity.
-- Default activations: GELU for houlsby, ReLU for pfeiffer and adaptformer (AdaptFormer's code uses ReLU).
 """
 
 from __future__ import annotations

@@ -17,14 +17,14 @@ def _hosted(base: nn.Module, adapter: ScaleShift) -> AdapterLayer:
 
 # (base module, channel_dim, input shape): every module type the merge folds into.
 FOLDABLE = [
-    (lambda: nn.Linear(5, 6), -1, (2, 3, 5)),
-    (lambda: nn.Conv1d(4, 6, 3), 1, (2, 4, 7)),
-    (lambda: nn.Conv2d(4, 6, 3, groups=2), 1, (2, 4, 5, 5)),
-    (lambda: nn.Conv3d(2, 6, 2), 1, (1, 2, 3, 3, 3)),
-    (lambda: nn.LayerNorm(6), -1, (2, 3, 6)),
-    (lambda: timm.layers.LayerNorm(6), -1, (2, 3, 6)),
-    (lambda: timm.layers.LayerNorm2d(6), 1, (2, 6, 3, 3)),
-    (lambda: nn.GroupNorm(3, 6), 1, (2, 6, 4)),
+    pytest.param(lambda: nn.Linear(5, 6), -1, (2, 3, 5), id="Linear"),
+    pytest.param(lambda: nn.Conv1d(4, 6, 3), 1, (2, 4, 7), id="Conv1d"),
+    pytest.param(lambda: nn.Conv2d(4, 6, 3, groups=2), 1, (2, 4, 5, 5), id="Conv2d-groups"),
+    pytest.param(lambda: nn.Conv3d(2, 6, 2), 1, (1, 2, 3, 3, 3), id="Conv3d"),
+    pytest.param(lambda: nn.LayerNorm(6), -1, (2, 3, 6), id="LayerNorm"),
+    pytest.param(lambda: timm.layers.LayerNorm(6), -1, (2, 3, 6), id="timm-LayerNorm"),
+    pytest.param(lambda: timm.layers.LayerNorm2d(6), 1, (2, 6, 3, 3), id="timm-LayerNorm2d"),
+    pytest.param(lambda: nn.GroupNorm(3, 6), 1, (2, 6, 4), id="GroupNorm"),
 ]
 
 
@@ -131,7 +131,7 @@ def test_unfoldable_bases_raise(base, match):
 
 
 def test_can_fold_accepts_foldable():
-    assert all(ScaleShift.can_fold(make()) for make, _, _ in FOLDABLE)
+    assert all(ScaleShift.can_fold(param.values[0]()) for param in FOLDABLE)
 
 
 def test_merge_checks_channel_axis_and_count():

@@ -1,0 +1,57 @@
+"""``cli_main``: the LightningCLI every ``recipes/<modality>.py`` and ``modalpeft fit ...`` use."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.cli import ArgsType, LightningCLI
+
+from .task import AdapterTask
+
+
+def default_loggers(save_dir: str = "outputs") -> list[dict[str, Any]]:
+    """A CSV logger, plus TensorBoard when it is installed."""
+    loggers = [{"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": save_dir}}]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(
+            {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": save_dir}}
+        )
+    return loggers
+
+
+def cli_main(
+    args: ArgsType = None,
+    model_class: type[pl.LightningModule] = AdapterTask,
+    datamodule_class: type[pl.LightningDataModule] | None = None,
+    run: bool = True,
+) -> LightningCLI:
+    """Run LightningCLI (``fit``/``validate``/``test``/``predict``) on a task and data module.
+
+    Any subclass of ``model_class`` / ``datamodule_class`` can be chosen in YAML by ``class_path``. The
+    defaults: Rich progress bar, CSV logger (and TensorBoard when installed) under ``outputs/``, and the
+    adapter exported at the end of ``fit``. ``args`` lets tests call it without a shell.
+    """
+    from jsonargparse import set_parsing_settings
+    from peft import PeftConfig
+
+    from ..core.config import AdapterConfig
+
+    # method configs are dataclasses; let YAML pick any subclass by class_path (BottleneckConfig, LoraConfig, ...)
+    set_parsing_settings(subclasses_enabled=[AdapterConfig, PeftConfig])
+    trainer_defaults = {
+        "callbacks": [RichProgressBar()],
+        "logger": default_loggers(),
+    }
+    return LightningCLI(
+        model_class,
+        datamodule_class or pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=trainer_defaults,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )

@@ -1,0 +1,62 @@
+"""Optimiser and schedule for adapter training: decay only where the papers decay."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..core.inject import hosts
+
+OptimizerName = Literal["adamw", "sgd"]
+SchedulerName = Literal["cosine", "constant"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: with ``weight_decay``, and without it.
+
+    No decay, as SSF, VPT and timm do: 1-D parameters (biases, norms, scale/shift vectors, sparse values)
+    and every parameter of an adapter module whose class sets ``no_weight_decay = True`` (prompt tokens).
+    """
+    exempt = {
+        id(p)
+        for _, host in hosts(model)
+        for adapter in host.adapters.values()
+        if getattr(adapter, "no_weight_decay", False)
+        for p in adapter.parameters()
+    }
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or id(p) in exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    params: Iterable[dict], name: OptimizerName, lr: float, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    raise ValueError(f"optimizer={name!r} is not supported; choose 'adamw' or 'sgd'.")
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then a cosine from the base LR to ``min_lr_ratio`` x it."""
+    total_steps = max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,223 @@
+"""LightningModule *systems* that train an adapted backbone: the base every modality task builds on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from peft import PeftConfig
+from torch import Tensor, nn
+
+from ..core.api import adapt
+from ..core.config import AdapterConfig
+from ..core.inject import modules_to_save_modules
+from ..core.model import AdaptedModel
+from ..core.state import atomic_write
+from .checkpoint import AdapterExport, check_checkpoint, filter_checkpoint
+from .optim import OptimizerName, SchedulerName, build_optimizer, param_groups, warmup_cosine
+
+Baseline = Literal["full", "linear"]
+"""The two reference points every recipe can run with the same data and loop: ``"full"`` fine-tunes every
+parameter, ``"linear"`` trains only ``modules_to_save`` (a linear probe when that is the head)."""
+
+
+def describe_adapter(adapter: AdapterConfig | PeftConfig | str) -> dict[str, Any] | str:
+    """A JSON-ready description of ``adapter`` for hyper-parameters and checkpoints."""
+    if isinstance(adapter, str):
+        return adapter
+    data = adapter.to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
+
+
+def prepare_backbone(
+    backbone: nn.Module, adapter: AdapterConfig | PeftConfig | Baseline, modules_to_save: list[str] | None
+) -> nn.Module:
+    """Apply ``adapter`` (or a baseline) to ``backbone`` and leave exactly the right parameters trainable."""
+    if adapter == "full":
+        for p in backbone.parameters():
+            p.requires_grad_(True)
+        return backbone
+    if adapter == "linear":
+        if not modules_to_save:
+            raise ValueError("adapter='linear' trains only modules_to_save; give the head's name, e.g. ['head'].")
+        saved = modules_to_save_modules(backbone, modules_to_save)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        for _, module in saved:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        return backbone
+    if isinstance(adapter, str):
+        raise ValueError(f"adapter={adapter!r} is not valid; give a method config, 'full' or 'linear'.")
+    return adapt(backbone, adapter, modules_to_save=modules_to_save)
+
+
+class AdapterTask(pl.LightningModule):
+    """Train an adapted backbone: the adapter is applied in ``__init__``, only trainable parameters are
+    optimised, checkpoints hold only what trains (plus what resuming needs), and the trained adapter is
+    exported with ``save_adapter`` at the end of ``fit``.
+
+    Subclasses implement :meth:`step` (loss and metrics of one batch).
+
+    Args:
+        backbone: the model to adapt (a timm model, a modality backbone, ...). In YAML: ``class_path`` +
+            ``init_args``.
+        adapter: a modalpeft method config, a ``peft.PeftConfig``, or a baseline (``"full"``, ``"linear"``).
+        modules_to_save: modules trained in place and saved with the adapter (e.g. ``["head"]``).
+        optimizer: ``"adamw"`` or ``"sgd"``.
+        lr: base learning rate.
+        weight_decay: decay for parameters with more than one dimension (never for biases, norms,
+            scale/shift vectors or prompts).
+        momentum: SGD momentum.
+        scheduler: ``"cosine"`` (per step, with linear warm-up) or ``"constant"``.
+        warmup_epochs: warm-up length in epochs (may be fractional).
+        min_lr: the cosine's final learning rate.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        adapter: AdapterConfig | PeftConfig | Baseline = "linear",
+        modules_to_save: list[str] | None = None,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: SchedulerName = "cosine",
+        warmup_epochs: float = 0.0,
+        min_lr: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "adapter"])
+        self.hparams["adapter"] = describe_adapter(adapter)
+        self.model = prepare_backbone(backbone, adapter, modules_to_save)
+        self.baseline = adapter if isinstance(adapter, str) else None
+        self.strict_loading = False  # checkpoints hold only trainable state; check_checkpoint validates them
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def step(self, batch: Any, stage: str) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.step(batch, "test")
+
+    # -- optimisation ----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = build_optimizer(param_groups(self.model, hp.weight_decay), hp.optimizer, hp.lr, hp.momentum)
+        if hp.scheduler == "constant":
+            return optimizer
+        if hp.scheduler != "cosine":
+            raise ValueError(f"scheduler={hp.scheduler!r} is not supported; choose 'cosine' or 'constant'.")
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        warmup = int(round(hp.warmup_epochs * total / epochs))
+        schedule = warmup_cosine(optimizer, total, warmup, hp.min_lr / hp.lr if hp.lr else 0.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints and export ------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [AdapterExport()]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.baseline != "full":
+            filter_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint(self, checkpoint)
+
+    def export_adapter(self, directory: str | os.PathLike[str]) -> None:
+        """Write the trained adapter: ``save_adapter`` files, or for a baseline the trainable tensors."""
+        if isinstance(self.model, AdaptedModel):
+            self.model.save_adapter(directory)
+            return
+        state = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        atomic_write({"model.safetensors": state}, Path(directory))
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            print_summary(self)
+
+
+def print_summary(task: AdapterTask) -> None:
+    """A table of what trains, printed when ``fit`` starts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    params = {id(p): p for p in task.model.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    adapter = task.hparams["adapter"]
+    method = adapter if isinstance(adapter, str) else adapter.get("method") or adapter.get("peft_type", "?")
+    table = Table(title="modalpeft: what trains")
+    for column in ("method", "trainable", "total", "%"):
+        table.add_column(column, justify="right" if column != "method" else "left")
+    table.add_row(str(method).lower(), f"{trainable:,}", f"{total:,}", f"{100 * trainable / max(total, 1):.3f}")
+    Console().print(table)
+
+
+class ClassificationTask(AdapterTask):
+    """Classification with cross-entropy; accuracy (and top-5 when there are more than 5 classes).
+
+    Batches are ``(inputs, labels)``. Args as :class:`AdapterTask`, plus:
+
+    Args:
+        num_classes: the number of classes; the backbone's classifier is reset to it when it differs
+            (timm's ``reset_classifier``).
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        adapter: AdapterConfig | PeftConfig | Baseline = "linear",
+        modules_to_save: list[str] | None = None,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: SchedulerName = "cosine",
+        warmup_epochs: float = 0.0,
+        min_lr: float = 0.0,
+    ) -> None:
+        if getattr(backbone, "num_classes", num_classes) != num_classes and hasattr(backbone, "reset_classifier"):
+            backbone.reset_classifier(num_classes)
+        super().__init__(
+            backbone, adapter, modules_to_save, optimizer, lr, weight_decay, momentum, scheduler, warmup_epochs, min_lr
+        )
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        metrics = {"acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)}
+        if num_classes > 5:
+            metrics["acc_top5"] = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=5)
+        collection = torchmetrics.MetricCollection(metrics)
+        self.train_metrics = collection.clone(prefix="train/")
+        self.val_metrics = collection.clone(prefix="val/")
+        self.test_metrics = collection.clone(prefix="test/")
+
+    def step(self, batch: Any, stage: str) -> Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = self.loss(logits, y)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.detach(), y)
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", sync_dist=stage != "train")
+        self.log_dict(metrics, prog_bar=stage == "val", on_step=False, on_epoch=True)
+        return loss
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.model(x).softmax(-1)
