@@ -69,9 +69,8 @@ class AdapterExport(pl.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "adapter"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        target = self.target(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         export = getattr(pl_module, "export_adapter", None)
-        if export is not None:
-            export(self.target(trainer))
+        if trainer.is_global_zero and export is not None:
+            export(target)
 

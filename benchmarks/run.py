@@ -1,0 +1,156 @@
+"""``make bench``: every PEFT method on timm ViT-B/16 (random weights), side by side with the baselines.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run                          # ~3 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --model vit_tiny_test    # ~1 min: a quick check
+
+Candidates: full fine-tuning, the head only (linear probe), peft LoRA r=8 on ``qkv`` and every registered
+native method with the ViT settings of :func:`vit_settings` (a method missing there runs with its config's
+defaults). Every candidate trains the new 10-class ``head`` too. Input: one synthetic batch of
+``(batch, 3, H, W)`` images and random labels, cross-entropy. Random weights and synthetic data: the run
+measures cost (parameters, file size, memory, time), not quality, so ``metric`` is n/a.
+
+Writes ``<out>/<model>_b<batch>_<device>.json`` and ``.md`` and prints the table; on a GPU it runs unchanged
+(``--device cuda`` is the default there). Exits with status 1 when a candidate failed (its row says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import peft
+import timm
+import torch
+from torch import Tensor, nn
+
+import modalpeft as mp
+from modalpeft.core.layers.kronecker import most_square_factor
+
+from .harness import Candidate, default_device, measure
+from .report import render
+
+MODELS: dict[str, dict[str, Any]] = {
+    "vit_base_patch16_224": {"name": "vit_base_patch16_224"},
+    "vit_tiny_test": {
+        "name": "vit_tiny_patch16_224",
+        "img_size": 32,
+        "patch_size": 8,
+        "embed_dim": 64,
+        "depth": 2,
+        "num_heads": 2,
+    },
+}
+"""Presets for ``--model``; any other timm model name is built with its defaults."""
+NUM_CLASSES = 10
+MODALITIES = ("vision",)
+"""Modality packages imported (when installed) so that their methods are registered and benchmarked too."""
+
+
+def vit_settings(embed_dim: int) -> dict[str, dict[str, Any]]:
+    """Config arguments of each native method on a timm ViT of width ``embed_dim``: one table, no branches.
+
+    - adapter: AdaptFormer's placement and its ViT-B bottleneck of 64 (``embed_dim / 12``).
+    - krona: the attention projections, as in KronA's paper, with ``a1 = a2`` the most-square factor of the
+      width (24 for 768): it divides the output widths (``3d`` of ``qkv``, ``d`` of ``proj``) and the input
+      width ``d``.
+    """
+    factor = most_square_factor(embed_dim)
+    return {
+        "bitfit": {},
+        "adapter": {"style": "adaptformer", "bottleneck_dim": max(embed_dim // 12, 4)},
+        "krona": {"target_modules": ["qkv", "proj"], "a1": factor, "a2": factor},
+    }
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """A timm model with random weights and a new ``NUM_CLASSES``-way head."""
+    return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
+
+
+def synthetic_batch(batch: int, input_size: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+    """Random images ``(batch, *input_size)`` and random labels."""
+    return torch.randn(batch, *input_size), torch.randint(0, NUM_CLASSES, (batch,))
+
+
+def candidates(embed_dim: int) -> list[Candidate]:
+    """The baselines, peft LoRA and every registered native method (see :func:`vit_settings`)."""
+    for modality in MODALITIES:
+        if importlib.util.find_spec(f"modalpeft.{modality}") is not None:
+            importlib.import_module(f"modalpeft.{modality}")
+    settings = vit_settings(embed_dim)
+    out = [
+        Candidate("full", "full"),
+        Candidate("head_only", "head_only"),
+        Candidate("lora", peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"])),
+    ]
+    for method in mp.list_methods():
+        if method not in settings:
+            print(f"note: {method!r} has no entry in vit_settings(); benchmarking its default config", file=sys.stderr)
+        out.append(Candidate(method, mp.create_config(method, **settings.get(method, {}))))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_base_patch16_224", help=f"a preset {list(MODELS)} or a timm name")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (and inference forwards)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when there is one)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    parser.add_argument("--methods", nargs="*", default=None, help="run only these candidates (default: all)")
+    args = parser.parse_args(argv)
+
+    preset = MODELS.get(args.model, {"name": args.model})
+    factory = functools.partial(build_model, **preset)
+    with torch.device("meta"):  # the model's width and input size, without allocating it
+        probe = factory()
+    input_size = tuple(probe.pretrained_cfg["input_size"])
+    if "img_size" in preset:
+        input_size = (input_size[0], preset["img_size"], preset["img_size"])
+    embed_dim = probe.embed_dim
+    del probe
+
+    chosen = candidates(embed_dim)
+    if args.methods:
+        unknown = sorted(set(args.methods) - {c.name for c in chosen})
+        if unknown:
+            parser.error(f"--methods {unknown} unknown; choose from {[c.name for c in chosen]}")
+        chosen = [c for c in chosen if c.name in args.methods]
+    device = args.device or default_device()
+    stem = f"{args.model}_b{args.batch}_{device.replace(':', '')}"
+    run_info = {"model": args.model, "batch": args.batch, "input_size": list(input_size), "metric": None}
+    run_info["note"] = "random weights and synthetic data: a cost-only run, metric is n/a"
+
+    start = time.perf_counter()
+    records = measure(
+        factory,
+        chosen,
+        batch_factory=functools.partial(synthetic_batch, args.batch, input_size),
+        loss_fn=nn.functional.cross_entropy,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device,
+        modules_to_save=["head"],
+        out_dir=args.out,
+        run_name=stem,
+        run_info=run_info,
+        threads=args.threads,
+        on_error="record",
+        progress=True,
+    )
+    table, _ = render(records, args.out / stem, run_info)
+    print(table)
+    print(f"{run_info['note']}. Wrote {args.out / stem}.json and .md in {time.perf_counter() - start:.0f} s.")
+    return 1 if any(r.get("error") for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

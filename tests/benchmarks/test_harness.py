@@ -1,0 +1,165 @@
+"""The benchmark harness on a tiny ViT: records, ratios, JSON, table and plot. No timing is asserted."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import statistics
+
+import peft
+import pytest
+import timm
+import torch
+from torch import nn
+
+import modalpeft as mp
+from benchmarks import harness, report, run
+from benchmarks.harness import Candidate, measure
+
+INPUT = (3, 16, 16)
+
+
+def tiny_vit() -> nn.Module:
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+        num_classes=4,
+    )  # fmt: skip
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(2, *INPUT), torch.randint(0, 4, (2,))
+
+
+def fake_metric(model: nn.Module) -> float:
+    with torch.no_grad():
+        return float(model(torch.zeros(1, *INPUT)).softmax(-1)[0, 0])
+
+
+CANDIDATES = [
+    Candidate("full", "full"),
+    Candidate("head_only", "head_only"),
+    Candidate("lora", peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"])),
+    Candidate("bitfit", mp.BitFitConfig()),
+]
+KWARGS = dict(batch_factory=batch, loss_fn=nn.functional.cross_entropy, device="cpu", modules_to_save=["head"])
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    records = measure(
+        tiny_vit, CANDIDATES, steps=2, warmup=1, evaluate=fake_metric, out_dir=out, run_name="tiny",
+        run_info={"model": "tiny"}, isolate=False, threads=1, **KWARGS,
+    )  # fmt: skip
+    return records, out
+
+
+def test_records_have_every_field(measured):
+    records, _ = measured
+    assert [r["method"] for r in records] == ["full", "head_only", "lora", "bitfit"]
+    for r in records:
+        for key in ("trainable_params", "total_params", "file_size", "peak_memory", "model_memory"):
+            assert isinstance(r[key], int) and r[key] >= 0, key
+        assert r["file_size"] > 0 and r["trainable_params"] > 0
+        for key in ("step_time", "merged_infer_time", "metric", "trainable_percent"):
+            assert isinstance(r[key], float) and r[key] >= 0, key
+        assert len(r["step_times"]) == 2 and len(r["infer_times"]) == 2
+        assert r["step_time"] == statistics.median(r["step_times"])
+        assert r["merged_infer_time"] == statistics.median(r["infer_times"])
+        assert isinstance(r["merged"], bool)
+        assert r["device"] == "cpu" and r["torch_version"] == torch.__version__ and r["threads"] == 1
+        assert r["error"] is None and r["isolated"] is False
+    by = {r["method"]: r for r in records}
+    assert by["head_only"]["trainable_params"] < by["bitfit"]["trainable_params"] < by["full"]["trainable_params"]
+    n_params = sum(p.numel() for p in tiny_vit().parameters())
+    assert by["full"]["trainable_params"] == by["full"]["total_params"] == n_params
+    assert by["head_only"]["trainable_params"] == sum(p.numel() for p in tiny_vit().head.parameters())
+    assert by["full"]["file_size"] > by["lora"]["file_size"] > by["head_only"]["file_size"]
+    modes = [by[m]["infer_mode"] for m in ("full", "head_only", "lora", "bitfit")]
+    assert modes == ["plain", "plain", "merged", "merged"]
+    assert by["lora"]["merged"] and not by["full"]["merged"]
+
+
+def test_ratios_match_raw_numbers(measured):
+    records, _ = measured
+    by = {r["method"]: r for r in records}
+    for r in records:
+        for ref in harness.REFERENCES:
+            for field in harness.RATIO_FIELDS:
+                base = by[ref][field]
+                expected = None if base == 0 else r[field] / base
+                assert r[f"{field}_vs_{ref}"] == expected, (r["method"], field, ref)
+    assert by["full"]["step_time_vs_full"] == 1.0
+    assert by["lora"]["trainable_params_vs_lora"] == 1.0
+
+
+def test_json_round_trip(measured):
+    records, out = measured
+    run_info, loaded = report.load_records(out / "tiny.json")
+    assert loaded == json.loads(json.dumps(records))
+    assert run_info["model"] == "tiny" and run_info["steps"] == 2 and run_info["isolated"] is False
+    for r in loaded:
+        for key in ("method", "trainable_params", "file_size", "peak_memory", "step_time", "metric"):
+            assert key in r
+    assert loaded[2]["config"]["r"] == 8 and loaded[3]["config"]["method"] == "bitfit"
+
+
+def test_report_table_and_plot(measured, tmp_path):
+    records, _ = measured
+    table, plot = report.render(records, tmp_path / "tiny", {"model": "tiny"})
+    for r in records:
+        assert f"| {r['method']} |" in table
+    assert all(c in table for c in report.COLUMNS)
+    assert (tmp_path / "tiny.md").read_text() == table
+    assert plot == tmp_path / "tiny.png" and plot.stat().st_size > 0
+
+
+def test_report_without_metric_skips_the_plot(measured, tmp_path):
+    records = copy.deepcopy(measured[0])
+    for r in records:
+        r["metric"] = None
+    table, plot = report.render(records, tmp_path / "cost")
+    assert plot is None and not (tmp_path / "cost.png").exists()
+    assert "n/a" in table and "no record has a metric" in table
+
+
+def test_failed_candidate_is_recorded():
+    bad = Candidate("bad_krona", mp.create_config("krona", target_modules=["qkv"], a1=5, a2=5))  # 5 divides nothing
+    (record,) = measure(tiny_vit, [bad], steps=1, warmup=0, isolate=False, threads=1, on_error="record", **KWARGS)
+    assert record["error"].startswith("ValueError") and record["step_time"] is None
+    with pytest.raises(ValueError):
+        measure(tiny_vit, [bad], steps=1, warmup=0, isolate=False, threads=1, **KWARGS)
+    assert "failed: ValueError" in report.markdown_table([record])
+
+
+def test_isolated_measure_runs_in_a_fresh_process():
+    (record,) = measure(tiny_vit, [Candidate("bitfit", mp.BitFitConfig())], steps=1, warmup=0, threads=1, **KWARGS)
+    assert record["isolated"] is True and record["error"] is None
+    assert record["peak_memory_kind"] in ("rss_hwm_growth", "ru_maxrss_growth")
+    assert isinstance(record["peak_memory"], int) and record["file_size"] > 0
+
+
+def test_candidate_validation():
+    with pytest.raises(ValueError, match="not a baseline"):
+        Candidate("x", "linear_probe")
+    with pytest.raises(TypeError, match="must be a modalpeft config"):
+        Candidate("x", {"r": 8})
+    with pytest.raises(ValueError, match="unique"):
+        measure(tiny_vit, [Candidate("a", "full"), Candidate("a", "head_only")], **KWARGS)
+
+
+def test_run_covers_every_registered_method():
+    chosen = run.candidates(embed_dim=32)
+    names = [c.name for c in chosen]
+    assert names[:3] == ["full", "head_only", "lora"]
+    assert set(mp.list_methods()) <= set(names)
+    for c in chosen[2:]:  # every setting builds on a ViT of that width
+        mp.adapt(tiny_vit(), copy.deepcopy(c.config), modules_to_save=["head"])
+
+
+def test_run_model_factory_is_picklable():
+    import pickle
+
+    factory = functools.partial(run.build_model, **run.MODELS["vit_tiny_test"])
+    assert pickle.loads(pickle.dumps(factory))().num_classes == run.NUM_CLASSES

@@ -1,0 +1,80 @@
+"""The recipes' LightningCLI: configs from YAML, two-step runs, DDP on two CPU processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import yaml
+
+import modalpeft as mp
+from modalpeft.lightning import cli_main
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "digits" / "vit_tiny_adapter_digits.yaml"
+TINY = [
+    "--model.init_args.backbone.init_args.kwargs",
+    '{"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}',
+    "--data.init_args.image_size=8",
+    "--data.init_args.train_per_class=8",
+]
+
+
+def parse(tmp_path: Path, adapter: dict) -> object:
+    config = yaml.safe_load(RECIPE.read_text())
+    config["model"]["init_args"]["adapter"] = adapter
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return cli_main(["--config", str(path), *TINY, f"--trainer.default_root_dir={tmp_path}"], run=False)
+
+
+def test_native_config_round_trips_from_yaml(tmp_path) -> None:
+    adapter = {"class_path": "modalpeft.BitFitConfig", "init_args": {"target_modules": ["qkv"]}}
+    cli = parse(tmp_path, adapter)
+    config = cli.model.model.peft_config["default"]
+    assert isinstance(config, mp.BitFitConfig) and config.target_modules == ["qkv"]
+    assert cli.model.hparams["adapter"]["method"] == "bitfit"
+
+
+def test_peft_config_round_trips_from_yaml(tmp_path) -> None:
+    adapter = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["qkv"]}}
+    cli = parse(tmp_path, adapter)
+    config = cli.model.model.peft_config["default"]
+    assert isinstance(config, peft.LoraConfig) and config.r == 4 and set(config.target_modules) == {"qkv"}
+
+
+def test_baseline_string_from_yaml(tmp_path) -> None:
+    cli = parse(tmp_path, "linear")
+    trainable = {n for n, p in cli.model.model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"}
+
+
+def test_recipe_runs_two_steps_in_process(tmp_path) -> None:
+    cli_main(["fit", "--config", str(RECIPE), *TINY, "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}"])
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_recipe_script_and_ddp_on_two_cpu_processes(tmp_path) -> None:
+    result = run(
+        [
+            sys.executable, str(ROOT / "recipes" / "digits.py"), "fit", "--config", str(RECIPE), *TINY,
+            "--trainer.max_epochs=1", "--trainer.strategy=ddp", "--trainer.devices=2",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "unused parameters" not in result.stderr
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert len(checkpoints) == 1, checkpoints
+    exports = list(tmp_path.rglob("adapter_model.safetensors"))
+    assert len(exports) == 1, exports

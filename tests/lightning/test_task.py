@@ -1,0 +1,111 @@
+"""The Lightning task: what trains, what checkpoints hold, exact resume, export."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import modalpeft as mp
+from modalpeft.lightning import ClassificationTask, DigitsDataModule, timm_backbone
+from modalpeft.lightning.optim import param_groups
+
+
+def backbone() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm_backbone(
+        "vit_tiny_patch16_224",
+        num_classes=10,
+        kwargs={"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    )
+
+
+def task(adapter=None, **kwargs) -> ClassificationTask:
+    adapter = mp.BitFitConfig() if adapter is None else adapter
+    return ClassificationTask(backbone(), num_classes=10, adapter=adapter, modules_to_save=["head"], lr=1e-2, **kwargs)
+
+
+def trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, deterministic=True,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def data() -> DigitsDataModule:
+    return DigitsDataModule(train_per_class=8, batch_size=16, seed=0)
+
+
+def test_baselines_and_adapters_train_what_they_should() -> None:
+    full = task("full")
+    assert all(p.requires_grad for p in full.model.parameters())
+    linear = task("linear")
+    assert {n for n, p in linear.model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    lora = task(peft.LoraConfig(r=2, target_modules=["qkv"]))
+    assert isinstance(lora.model, mp.AdaptedModel)
+    with pytest.raises(ValueError, match="adapter='lora'"):
+        task("lora")
+
+
+def test_no_weight_decay_on_vectors() -> None:
+    model = task("full").model
+    decayed, exempt = param_groups(model, 0.05)
+    assert decayed["weight_decay"] == 0.05 and exempt["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim <= 1 for p in exempt["params"])
+
+
+class StopAfter(pl.Callback):
+    """Interrupts a run at an epoch end (the checkpoint of that epoch is written)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 == self.epochs:
+            trainer.should_stop = True
+
+
+def test_checkpoint_holds_only_what_trains_and_resume_is_exact(tmp_path) -> None:
+    pl.seed_everything(0)
+    straight = task()
+    trainer(tmp_path / "a", max_epochs=4).fit(straight, datamodule=data())
+
+    pl.seed_everything(0)
+    first = task()
+    trainer(tmp_path / "b", max_epochs=4, callbacks=[StopAfter(epochs=2)]).fit(first, datamodule=data())
+    ckpt = next((tmp_path / "b").rglob("*.ckpt"))
+    saved = torch.load(ckpt, weights_only=True)
+    trainable = {f"model.{n}" for n, p in first.model.named_parameters() if p.requires_grad}
+    assert set(saved["state_dict"]) == trainable
+    assert saved["optimizer_states"] and saved["lr_schedulers"]
+    full_size = sum(v.numel() for v in first.state_dict().values())
+    assert sum(v.numel() for v in saved["state_dict"].values()) < full_size / 20
+
+    pl.seed_everything(0)
+    resumed = task()
+    trainer(tmp_path / "c", max_epochs=4).fit(resumed, datamodule=data(), ckpt_path=ckpt)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"{name} differs after resume")
+
+
+def test_resume_from_another_configuration_is_refused(tmp_path) -> None:
+    pl.seed_everything(0)
+    trainer(tmp_path, max_epochs=1).fit(task(), datamodule=data())
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    other = task(peft.LoraConfig(r=2, target_modules=["qkv"]))
+    with pytest.raises(ValueError, match="does not fit this task"):
+        trainer(tmp_path / "other", max_epochs=2).fit(other, datamodule=data(), ckpt_path=ckpt)
+
+
+def test_fit_exports_the_adapter_for_load_adapter(tmp_path) -> None:
+    pl.seed_everything(0)
+    trained = task()
+    trainer(tmp_path, max_epochs=1).fit(trained, datamodule=data())
+    export = tmp_path / "adapter"
+    assert (export / "adapter_model.safetensors").is_file()
+    loaded = mp.load_adapter(backbone(), export)
+    x = torch.randn(2, 1, 8, 8)
+    trained.eval()
+    torch.testing.assert_close(loaded.eval()(x), trained(x))
