@@ -1,7 +1,7 @@
 """modalpeft: parameter-efficient fine-tuning across modalities, on one adapter core.
 
-    import modalpeft as mp
-    model = mp.adapt(model, mp.BitFitConfig(), modules_to_save=["head"])
+import modalpeft as mp
+model = mp.adapt(model, mp.BitFitConfig(), modules_to_save=["head"])
 """
 
 __version__ = "0.1.0"

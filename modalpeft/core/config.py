@@ -68,9 +68,7 @@ class AdapterConfig:
             ok = value is None or isinstance(value, str) or callable(value)
             ok = ok or (isinstance(value, list) and all(isinstance(v, str) for v in value))
             if not ok:
-                raise TypeError(
-                    f"{name}={value!r} must be a list of module names, a regex string, a callable or None."
-                )
+                raise TypeError(f"{name}={value!r} must be a list of module names, a regex string, a callable or None.")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]

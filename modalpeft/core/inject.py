@@ -73,11 +73,17 @@ def find_targets(
         default: the method's default placement.
         types: when given, only modules of these types are selected.
 
+    Modules inside an ``nn.MultiheadAttention`` (its ``out_proj``) are never selected: the attention reads
+    their weights directly and never calls them, so an adapter there would do nothing. A default placement
+    skips them; naming them in ``target_modules`` is an error that says to target the attention instead.
+
     Raises:
-        ValueError: nothing matched; the message lists module names that exist.
+        ValueError: nothing matched (the message lists module names that exist), or a target sits inside an
+            ``nn.MultiheadAttention``.
     """
     spec = config.target_modules if config.target_modules is not None else default
     saved = config.modules_to_save or []
+    inside_attention = attention_children(model)
     found = []
     for name, module in base_modules(model):
         if not name or any(_matches(saved, n, module) for n in _ancestors(name)):
@@ -88,6 +94,14 @@ def find_targets(
             continue
         if _matches(config.exclude_modules, name, module):
             continue
+        if name in inside_attention:
+            if config.target_modules is None:
+                continue
+            raise ValueError(
+                f"{config.method or 'adapter'}: {name!r} is inside an nn.MultiheadAttention, which reads its weights "
+                "directly and never calls it, so an adapter there would do nothing. Target the nn.MultiheadAttention "
+                "module itself, or other layers."
+            )
         found.append((name, module))
     if not found:
         wanted = "" if types is None else f" of type {' | '.join(t.__name__ for t in types)}"
@@ -98,6 +112,17 @@ def find_targets(
             f"{' ...' if len(candidates) > 12 else ''}. Pass names (or dotted suffixes) from that list, or a regex."
         )
     return found
+
+
+def attention_children(model: nn.Module) -> set[str]:
+    """Clean names of the submodules of every ``nn.MultiheadAttention`` in ``model``."""
+    return {
+        f"{n}.{c}" if n else c
+        for n, m in base_modules(model)
+        if isinstance(m, nn.MultiheadAttention)
+        for c, _ in m.named_modules()
+        if c
+    }
 
 
 def _ancestors(name: str) -> list[str]:
@@ -228,9 +253,9 @@ def guard_torch_fastpath(model: nn.Module, is_adapter: Callable[[nn.Module], boo
     keep it. :func:`release_fastpath_guards` removes the hooks.
     """
     for module in model.modules():
-        if isinstance(module, _FASTPATH_LAYERS) and not hasattr(module, _GUARD):
-            if any(is_adapter(m) for m in module.modules()):
-                setattr(module, _GUARD, module.register_forward_pre_hook(_no_op_pre_hook))
+        guarded = hasattr(module, _GUARD)
+        if isinstance(module, _FASTPATH_LAYERS) and not guarded and any(is_adapter(m) for m in module.modules()):
+            setattr(module, _GUARD, module.register_forward_pre_hook(_no_op_pre_hook))
 
 
 def release_fastpath_guards(model: nn.Module) -> None:

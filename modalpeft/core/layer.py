@@ -41,6 +41,8 @@ class AdapterModule(nn.Module):
     """
 
     mergeable: ClassVar[bool] = False
+    no_weight_decay: ClassVar[bool] = False
+    """Set by layers whose parameters the papers never decay (prompts, scale/shift vectors)."""
     has_pre: ClassVar[bool] = False
     has_param_deltas: ClassVar[bool] = False
     has_parallel: ClassVar[bool] = False

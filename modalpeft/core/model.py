@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from .. import __version__
 from .config import AdapterConfig
-from .layer import AdapterLayer
 from .inject import (
     adapter_parameters,
     base_modules,
@@ -24,6 +23,7 @@ from .inject import (
     unwrap_all,
     unwrap_empty,
 )
+from .layer import AdapterLayer
 from .registry import get_method
 from .state import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 

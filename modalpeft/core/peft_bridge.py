@@ -184,7 +184,9 @@ class PeftAdaptedModel(AdaptedModel):
             )
         from peft import set_peft_model_state_dict
 
-        mts = {k for k in state if any(k.startswith(f"{_PEFT_PREFIX}{m}.") for m in self._modules_to_save[adapter_name])}
+        mts = {
+            k for k in state if any(k.startswith(f"{_PEFT_PREFIX}{m}.") for m in self._modules_to_save[adapter_name])
+        }
         set_peft_model_state_dict(self.base_model, {k: v for k, v in state.items() if k not in mts}, adapter_name)
         with torch.no_grad():
             for k in mts:

@@ -17,12 +17,12 @@ def trainable_state_keys(module: nn.Module) -> set[str]:
     and of modules that train (batch-norm statistics of a trained head, SPT's index buffers)."""
     keys = {name for name, p in module.named_parameters() if p.requires_grad}
     trained_modules = [
-        name
-        for name, m in module.named_modules()
-        if any(p.requires_grad for p in m.parameters(recurse=False))
+        name for name, m in module.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))
     ]
     adapter_prefixes = [
-        f"{name}.adapters." if name else "adapters." for name, m in module.named_modules() if isinstance(m, AdapterLayer)
+        f"{name}.adapters." if name else "adapters."
+        for name, m in module.named_modules()
+        if isinstance(m, AdapterLayer)
     ]
     for name, _ in module.named_buffers():
         owner = name.rpartition(".")[0]
@@ -73,4 +73,3 @@ class AdapterExport(pl.Callback):
         export = getattr(pl_module, "export_adapter", None)
         if trainer.is_global_zero and export is not None:
             export(target)
-

@@ -38,7 +38,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    params: Iterable[dict], name: OptimizerName, lr: float, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999)
+    params: Iterable[dict],
+    name: OptimizerName,
+    lr: float,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas)

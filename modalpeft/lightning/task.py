@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-import torch
 import torchmetrics
 from peft import PeftConfig
 from torch import Tensor, nn

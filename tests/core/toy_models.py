@@ -59,7 +59,13 @@ class MHAModel(nn.Module):
 
 def tiny_vit() -> nn.Module:
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
         num_classes=4,
     )
     model.make_input = lambda: torch.randn(2, 3, 16, 16)

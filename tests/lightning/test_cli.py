@@ -54,7 +54,9 @@ def test_baseline_string_from_yaml(tmp_path) -> None:
 
 
 def test_recipe_runs_two_steps_in_process(tmp_path) -> None:
-    cli_main(["fit", "--config", str(RECIPE), *TINY, "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}"])
+    cli_main(
+        ["fit", "--config", str(RECIPE), *TINY, "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}"]
+    )
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -66,8 +68,15 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_recipe_script_and_ddp_on_two_cpu_processes(tmp_path) -> None:
     result = run(
         [
-            sys.executable, str(ROOT / "recipes" / "digits.py"), "fit", "--config", str(RECIPE), *TINY,
-            "--trainer.max_epochs=1", "--trainer.strategy=ddp", "--trainer.devices=2",
+            sys.executable,
+            str(ROOT / "recipes" / "digits.py"),
+            "fit",
+            "--config",
+            str(RECIPE),
+            *TINY,
+            "--trainer.max_epochs=1",
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
             f"--trainer.default_root_dir={tmp_path}",
         ],
         cwd=tmp_path,

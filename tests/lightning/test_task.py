@@ -28,8 +28,13 @@ def task(adapter=None, **kwargs) -> ClassificationTask:
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:
     defaults = dict(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, deterministic=True,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
     )
     return pl.Trainer(**{**defaults, **kwargs})
 

@@ -142,17 +142,6 @@ def feature_dims(name: str, module: nn.Module) -> tuple[int, int, bool]:
     )
 
 
-def _attention_children(model: nn.Module) -> set[str]:
-    """Names of the submodules of every ``nn.MultiheadAttention`` (their ``forward`` is never called)."""
-    return {
-        f"{n}.{c}" if n else c
-        for n, m in base_modules(model)
-        if isinstance(m, nn.MultiheadAttention)
-        for c, _ in m.named_modules()
-        if c
-    }
-
-
 def default_targets(model: nn.Module, style: Style) -> list[str]:
     """The full names of the modules a style adapts when ``target_modules`` is ``None``."""
     names = []
@@ -188,13 +177,6 @@ def apply_adapter(
                 "target_modules with the names of the modules to adapt."
             )
     targets = find_targets(model, config, default=default)
-    inside = _attention_children(model)
-    ignored = [n for n, _ in targets if n in inside]
-    if ignored:
-        raise ValueError(
-            f"adapter: {ignored} are inside an nn.MultiheadAttention, which reads their weights directly and never "
-            "calls them, so an adapter there would do nothing. Target the nn.MultiheadAttention module instead."
-        )
     mode = "parallel" if config.style == "adaptformer" else "sequential"
     plans = []
     for name, module in targets:  # every target is checked before the model changes

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..inject import attach, base_modules, find_targets
+from ..inject import attach, find_targets
 from ..layers import ParamDelta
 from ..registry import register_method
 
@@ -32,24 +32,11 @@ def bias_names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters(recurse=False) if n == "bias" or n.endswith("_bias")]
 
 
-def _is_target(model: nn.Module):
-    inside_mha = {
-        f"{n}.{c}" if n else c
-        for n, m in base_modules(model)
-        if isinstance(m, nn.MultiheadAttention)
-        for c, _ in m.named_children()
-    }
-
-    def accept(name: str, module: nn.Module) -> bool:
-        return name not in inside_mha and bool(bias_names(module))
-
-    return accept
-
-
 @register_method("bitfit", BitFitConfig, mergeable=True, paper="https://arxiv.org/abs/2106.10199")
-def apply_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str, state: Mapping[str, Tensor] | None = None) -> None:
-    accept = _is_target(model)
-    targets = [(n, m) for n, m in find_targets(model, config) if accept(n, m)]
+def apply_bitfit(
+    model: nn.Module, config: BitFitConfig, adapter_name: str, state: Mapping[str, Tensor] | None = None
+) -> None:
+    targets = [(n, m) for n, m in find_targets(model, config) if bias_names(m)]
     if not targets:
         raise ValueError(
             f"bitfit: none of the modules selected by target_modules={config.target_modules!r} has a bias; "

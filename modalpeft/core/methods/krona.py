@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, _help
-from ..inject import attach, base_modules, find_targets
+from ..inject import attach, find_targets
 from ..layers import KroneckerDelta
 from ..layers.kronecker import check_kron_factors, most_square_factor
 from ..registry import register_method
@@ -55,33 +55,11 @@ class KronAConfig(AdapterConfig):
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1); use 0.0 for no dropout.")
 
 
-def _attention_children(model: nn.Module) -> set[str]:
-    """Names of the submodules of every ``nn.MultiheadAttention`` (their ``forward`` is never called)."""
-    return {
-        f"{n}.{c}" if n else c
-        for n, m in base_modules(model)
-        if isinstance(m, nn.MultiheadAttention)
-        for c, _ in m.named_modules()
-        if c
-    }
-
-
 @register_method("krona", KronAConfig, mergeable=True, paper="https://arxiv.org/abs/2212.10650")
 def apply_krona(
     model: nn.Module, config: KronAConfig, adapter_name: str, state: Mapping[str, Tensor] | None = None
 ) -> None:
-    inside = _attention_children(model)
-
-    def linear_outside_attention(name: str, module: nn.Module) -> bool:
-        return name not in inside
-
-    targets = find_targets(model, config, default=linear_outside_attention, types=(nn.Linear,))
-    ignored = [n for n, _ in targets if n in inside]
-    if ignored:
-        raise ValueError(
-            f"krona: {ignored} are inside an nn.MultiheadAttention, which reads their weights directly and never "
-            "calls them, so a Kronecker branch there would do nothing. Target other Linear layers."
-        )
+    targets = find_targets(model, config, types=(nn.Linear,))
     plans = []
     for name, module in targets:  # every factor is checked before the model changes
         a1 = config.a1 if config.a1 is not None else most_square_factor(module.out_features)
