@@ -49,6 +49,8 @@ class PromptTokens(AdapterModule):
         - ``prompts``: ``(p, C)``
     """
 
+    no_weight_decay = True
+
     def __init__(
         self,
         num_tokens: int,
