@@ -114,3 +114,19 @@ def test_fit_exports_the_adapter_for_load_adapter(tmp_path) -> None:
     x = torch.randn(2, 1, 8, 8)
     trained.eval()
     torch.testing.assert_close(loaded.eval()(x), trained(x))
+
+
+def test_prompts_and_scale_shift_are_not_decayed() -> None:
+    from modalpeft.core.inject import attach
+    from modalpeft.core.layers import PromptTokens, ScaleShift
+
+    model = backbone()
+    attach(model, "blocks.0", "p", PromptTokens(2, 32))
+    attach(model, "blocks.0.attn.qkv", "p", ScaleShift(96))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    prompts = model.blocks[0].adapters["p"].prompts.requires_grad_(True)
+    model.head.weight.requires_grad_(True)
+    decayed, exempt = param_groups(model, 0.1)
+    assert [id(p) for p in decayed["params"]] == [id(model.head.weight)]
+    assert [id(p) for p in exempt["params"]] == [id(prompts)]

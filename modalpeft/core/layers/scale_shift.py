@@ -37,6 +37,7 @@ class ScaleShift(AdapterModule):
     """
 
     mergeable = True
+    no_weight_decay = True
 
     def __init__(
         self,
