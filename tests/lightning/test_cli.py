@@ -9,6 +9,7 @@ from pathlib import Path
 
 import peft
 import pytest
+import torch
 import yaml
 
 import modalpeft as mp
@@ -87,3 +88,27 @@ def test_recipe_script_and_ddp_on_two_cpu_processes(tmp_path) -> None:
     assert len(checkpoints) == 1, checkpoints
     exports = list(tmp_path.rglob("adapter_model.safetensors"))
     assert len(exports) == 1, exports
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP needs a CUDA device")
+def test_recipe_under_fsdp_on_gpu(tmp_path) -> None:
+    devices = min(torch.cuda.device_count(), 2)
+    result = run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "digits.py"),
+            "fit",
+            "--config",
+            str(RECIPE),
+            *TINY,
+            "--trainer.max_epochs=1",
+            "--trainer.strategy=fsdp",
+            "--trainer.accelerator=gpu",
+            f"--trainer.devices={devices}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(tmp_path.rglob("adapter_model.safetensors"))) == 1
