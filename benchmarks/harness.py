@@ -22,8 +22,9 @@ How each number is measured:
   for tests; its CPU memory numbers are less accurate).
 - ``file_size``: bytes written by ``save_adapter`` (an adapter plus its ``modules_to_save``); for ``"full"``
   the safetensors file of the whole model, for ``"head_only"`` that of the ``modules_to_save``.
-- ``merged_infer_time``: median forward time in eval mode under ``torch.inference_mode`` after
-  ``merge_and_unload`` when the method is mergeable (``merged: true``), else of the unmerged adapted model.
+- ``merged_infer_time``: median forward time over ``steps`` forwards (after one untimed forward), in eval
+  mode under ``torch.inference_mode``, after ``merge_and_unload`` when the method is mergeable
+  (``merged: true``), else of the unmerged adapted model.
   The baselines are plain models (``infer_mode: "plain"``).
 
 Each record also holds the device, torch version, thread count and the 1-minute load average at the
@@ -33,12 +34,10 @@ be many times slower, so a high ``load_avg`` marks numbers to distrust.
 
 from __future__ import annotations
 
-import gc
 import json
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -56,6 +55,8 @@ from torch import Tensor, nn
 import modalpeft as mp
 from modalpeft.core.inject import modules_to_save_modules
 from modalpeft.core.peft_bridge import is_peft_config
+
+from .memory import MemoryProbe
 
 Baseline = Literal["full", "head_only"]
 BASELINES: tuple[str, ...] = ("full", "head_only")
@@ -260,7 +261,7 @@ def _measure_one(job: _Job) -> dict[str, Any]:
     torch.manual_seed(job.seed + 1)
     inputs, targets = _to_device(job.batch_factory(), device)
     optimizer = torch.optim.AdamW(trainable, lr=job.lr)
-    probe = _MemoryProbe(device)
+    probe = MemoryProbe(device)
     probe.start()
     step_times = []
     for step in range(job.warmup + job.steps):
@@ -283,7 +284,7 @@ def _measure_one(job: _Job) -> dict[str, Any]:
     infer_mode = "plain" if adapted is None else "unmerged"
     if adapted is not None and _mergeable(job.candidate.config):
         model, infer_mode = adapted.merge_and_unload(), "merged"
-    infer_times = _time_inference(model.eval(), inputs, job.warmup, job.steps, device)
+    infer_times = _time_inference(model.eval(), inputs, job.steps, device)
 
     return {
         **_context(job),
@@ -366,63 +367,18 @@ def _file_size(model: nn.Module, adapted: Any, candidate: Candidate, modules_to_
         return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
 
 
-def _time_inference(model: nn.Module, inputs: Any, warmup: int, steps: int, device: torch.device) -> list[float]:
+def _time_inference(model: nn.Module, inputs: Any, steps: int, device: torch.device) -> list[float]:
+    """Forward times of ``steps`` calls after one untimed call."""
     times = []
     with torch.inference_mode():
-        for step in range(max(warmup, 1) + steps):
+        for step in range(1 + steps):
             _sync(device)
             start = time.perf_counter()
             _forward(model, inputs)
             _sync(device)
-            if step >= max(warmup, 1):
+            if step >= 1:
                 times.append(time.perf_counter() - start)
     return times
-
-
-# -- memory -------------------------------------------------------------------------------------------------
-class _MemoryProbe:
-    """Peak memory growth from :meth:`start` to :meth:`peak_growth`, in bytes (see the module docstring)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.baseline = 0
-        self.kind = ""
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-            self.kind = "cuda_max_allocated_growth"
-            return
-        self.baseline = _proc_status("VmRSS") or 0
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            self.kind = "rss_hwm_growth" if _proc_status("VmHWM") else "ru_maxrss_growth"
-        except OSError:
-            self.kind = "ru_maxrss_growth"
-
-    def peak_growth(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - self.baseline
-        if self.kind == "rss_hwm_growth":
-            peak = _proc_status("VmHWM") or 0
-        else:  # kilobytes on Linux, bytes on macOS
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return max(peak - self.baseline, 0)
-
-
-def _proc_status(key: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` in bytes, or ``None`` where there is no such file."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 # -- helpers ------------------------------------------------------------------------------------------------

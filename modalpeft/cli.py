@@ -1,10 +1,10 @@
 """The ``modalpeft`` console script.
 
-    modalpeft methods              every registered method: modality, mergeability, paper
-    modalpeft inspect DIR          what an adapter directory holds (native or peft format)
-    modalpeft demo [--quick]       the embedded end-to-end demo (what ``make demo`` runs)
-
-Training and evaluation go through the per-modality LightningCLI recipes (``recipes/<modality>.py``).
+modalpeft methods              every registered method: modality, mergeability, paper
+modalpeft inspect DIR          what an adapter directory holds (native or peft format)
+modalpeft demo [--quick]       the embedded end-to-end demo (what ``make demo`` runs)
+modalpeft fit|validate|test|predict --config RECIPE.yaml
+                               LightningCLI on any recipe (the same as ``python recipes/<modality>.py``)
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
 MODALITIES = ("vision", "pointcloud", "diffusion", "tracking", "audio", "text")
 """The modality packages; each registers its own methods when imported."""
+
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _console() -> Console:
@@ -80,6 +84,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         summary.add_row("format", "peft (loads with peft.PeftModel.from_pretrained too)")
         summary.add_row("method", f"{config['peft_type']} (through peft)")
         summary.add_row("base model", str(config.get("base_model_name_or_path")))
+        mapping = config.get("auto_mapping") or {}
+        if mapping.get("base_model_class"):
+            summary.add_row("base model class", f"{mapping.get('parent_library')}.{mapping['base_model_class']}")
     else:
         summary.add_row("format", "modalpeft")
         summary.add_row("method", _describe_method(config["method"]))
@@ -139,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     from modalpeft import __version__
 
     parser.add_argument("--version", action="version", version=f"modalpeft {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{methods,inspect,demo}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{methods,inspect,demo,fit,validate,test,predict}"
+    )
+    for name in LIGHTNING_SUBCOMMANDS:  # listed for --help; main() hands them to LightningCLI before parsing
+        sub.add_parser(name, help=f"LightningCLI {name} on a recipe: modalpeft {name} --config RECIPE.yaml")
 
     p = sub.add_parser("methods", help="list every registered method with its modality, mergeability and paper")
     p.set_defaults(func=cmd_methods, user_errors=())
@@ -162,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, help="training (and validation) examples per class (default: 20)")
     p.add_argument("--batch-size", type=int, help="batch size downstream (default: 32)")
     p.add_argument("--lrs", type=float, nargs="+", help="learning rates to pick from on validation")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: 1; the model is tiny)")
     p.add_argument("--seed", type=int, help="seed of the splits, the initialisation and the batches (default: 0)")
     p.add_argument("--quick", action="store_true", help="a few seconds' run with almost no training (for tests)")
     p.set_defaults(func=cmd_demo, user_errors=())
@@ -174,6 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Bad input (a missing directory, a corrupt adapter file, an unknown option) prints a one-line message and
     returns 2, as argparse does; anything else is a bug and keeps its traceback.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        from modalpeft.lightning import cli_main
+
+        import_modalities()
+        cli_main(argv)
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -54,7 +54,7 @@ def check_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
 
 class AdapterExport(pl.Callback):
     """At the end of ``fit``, write the trained adapter with ``save_adapter`` (loadable by
-    ``modalpeft.load_adapter`` without Lightning).
+    ``modalpeft.load_adapter`` without Lightning). Skipped under ``fast_dev_run``.
 
     Args:
         dirpath: where to write; default ``<trainer.log_dir>/adapter`` (or ``<default_root_dir>/adapter``).
@@ -69,6 +69,8 @@ class AdapterExport(pl.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "adapter"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run:  # a debugging run writes nothing, as Lightning's own checkpointing
+            return
         target = self.target(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         export = getattr(pl_module, "export_adapter", None)
         if trainer.is_global_zero and export is not None:

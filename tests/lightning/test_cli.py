@@ -112,3 +112,10 @@ def test_recipe_under_fsdp_on_gpu(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(tmp_path.rglob("adapter_model.safetensors"))) == 1
+
+
+def test_console_script_runs_a_recipe(tmp_path) -> None:
+    from modalpeft.cli import main
+
+    args = ["fit", "--config", str(RECIPE), *TINY, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"]
+    assert main(args) == 0

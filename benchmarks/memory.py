@@ -1,0 +1,64 @@
+"""Peak memory growth of a block of work: process RSS on CPU, the caching allocator on CUDA.
+
+See :mod:`benchmarks.harness` for how the numbers are used.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+class MemoryProbe:
+    """Peak memory growth from :meth:`start` to :meth:`peak_growth`, in bytes.
+
+    On CPU: the process's peak RSS (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` at :meth:`start`)
+    minus its RSS at :meth:`start`; where that reset is unavailable, ``ru_maxrss`` (which also counts earlier
+    peaks). On CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus ``memory_allocated`` at
+    :meth:`start`. ``kind`` names the one used; ``baseline`` is the memory at :meth:`start`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline = 0
+        self.kind = ""
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            self.kind = "cuda_max_allocated_growth"
+            return
+        self.baseline = _proc_status("VmRSS") or 0
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            self.kind = "rss_hwm_growth" if _proc_status("VmHWM") else "ru_maxrss_growth"
+        except OSError:
+            self.kind = "ru_maxrss_growth"
+
+    def peak_growth(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.baseline
+        if self.kind == "rss_hwm_growth":
+            peak = _proc_status("VmHWM") or 0
+        else:  # kilobytes on Linux, bytes on macOS
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return max(peak - self.baseline, 0)
+
+
+def _proc_status(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes, or ``None`` where there is no such file."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

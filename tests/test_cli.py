@@ -1,0 +1,116 @@
+"""The ``modalpeft`` console script: ``methods``, ``inspect DIR``, ``demo``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import peft
+import pytest
+from torch import nn
+
+import modalpeft as mp
+from modalpeft.cli import main
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.fc(x)))
+
+
+def test_methods_lists_every_registered_method(capsys) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in mp.list_methods():
+        info = mp.get_method(name)
+        assert name in out and info.paper in out
+    assert "bitfit" in out and "2106.10199" in out
+    assert "lora" in out  # peft's methods are named too
+
+
+def test_inspect_native_adapter(tmp_path, capsys) -> None:
+    model = mp.adapt(Tiny(), mp.BitFitConfig(), modules_to_save=["head"])
+    model.save_adapter(tmp_path / "a")
+    n_saved = sum(t.numel() for t in model.adapter_state_dict().values())
+    assert main(["inspect", str(tmp_path / "a"), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "bitfit" in out and "mergeable" in out
+    assert f"{__name__}.Tiny" in out  # the base model's class
+    assert f"{n_saved:,}" in out  # 16 + 16 biases of fc and norm, and the head's 51
+    assert "modules_to_save" in out and "head.weight" in out and mp.__version__ in out
+
+
+def test_inspect_peft_adapter(tmp_path, capsys) -> None:
+    model = mp.adapt(Tiny(), peft.LoraConfig(r=2, target_modules=["fc"]), modules_to_save=["head"])
+    model.save_adapter(tmp_path / "lora")
+    assert main(["inspect", str(tmp_path / "lora")]) == 0
+    out = capsys.readouterr().out
+    assert "peft" in out and "LORA" in out
+    assert f"{2 * 8 + 16 * 2 + 3 * 16 + 3:,}" in out  # A, B and the head
+    assert "lora_alpha" in out
+
+
+def test_inspect_missing_directory_exits_2_with_one_line(tmp_path, capsys) -> None:
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_corrupt_files_exit_2(tmp_path, capsys) -> None:
+    mp.adapt(Tiny(), mp.BitFitConfig()).save_adapter(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    assert main(["inspect", str(tmp_path / "a")]) == 2
+    assert "corrupted" in capsys.readouterr().err
+
+    (tmp_path / "a" / "adapter_config.json").write_text("{not json")
+    assert main(["inspect", str(tmp_path / "a")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_python_dash_m_reports_errors_without_traceback(tmp_path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "modalpeft", "inspect", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "nowhere" in proc.stderr
+
+
+def test_demo_quick_runs_end_to_end(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "results.json").read_text())
+    names = [r["method"] for r in report["results"]]
+    assert names[:2] == ["linear probe", "full fine-tuning"]
+    assert set(mp.list_methods()) <= set(names) and "lora (peft)" in names
+    assert report["all_checks_passed"]
+    for r in report["results"]:
+        assert r["method"] in printed and r["reload_ok"]
+        assert 0 < r["trainable_params"] <= r["total_params"]
+        assert 0.0 <= r["metric"] <= 1.0
+        if r["mergeable"]:
+            assert r["merge_ok"]
+    assert (out / "pretrained_backbone.safetensors").is_file()
+    assert (out / "adapters" / "bitfit" / "adapter_config.json").is_file()
+    assert main(["inspect", str(out / "adapters" / "bitfit")]) == 0
+
+
+@pytest.mark.parametrize("argv", [[], ["inspect"], ["demo", "--steps", "many"]])
+def test_bad_arguments_exit_2(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
