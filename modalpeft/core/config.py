@@ -75,9 +75,15 @@ class AdapterConfig:
             self.modules_to_save = list(self.modules_to_save)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, JSON-ready, plus the ``method`` name."""
+        """Every field, JSON-ready, plus the ``method`` name.
+
+        Fields declared with ``metadata={"save": False}`` (run-time inputs such as the data a method scores
+        parameters on) are left out; what they produced is saved with the adapter's tensors instead.
+        """
         out: dict[str, Any] = {"method": self.method}
         for f in dataclasses.fields(self):
+            if f.metadata.get("save", True) is False:
+                continue
             value = getattr(self, f.name)
             if callable(value) and not isinstance(value, type):
                 raise ValueError(

@@ -61,6 +61,19 @@ class AdaptedModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    def train(self, mode: bool = True) -> AdaptedModel:
+        """Set train/eval mode. When the active config has ``frozen_eval=True`` (VPT does), the frozen base model
+        stays in eval mode (no dropout, no batch-norm updates) while adapters and ``modules_to_save`` train."""
+        super().train(mode)
+        config = self.peft_config.get(self._active) if self._active else None
+        if mode and getattr(config, "frozen_eval", False):
+            self.base_model.eval()
+            for _, host in hosts(self.base_model):
+                host.adapters.train(True)
+            for _, module in modules_to_save_modules(self.base_model, config.modules_to_save or []):
+                module.train(True)
+        return self
+
     # -- adapters ----------------------------------------------------------------------------------------
     @property
     def active_adapter(self) -> str | None:

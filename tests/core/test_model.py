@@ -121,3 +121,26 @@ def test_disable_adapters_unmerges_and_restores_merge() -> None:
         torch.testing.assert_close(model(x), reference(x))
     torch.testing.assert_close(model(x), adapted)
     assert all(h.merged == ["default"] for _, h in hosts(model))
+
+
+def test_frozen_eval_keeps_the_base_in_eval_mode(monkeypatch) -> None:
+    model = mp.adapt(make("vit"), mp.BitFitConfig(), modules_to_save=["head"])
+    model.train()
+    assert model.base_model.blocks[0].attn.training  # by default everything trains
+    monkeypatch.setattr(model.peft_config["default"], "frozen_eval", True, raising=False)
+    model.train()
+    assert not model.base_model.blocks[0].attn.training and not model.base_model.blocks[0].attn.proj.training
+    assert model.base_model.head.training
+    assert all(host.adapters.training for _, host in hosts(model.base_model))
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
+def test_fields_marked_not_saved_stay_out_of_json() -> None:
+    import dataclasses
+
+    @dataclasses.dataclass
+    class WithData(mp.BitFitConfig):
+        data: object = dataclasses.field(default=None, metadata={"help": "run-time input", "save": False})
+
+    assert "data" not in WithData(data=[1, 2]).to_dict()
