@@ -19,7 +19,8 @@ How each number is measured:
   CUDA it is ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus ``memory_allocated`` then.
   With ``isolate=True`` (the default) each candidate runs in a fresh spawned process, so no peak, cache or
   allocator state leaks from one candidate to the next; ``isolate=False`` measures in this process (faster,
-  for tests; its CPU memory numbers are less accurate).
+  for tests; its CPU memory numbers are less accurate). On CPU the growth includes the runtime's one-time
+  lazy allocations of a first training step (about 20 MiB, as a tiny ViT shows).
 - ``file_size``: bytes written by ``save_adapter`` (an adapter plus its ``modules_to_save``); for ``"full"``
   the safetensors file of the whole model, for ``"head_only"`` that of the ``modules_to_save``.
 - ``merged_infer_time``: median forward time over ``steps`` forwards (after one untimed forward), in eval

@@ -1,7 +1,12 @@
 """``make bench``: every PEFT method on timm ViT-B/16 (random weights), side by side with the baselines.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run                          # ~3 min on 2 CPU cores
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --model vit_tiny_test    # ~1 min: a quick check
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run                                    # 7-10 min *
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --model vit_tiny_test --threads 1  # ~40 s: a check
+
+* measured on a shared 2-core CPU with a 1-minute load average of 2.5-5 (other jobs running); on a quiet
+  machine it should take about half that. Under such load the CPU timings of one run can differ several
+  fold between candidates measured minutes apart; each record's ``load_avg`` shows it, and ``--threads 1``
+  suffers less from it than 2 threads.
 
 Candidates: full fine-tuning, the head only (linear probe), peft LoRA r=8 on ``qkv`` and every registered
 native method with the ViT settings of :func:`vit_settings` (a method missing there runs with its config's
@@ -56,9 +61,9 @@ def vit_settings(embed_dim: int) -> dict[str, dict[str, Any]]:
     """Config arguments of each native method on a timm ViT of width ``embed_dim``: one table, no branches.
 
     - adapter: AdaptFormer's placement and its ViT-B bottleneck of 64 (``embed_dim / 12``).
-    - krona: the attention projections, as in KronA's paper, with ``a1 = a2`` the most-square factor of the
-      width (24 for 768): it divides the output widths (``3d`` of ``qkv``, ``d`` of ``proj``) and the input
-      width ``d``.
+    - krona: the attention projections (``qkv``, ``proj``), as the krona module recommends, with
+      ``a1 = a2`` the most-square factor of the width (24 for 768): it divides the output widths (``3d`` of
+      ``qkv``, ``d`` of ``proj``) and the input width ``d``.
     """
     factor = most_square_factor(embed_dim)
     return {

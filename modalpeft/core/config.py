@@ -54,6 +54,9 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
     """The registered method name, set by :func:`modalpeft.core.registry.register_method`."""
+    data_field: ClassVar[str | None] = None
+    """Methods that score parameters on training data (SPT) name the run-time field that takes it (a
+    ``metadata={"save": False}`` field); the Lightning task fills it with the training loader when empty."""
 
     def __post_init__(self) -> None:
         if self.init_weights not in (True, False, "identity"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,12 @@ def describe_adapter(adapter: AdapterConfig | PeftConfig | str) -> dict[str, Any
         return adapter
     data = adapter.to_dict()
     return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
+
+
+def needs_training_data(adapter: Any) -> bool:
+    """Whether ``adapter`` names a data field (``data_field``, e.g. SPT's sensitivity data) that is still empty."""
+    field = getattr(adapter, "data_field", None)
+    return field is not None and getattr(adapter, field) is None
 
 
 def prepare_backbone(
@@ -93,9 +100,30 @@ class AdapterTask(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "adapter"])
         self.hparams["adapter"] = describe_adapter(adapter)
-        self.model = prepare_backbone(backbone, adapter, modules_to_save)
         self.baseline = adapter if isinstance(adapter, str) else None
+        self._pending: tuple | None = None
+        if needs_training_data(adapter):
+            # the method scores parameters on training data (SPT): adapt in configure_model, once data is attached
+            self.model = backbone
+            self._pending = (adapter, modules_to_save)
+        else:
+            self.model = prepare_backbone(backbone, adapter, modules_to_save)
         self.strict_loading = False  # checkpoints hold only trainable state; check_checkpoint validates them
+
+    def configure_model(self) -> None:
+        if self._pending is None:
+            return
+        adapter, modules_to_save = self._pending
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise ValueError(
+                f"method {adapter.method!r} scores parameters on training data: run the task with a datamodule, or set "
+                f"{type(adapter).__name__}.{adapter.data_field} yourself."
+            )
+        adapter = copy.copy(adapter)
+        setattr(adapter, adapter.data_field, datamodule.train_dataloader())
+        self.model = prepare_backbone(self.model, adapter, modules_to_save)
+        self._pending = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

@@ -130,3 +130,22 @@ def test_prompts_and_scale_shift_are_not_decayed() -> None:
     decayed, exempt = param_groups(model, 0.1)
     assert [id(p) for p in decayed["params"]] == [id(model.head.weight)]
     assert [id(p) for p in exempt["params"]] == [id(prompts)]
+
+
+def test_methods_that_score_on_training_data_get_the_train_loader(tmp_path) -> None:
+    import dataclasses
+    from typing import ClassVar
+
+    from torch.utils.data import DataLoader
+
+    @dataclasses.dataclass
+    class NeedsData(mp.BitFitConfig):
+        data_field: ClassVar[str] = "scoring_data"
+        scoring_data: object = dataclasses.field(default=None, metadata={"help": "run-time", "save": False})
+
+    pl.seed_everything(0)
+    deferred = task(NeedsData())
+    assert not isinstance(deferred.model, mp.AdaptedModel)  # nothing to score on yet
+    trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(deferred, datamodule=data())
+    assert isinstance(deferred.model, mp.AdaptedModel)
+    assert isinstance(deferred.model.peft_config["default"].scoring_data, DataLoader)
