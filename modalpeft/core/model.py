@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -108,7 +109,7 @@ class AdaptedModel(nn.Module):
             )
         if modules_to_save:
             merged = list(dict.fromkeys([*(config.modules_to_save or []), *modules_to_save]))
-            config = type(config).from_dict({**config.to_dict(), "modules_to_save": merged})
+            config = dataclasses.replace(config, modules_to_save=merged)
         modules_to_save_modules(self.base_model, config.modules_to_save or [])  # validates the names
         info = get_method(config.method)
         try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import peft
 import pytest
 import pytorch_lightning as pl
@@ -133,9 +136,6 @@ def test_prompts_and_scale_shift_are_not_decayed() -> None:
 
 
 def test_methods_that_score_on_training_data_get_the_train_loader(tmp_path) -> None:
-    import dataclasses
-    from typing import ClassVar
-
     from torch.utils.data import DataLoader
 
     @dataclasses.dataclass
