@@ -60,28 +60,24 @@ def test_recipe_runs_two_steps_in_process(tmp_path) -> None:
     )
 
 
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def fit_recipe_script(tmp_path: Path, *trainer_args: str) -> subprocess.CompletedProcess:
+    """``python recipes/digits.py fit`` with the tiny backbone for one epoch, in a subprocess."""
+    script = str(ROOT / "recipes" / "digits.py")
+    args = ["fit", "--config", str(RECIPE), *TINY, "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, script, *args, *trainer_args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
 def test_recipe_script_and_ddp_on_two_cpu_processes(tmp_path) -> None:
-    result = run(
-        [
-            sys.executable,
-            str(ROOT / "recipes" / "digits.py"),
-            "fit",
-            "--config",
-            str(RECIPE),
-            *TINY,
-            "--trainer.max_epochs=1",
-            "--trainer.strategy=ddp",
-            "--trainer.devices=2",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-        cwd=tmp_path,
-    )
+    result = fit_recipe_script(tmp_path, "--trainer.strategy=ddp", "--trainer.devices=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "unused parameters" not in result.stderr
     checkpoints = list(tmp_path.rglob("*.ckpt"))
@@ -94,21 +90,8 @@ def test_recipe_script_and_ddp_on_two_cpu_processes(tmp_path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP needs a CUDA device")
 def test_recipe_under_fsdp_on_gpu(tmp_path) -> None:
     devices = min(torch.cuda.device_count(), 2)
-    result = run(
-        [
-            sys.executable,
-            str(ROOT / "recipes" / "digits.py"),
-            "fit",
-            "--config",
-            str(RECIPE),
-            *TINY,
-            "--trainer.max_epochs=1",
-            "--trainer.strategy=fsdp",
-            "--trainer.accelerator=gpu",
-            f"--trainer.devices={devices}",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-        cwd=tmp_path,
+    result = fit_recipe_script(
+        tmp_path, "--trainer.strategy=fsdp", "--trainer.accelerator=gpu", f"--trainer.devices={devices}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(tmp_path.rglob("adapter_model.safetensors"))) == 1
