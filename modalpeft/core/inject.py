@@ -167,6 +167,9 @@ def attach(model: nn.Module, name: str, adapter_name: str, adapter: AdapterModul
         adapter.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     if adapter_name in module.adapters:
         raise ValueError(f"module {name!r} already holds an adapter named {adapter_name!r}")
+    # a new adapter follows the mode of what it adapts: no adapter dropout inside a model in eval mode
+    module.train(module.base_layer.training)
+    adapter.train(module.base_layer.training)
     module.add(adapter_name, adapter)
     return module
 

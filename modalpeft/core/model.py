@@ -49,6 +49,7 @@ class AdaptedModel(nn.Module):
         self.base_model = model
         self.peft_config: dict[str, Any] = {}
         self._active: str | None = None
+        self.training = model.training
 
     # -- pass-through ------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -19,7 +19,7 @@ from peft.tuners.lokr.layer import factorization
 from torch import nn
 
 import modalpeft as mp
-from modalpeft.core.inject import base_modules
+from modalpeft.core.inject import attention_children, base_modules
 
 from .toy_models import TOY_MODELS, make
 
@@ -72,6 +72,27 @@ def lokr_count(model: nn.Module, cfg: Any) -> int:
 
 def ln_count(model: nn.Module, cfg: Any) -> int:
     return sum(p.numel() for t in _targets(model, cfg.target_modules) for p in t.parameters())
+
+
+def vpt_count(model: nn.Module, cfg: Any) -> int:
+    return (len(model.blocks) if cfg.deep else 1) * cfg.num_tokens * model.embed_dim
+
+
+def ssf_count(model: nn.Module, cfg: Any) -> int:
+    """2 x the output channels of every Linear/Conv with a bias and every affine norm; the head and MHA internals
+    are left out."""
+    skip = attention_children(model)
+    total = 0
+    for n, m in base_modules(model):
+        if n in skip or n == "head" or n.startswith("head.") or getattr(m, "bias", None) is None:
+            continue
+        if isinstance(m, nn.Linear):
+            total += m.out_features
+        elif isinstance(m, nn.Conv2d):
+            total += m.out_channels
+        elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            total += m.weight.numel()
+    return 2 * total
 
 
 @dataclass
@@ -133,6 +154,13 @@ CASES: dict[str, Case] = {
         ),
         krona_count,
     ),
+    "vpt": Case(
+        native("vpt", {"vit": {"num_tokens": 3, "deep": True}, "mlp": None, "conv": None, "mha": None}),
+        vpt_count,
+        identity=None,
+        mergeable=False,
+    ),
+    "ssf": Case(native("ssf", ALL), ssf_count),
     "peft:lora": Case(
         via_peft(
             peft.LoraConfig,

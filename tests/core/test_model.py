@@ -144,3 +144,12 @@ def test_fields_marked_not_saved_stay_out_of_json() -> None:
         data: object = dataclasses.field(default=None, metadata={"help": "run-time input", "save": False})
 
     assert "data" not in WithData(data=[1, 2]).to_dict()
+
+
+def test_new_adapters_follow_the_mode_of_the_model() -> None:
+    model = mp.adapt(make("mlp").eval(), mp.create_config("krona", a1=4, a2=4, dropout=0.5, init_weights=False))
+    assert not model.training and not any(m.training for m in model.modules())
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model(x), model(x))  # no dropout in eval mode
+    model.train()
+    assert all(m.training for m in model.modules())

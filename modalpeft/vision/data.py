@@ -1,0 +1,820 @@
+"""Image data for vision tasks: class folders, the VTAB-1k release's list files, Fashion-MNIST's idx files.
+
+Every data module here turns images into ``(C, H, W)`` float tensors the same way (:class:`ImageTransform`):
+convert the image to the channel count the model takes (grey, RGBA and palette images included), resize it to
+the model's input size, scale to [0, 1] and normalise with the model's mean and std. Those settings come, in
+this order of priority, from the data module's explicit arguments (``image_size``, ``channels``, ``mean``,
+``std``, ``interpolation``), from the backbone (``timm.data.resolve_data_config`` plus the input size and
+channels the model really takes), or from the data module's own defaults. Under a ``Trainer`` the backbone is
+the task's ``model``, so a recipe never repeats the backbone's normalisation.
+
+There is no augmentation: the VTAB-1k protocol of VPT, SSF and SPT trains without it (SSF's ``--no-aug
+--direct-resize``). Training loaders shuffle with :class:`~modalpeft.lightning.EpochSeededSampler`, so a resumed
+run sees the same order as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..lightning.data import EpochSeededSampler
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+"""File endings (any case) that :class:`ImageFolderDataModule` reads as images; other files are ignored."""
+
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+ResizeMode = Literal["squash", "shorter_crop"]
+Stage = Literal["fit", "validate", "test", "predict"]
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+_STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+    None: ("train", "val", "test"),
+}
+
+
+# -- the shared transform -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How images become model inputs.
+
+    Args:
+        size: output ``(height, width)``.
+        channels: 1 (grey) or 3 (RGB).
+        mean: per-channel mean subtracted after scaling to [0, 1] (``channels`` values).
+        std: per-channel standard deviation divided by (``channels`` values).
+        interpolation: PIL resampling filter used when an image has another size.
+    """
+
+    size: tuple[int, int]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+
+
+def _model_geometry(model: nn.Module) -> tuple[tuple[int, int] | None, int | None]:
+    """The input size a model insists on (a patch embedding with a fixed ``img_size``) and its input channels
+    (the first ``Conv2d``). timm's pretrained config keeps the checkpoint's 224 even for ``img_size=32``."""
+    size = None
+    for module in model.modules():
+        img_size = getattr(module, "img_size", None)
+        if img_size is not None and hasattr(module, "patch_size") and getattr(module, "strict_img_size", False):
+            size = (int(img_size[0]), int(img_size[1])) if isinstance(img_size, Sequence) else (img_size, img_size)
+            break
+    channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return size, channels
+
+
+def _per_channel(name: str, values: Sequence[float], channels: int, from_model: bool) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if from_model and channels == 1:
+        return (sum(values) / len(values),)  # an RGB checkpoint's statistics for a grey-input model
+    raise ValueError(f"{name}={list(values)} has {len(values)} values; give 1 or {channels} (one per channel).")
+
+
+def resolve_image_config(
+    model: nn.Module | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    default: ImageConfig | None = None,
+) -> ImageConfig:
+    """An :class:`ImageConfig` from explicit values, else from ``model``, else from ``default``.
+
+    From a model: ``timm.data.resolve_data_config({}, model=model)`` (input size, mean, std, interpolation of
+    its pretrained config), corrected by the input size and channels the model really takes (a ViT built with
+    ``img_size=32`` or ``in_chans=1``). Without a model or a default: timm's defaults (224, ImageNet mean/std,
+    bicubic).
+    """
+    if model is not None:
+        from timm.data import resolve_data_config
+
+        timm_config = resolve_data_config({}, model=model)
+        size, in_chans = _model_geometry(model)
+        base = ImageConfig(
+            size=size or tuple(timm_config["input_size"][1:]),
+            channels=in_chans or timm_config["input_size"][0],
+            mean=tuple(timm_config["mean"]),
+            std=tuple(timm_config["std"]),
+            interpolation=timm_config["interpolation"],
+        )
+    elif default is not None:
+        base = default
+    else:
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        base = ImageConfig((224, 224), 3, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic")
+    if image_size is not None and (isinstance(image_size, bool) or image_size < 1):
+        raise ValueError(f"image_size={image_size!r} must be a positive integer (the side of the square input).")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels={channels!r} must be 1 (grey) or 3 (RGB); None takes the model's.")
+    out_channels = channels or base.channels
+    if out_channels not in (1, 3):
+        raise ValueError(f"the model takes {out_channels}-channel images; set channels to 1 or 3 explicitly.")
+    interp = interpolation or base.interpolation
+    if interp == "random":  # timm's training-time choice; without augmentation use bicubic, as timm does at eval
+        interp = "bicubic"
+    if interp not in _RESAMPLE:
+        raise ValueError(f"interpolation={interp!r} is not valid; choose one of {sorted(_RESAMPLE)}.")
+    return ImageConfig(
+        size=(image_size, image_size) if image_size is not None else tuple(base.size),
+        channels=out_channels,
+        mean=_per_channel("mean", mean if mean is not None else base.mean, out_channels, mean is None),
+        std=_per_channel("std", std if std is not None else base.std, out_channels, std is None),
+        interpolation=interp,
+    )
+
+
+def convert_image(image: Image.Image, channels: int) -> Image.Image:
+    """``image`` as ``"L"`` (1 channel) or ``"RGB"`` (3); alpha is dropped, palettes are expanded."""
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode == mode:
+        return image
+    if image.mode == "P":  # a palette may carry transparency: expand it first (PIL warns otherwise)
+        image = image.convert("RGBA")
+    if image.mode in ("I;16", "I;16B", "I;16L"):  # 16-bit grey (PNG): scale to 8 bits instead of clipping
+        image = Image.fromarray(np.round(np.asarray(image, dtype=np.float32) / 257.0).astype(np.uint8))
+    return image.convert(mode)
+
+
+class ImageTransform:
+    """A PIL image to a normalised ``(C, H, W)`` float tensor, as :class:`ImageConfig` says.
+
+    Args:
+        config: size, channels, mean, std and interpolation.
+        resize: ``"squash"`` resizes straight to ``size`` (VPT's VTAB pipeline, ``tf.image.resize``);
+            ``"shorter_crop"`` resizes the shorter side then centre-crops (SSF's ``--direct-resize``). Both are
+            the same for square images, which the VTAB-1k release holds.
+
+    Shapes:
+        - output: ``(channels, height, width)``, float32.
+    """
+
+    def __init__(self, config: ImageConfig, resize: ResizeMode = "squash") -> None:
+        if resize not in ("squash", "shorter_crop"):
+            raise ValueError(f"resize={resize!r} is not valid; choose 'squash' or 'shorter_crop'.")
+        self.config = config
+        self.resize = resize
+        self.mean = torch.tensor(config.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(config.std, dtype=torch.float32).view(-1, 1, 1)
+
+    def _resized(self, image: Image.Image) -> Image.Image:
+        height, width = self.config.size
+        if image.size == (width, height):
+            return image
+        resample = _RESAMPLE[self.config.interpolation]
+        if self.resize == "squash":
+            return image.resize((width, height), resample)
+        scale = max(height / image.height, width / image.width)
+        scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(scaled, resample)
+        left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
+        return image.crop((left, top, left + width, top + height))
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        image = self._resized(convert_image(image, self.config.channels))
+        array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
+        tensor = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
+        return (tensor - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config}, resize={self.resize!r})"
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode the image at ``path`` fully (so a truncated file fails here, naming the file)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {path}: {err}. Replace or remove the file (or its list entry).") from err
+
+
+class ImageListDataset(Dataset):
+    """``(image, label)`` pairs from image files.
+
+    Args:
+        samples: ``(path, label)`` pairs.
+        transform: applied to each decoded PIL image.
+    """
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable[[Image.Image], Tensor]) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(load_image(path)), label
+
+
+class ArrayImageDataset(Dataset):
+    """``(image, label)`` pairs from a ``(N, H, W)`` or ``(N, H, W, C)`` uint8 array (Fashion-MNIST)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable[[Image.Image], Tensor]) -> None:
+        assert len(images) == len(labels), (images.shape, labels.shape)
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+# -- the shared data module ------------------------------------------------------------------------------------
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """The base of the image data modules: image settings, the transform, loaders and the class-count check.
+
+    Subclasses set ``default_image_config`` and implement :meth:`build_splits` (``"train"``, ``"val"``,
+    ``"test"`` datasets for a stage) and :attr:`num_classes`.
+
+    Args:
+        image_size: output side length; ``None``: the model's input size.
+        channels: 1 or 3; ``None``: the model's input channels.
+        mean: normalisation mean (1 or ``channels`` values); ``None``: the model's.
+        std: normalisation std; ``None``: the model's.
+        interpolation: resampling filter; ``None``: the model's (``"bicubic"`` for timm ViTs).
+        resize: ``"squash"`` or ``"shorter_crop"`` (see :class:`ImageTransform`).
+        batch_size: batch size of every loader.
+        seed: fixes the training order (and any split the module draws).
+        num_workers: DataLoader workers.
+        backbone: the model whose data config to use, for use outside a ``Trainer``; under a ``Trainer`` the
+            task's ``model`` is used when this is ``None``.
+    """
+
+    default_image_config: ImageConfig | None = None
+    """Used when neither explicit values nor a model are there (``None``: timm's defaults)."""
+
+    def __init__(
+        self,
+        image_size: int | None = None,
+        channels: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        interpolation: Interpolation | None = None,
+        resize: ResizeMode = "squash",
+        batch_size: int = 32,
+        seed: int = 0,
+        num_workers: int = 0,
+        backbone: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1.")
+        if resize not in ("squash", "shorter_crop"):
+            raise ValueError(f"resize={resize!r} is not valid; choose 'squash' or 'shorter_crop'.")
+        self.backbone = backbone
+        self.datasets: dict[str, Dataset | None] = {}
+        self.transform: ImageTransform | None = None
+        resolve_image_config(None, image_size, channels, mean, std, interpolation, self.default_image_config)
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    def config_model(self) -> nn.Module | None:
+        """The model whose data config applies: ``backbone``, else the attached task's ``model``."""
+        if self.backbone is not None:
+            return self.backbone
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        model = getattr(module, "model", None)
+        return model if isinstance(model, nn.Module) else None
+
+    def image_config(self) -> ImageConfig:
+        hp = self.hparams
+        return resolve_image_config(
+            self.config_model(),
+            hp.image_size,
+            hp.channels,
+            hp.mean,
+            hp.std,
+            hp.interpolation,
+            self.default_image_config,
+        )
+
+    def build_splits(self, stage: str | None, transform: ImageTransform) -> dict[str, Dataset | None]:
+        """The datasets a stage needs, by split name (``"train"``, ``"val"``, ``"test"``)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage not in _STAGE_SPLITS:
+            raise ValueError(f"stage={stage!r} is not valid; choose one of {[s for s in _STAGE_SPLITS if s]} or None.")
+        self._check_model_classes()
+        self.transform = ImageTransform(self.image_config(), self.hparams.resize)
+        self.datasets.update(self.build_splits(stage, self.transform))
+
+    def _check_model_classes(self) -> None:
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        model_classes = getattr(module, "hparams", {}).get("num_classes") if module is not None else None
+        if model_classes is not None and self.num_classes > model_classes:
+            raise ValueError(
+                f"{type(self).__name__} has {self.num_classes} classes but the model was built for {model_classes}; "
+                f"set --model.init_args.num_classes={self.num_classes} (and the backbone's num_classes)."
+            )
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"no {split!r} data: call setup() for the stage that uses it first.")
+        dataset = self.datasets[split]
+        hp = self.hparams
+        sampler = EpochSeededSampler(len(dataset), hp.seed) if train else None
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val") if self.datasets.get("val") is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+def _listing(folder: Path, limit: int = 20) -> str:
+    if not folder.is_dir():
+        return f"{folder} does not exist either"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    return f"{folder} holds: {shown or 'nothing'}"
+
+
+# -- class folders ---------------------------------------------------------------------------------------------
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Images in class sub-folders: ``root/<split>/<class>/<image>``, labels in sorted class-name order.
+
+    The classes are the sub-folders of the training split; the validation and test splits may lack some of
+    them but may not add new ones. Files whose ending is not in :data:`IMAGE_EXTENSIONS` and hidden entries
+    are ignored; a class folder without images is an error.
+
+    Args:
+        root: the dataset folder.
+        train_split: the training sub-folder.
+        val_split: the validation sub-folder (``None``: no validation).
+        test_split: the test sub-folder (``None``: no test data).
+        image_size, channels, mean, std, interpolation, resize, batch_size, seed, num_workers, backbone: as
+            :class:`ImageDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "train",
+        val_split: str | None = "val",
+        test_split: str | None = "test",
+        image_size: int | None = None,
+        channels: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        interpolation: Interpolation | None = None,
+        resize: ResizeMode = "squash",
+        batch_size: int = 32,
+        seed: int = 0,
+        num_workers: int = 0,
+        backbone: nn.Module | None = None,
+    ) -> None:
+        super().__init__(
+            image_size, channels, mean, std, interpolation, resize, batch_size, seed, num_workers, backbone
+        )
+        self.save_hyperparameters(ignore=["backbone"])
+        self._classes: list[str] | None = None
+
+    def _folder(self, split: str) -> Path:
+        root = Path(self.hparams.root)
+        if not root.is_dir():
+            raise ValueError(
+                f"ImageFolderDataModule: root {str(root)!r} is not a folder ({_listing(root.parent)}). Expected "
+                "root/<split>/<class>/<image>; set --data.init_args.root."
+            )
+        folder = root / split
+        if not folder.is_dir():
+            raise ValueError(
+                f"ImageFolderDataModule: split folder {str(folder)!r} does not exist; {_listing(root)}. Set "
+                "train_split/val_split/test_split to existing sub-folders (None for no validation or test data)."
+            )
+        return folder
+
+    @staticmethod
+    def _class_dirs(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names (sub-folders of the training split), in label order."""
+        if self._classes is None:
+            folder = self._folder(self.hparams.train_split)
+            classes = [p.name for p in self._class_dirs(folder)]
+            if not classes:
+                raise ValueError(
+                    f"ImageFolderDataModule: {str(folder)!r} has no class sub-folders ({_listing(folder)}); expected "
+                    "<split>/<class>/<image>."
+                )
+            self._classes = classes
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def samples(self, split: str) -> list[tuple[Path, int]]:
+        """``(path, label)`` for every image of a split folder, class by class, in sorted file order."""
+        folder = self._folder(split)
+        lookup = {name: i for i, name in enumerate(self.classes)}
+        found = []
+        for class_dir in self._class_dirs(folder):
+            if class_dir.name not in lookup:
+                raise ValueError(
+                    f"ImageFolderDataModule: {str(class_dir)!r} is a class the training split "
+                    f"{self.hparams.train_split!r} does not have (its classes: {self.classes})."
+                )
+            images = sorted(
+                p
+                for p in class_dir.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )
+            if not images:
+                raise ValueError(
+                    f"ImageFolderDataModule: class folder {str(class_dir)!r} holds no images "
+                    f"(endings {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder."
+                )
+            found.extend((p, lookup[class_dir.name]) for p in images)
+        return found
+
+    def build_splits(self, stage: str | None, transform: ImageTransform) -> dict[str, Dataset | None]:
+        names = {"train": self.hparams.train_split, "val": self.hparams.val_split, "test": self.hparams.test_split}
+        out: dict[str, Dataset | None] = {}
+        for split in _STAGE_SPLITS[stage]:
+            if names[split] is None:
+                if stage in ("test", "predict"):
+                    raise ValueError(f"ImageFolderDataModule: stage {stage!r} needs test data; set test_split.")
+                out[split] = None
+                continue
+            out[split] = ImageListDataset(self.samples(names[split]), transform)
+        return out
+
+
+# -- VTAB-1k ---------------------------------------------------------------------------------------------------
+
+VTAB1K_LISTS = ("train800", "val200", "train800val200", "test")
+"""The list files of a VTAB-1k task folder, ``<name>.txt``; each line is ``<relative image path> <label>``."""
+
+
+class VTAB1kDataModule(ImageDataModule):
+    """One VTAB-1k task as the released folders lay it out (the format VPT, NOAH, SSF and SPT read).
+
+    ``root`` is a task folder, e.g. ``vtab-1k/cifar``, holding the images and four list files,
+    ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and ``test.txt``; each line is
+    ``<image path relative to root> <integer label>``. The papers pick hyper-parameters with
+    ``split="train800"`` (train on ``train800``, validate on ``val200``), then make the final run with
+    ``split="train800val200"``, which validates on ``test`` as the official code does (report the last epoch;
+    there is no held-out data to select on). Testing always uses ``test``.
+
+    Args:
+        root: the task folder.
+        split: ``"train800"`` (model selection) or ``"train800val200"`` (the final run).
+        num_classes: the task's class count; labels must lie in ``[0, num_classes)``. ``None``: one more than
+            the largest label in the list files.
+        image_size, channels, mean, std, interpolation, resize, batch_size, seed, num_workers, backbone: as
+            :class:`ImageDataModule`; with none given, a ViT-B/16 gets VTAB's 224 x 224 and its own
+            normalisation.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: Literal["train800", "train800val200"] = "train800",
+        num_classes: int | None = None,
+        image_size: int | None = None,
+        channels: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        interpolation: Interpolation | None = None,
+        resize: ResizeMode = "squash",
+        batch_size: int = 32,
+        seed: int = 0,
+        num_workers: int = 0,
+        backbone: nn.Module | None = None,
+    ) -> None:
+        super().__init__(
+            image_size, channels, mean, std, interpolation, resize, batch_size, seed, num_workers, backbone
+        )
+        # num_classes is kept out of hparams: Lightning refuses a data-module hparam that differs from the task's
+        self.save_hyperparameters(ignore=["backbone", "num_classes"])
+        self.declared_classes = num_classes
+        if split not in ("train800", "train800val200"):
+            raise ValueError(
+                f"split={split!r} is not valid; choose 'train800' (validate on val200) or 'train800val200' (the "
+                "final run, validated on test)."
+            )
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes={num_classes} must be at least 1 (or None to read it from the lists).")
+        self._lists: dict[str, list[tuple[Path, int]]] = {}
+
+    @property
+    def list_names(self) -> dict[str, str]:
+        """The list file behind each split: ``{"train": ..., "val": ..., "test": "test"}``."""
+        if self.hparams.split == "train800":
+            return {"train": "train800", "val": "val200", "test": "test"}
+        return {"train": "train800val200", "val": "test", "test": "test"}
+
+    def _root(self) -> Path:
+        root = Path(self.hparams.root)
+        if not root.is_dir():
+            raise ValueError(
+                f"VTAB1kDataModule: task folder {str(root)!r} does not exist ({_listing(root.parent)}). Give a VTAB-1k "
+                "task folder (e.g. vtab-1k/cifar) with --data.init_args.root."
+            )
+        return root
+
+    def _require(self, names: Sequence[str]) -> None:
+        root = self._root()
+        missing = [n for n in names if not (root / f"{n}.txt").is_file()]
+        if missing:
+            present = [f"{n}.txt" for n in VTAB1K_LISTS if (root / f"{n}.txt").is_file()]
+            raise ValueError(
+                f"VTAB1kDataModule: {str(root)!r} lacks {', '.join(f'{n}.txt' for n in missing)} "
+                f"(split={self.hparams.split!r} needs them); list files present: {present or 'none'}. A VTAB-1k task "
+                f"folder holds {', '.join(f'{n}.txt' for n in VTAB1K_LISTS)}, each line '<image path> <label>'."
+            )
+
+    def read_list(self, name: str) -> list[tuple[Path, int]]:
+        """``(path, label)`` pairs of ``<root>/<name>.txt``, every line checked."""
+        if name in self._lists:
+            return self._lists[name]
+        self._require([name])
+        root = self._root()
+        list_path = root / f"{name}.txt"
+        limit = self.declared_classes
+        samples = []
+        with open(list_path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                text = line.strip()
+                if not text:
+                    continue
+                parts = text.rsplit(maxsplit=1)
+                where = f"{list_path}, line {number}"
+                if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                    raise ValueError(f"{where}: {text!r} is not '<relative image path> <integer label>'.")
+                label = int(parts[1])
+                if label < 0 or (limit is not None and label >= limit):
+                    bound = f"[0, {limit})" if limit is not None else "non-negative"
+                    raise ValueError(
+                        f"{where}: label {label} is out of range (labels must be {bound}); fix the line"
+                        + (" or num_classes." if limit is not None else ".")
+                    )
+                path = root / parts[0]
+                if not path.is_file():
+                    raise ValueError(f"{where}: image {str(path)!r} does not exist.")
+                samples.append((path, label))
+        if not samples:
+            raise ValueError(f"VTAB1kDataModule: {list_path} lists no images.")
+        self._lists[name] = samples
+        return samples
+
+    @property
+    def num_classes(self) -> int:
+        if self.declared_classes is not None:
+            return self.declared_classes
+        root = self._root()
+        present = [n for n in VTAB1K_LISTS if (root / f"{n}.txt").is_file()]
+        self._require(present or [self.list_names["train"]])
+        return 1 + max(label for name in present for _, label in self.read_list(name))
+
+    def build_splits(self, stage: str | None, transform: ImageTransform) -> dict[str, Dataset | None]:
+        splits = _STAGE_SPLITS[stage]
+        self._require(sorted({self.list_names[s] for s in splits}, key=VTAB1K_LISTS.index))
+        return {s: ImageListDataset(self.read_list(self.list_names[s]), transform) for s in splits}
+
+
+# -- Fashion-MNIST and the idx format ---------------------------------------------------------------------------
+
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_FORMAT = (
+    "an idx file starts with two zero bytes, a type byte (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D "
+    "float32, 0x0E float64) and the number of dimensions, then one big-endian uint32 per dimension and the data "
+    "(magic 0x00000803 for idx3-ubyte images, 0x00000801 for idx1-ubyte labels); gzip-compressed files are read too"
+)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an idx file (the MNIST / Fashion-MNIST format), plain or gzip-compressed, into a numpy array.
+
+    Raises:
+        ValueError: naming the file and the expected format, when the magic number is wrong or the file is
+            shorter or longer than its header says (a truncated download).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"idx file {str(path)!r} does not exist.")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path}: corrupt or truncated gzip data ({err}); download the file again.") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or raw[3] == 0:
+        raise ValueError(f"{path} is not an idx file: it starts with 0x{raw[:4].hex() or '(empty)'}; {_IDX_FORMAT}.")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated idx header ({len(raw)} bytes, {ndim} dimensions need {header}).")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    expected = header + math.prod(dims) * dtype.itemsize
+    if len(raw) != expected:
+        state = "truncated" if len(raw) < expected else "longer than its header says"
+        raise ValueError(
+            f"{path}: {state}: the header gives shape {dims} of {dtype.name} ({expected} bytes) but there are "
+            f"{len(raw)} bytes; download the file again."
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (stem, f"{stem}.gz"):
+        if (root / name).is_file():
+            return root / name
+    raise ValueError(
+        f"FashionMNISTDataModule: neither {stem} nor {stem}.gz is in {str(root)!r} ({_listing(root)}). Give the folder "
+        "of the four idx files (Debian: `apt-get install dataset-fashion-mnist` puts them in "
+        "/usr/share/datasets/fashion-mnist) with --data.init_args.root."
+    )
+
+
+def read_fashion_mnist(root: str | Path, part: Literal["train", "t10k"]) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64 of Fashion-MNIST's ``train`` or ``t10k`` files."""
+    root = Path(root)
+    image_path = _find_idx(root, f"{part}-images-idx3-ubyte")
+    label_path = _find_idx(root, f"{part}-labels-idx1-ubyte")
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError(
+            f"{image_path}: expected idx3-ubyte images (magic 0x00000803: uint8, 3 dimensions), found {images.dtype} "
+            f"with shape {images.shape}."
+        )
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise ValueError(
+            f"{label_path}: expected idx1-ubyte labels (magic 0x00000801: uint8, 1 dimension), found {labels.dtype} "
+            f"with shape {labels.shape}."
+        )
+    if len(images) != len(labels):
+        raise ValueError(f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels.")
+    if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"{label_path}: label {int(labels.max())} is out of range; Fashion-MNIST labels are 0-9.")
+    return images, labels.astype(np.int64)
+
+
+class FashionMNISTDataModule(ImageDataModule):
+    """Fashion-MNIST (Xiao et al. 2017; 60,000 training and 10,000 test images, 28 x 28 grey, 10 classes, MIT)
+    from the four standard idx files in ``root`` (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each plain or ``.gz``).
+
+    ``val_size`` training images, drawn with ``seed``, are held out for validation; ``t10k`` is the test set.
+    Without a model or explicit values, images stay 28 x 28 x 1, normalised with the training set's mean and
+    std (0.2860, 0.3530).
+
+    Args:
+        root: the folder of the idx files (Debian's ``dataset-fashion-mnist`` installs them in
+            ``/usr/share/datasets/fashion-mnist``).
+        val_size: training images held out for validation (0: no validation).
+        image_size, channels, mean, std, interpolation, resize, batch_size, seed, num_workers, backbone: as
+            :class:`ImageDataModule`.
+    """
+
+    default_image_config = ImageConfig((28, 28), 1, (0.2860,), (0.3530,), "bilinear")
+
+    def __init__(
+        self,
+        root: str = "/usr/share/datasets/fashion-mnist",
+        val_size: int = 5000,
+        image_size: int | None = None,
+        channels: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        interpolation: Interpolation | None = None,
+        resize: ResizeMode = "squash",
+        batch_size: int = 128,
+        seed: int = 0,
+        num_workers: int = 0,
+        backbone: nn.Module | None = None,
+    ) -> None:
+        super().__init__(
+            image_size, channels, mean, std, interpolation, resize, batch_size, seed, num_workers, backbone
+        )
+        self.save_hyperparameters(ignore=["backbone"])
+        if val_size < 0:
+            raise ValueError(f"val_size={val_size} must be >= 0.")
+
+    @property
+    def num_classes(self) -> int:
+        return len(FASHION_MNIST_CLASSES)
+
+    def build_splits(self, stage: str | None, transform: ImageTransform) -> dict[str, Dataset | None]:
+        root = Path(self.hparams.root)
+        if not root.is_dir():
+            raise ValueError(
+                f"FashionMNISTDataModule: folder {str(root)!r} does not exist ({_listing(root.parent)}). Install "
+                "Debian's dataset-fashion-mnist or give the folder of the idx files with --data.init_args.root."
+            )
+        out: dict[str, Dataset | None] = {}
+        splits = _STAGE_SPLITS[stage]
+        if "train" in splits or "val" in splits:
+            images, labels = read_fashion_mnist(root, "train")
+            val_size = self.hparams.val_size
+            if val_size >= len(images):
+                raise ValueError(f"val_size={val_size} leaves no training images (the training set has {len(images)}).")
+            order = np.random.default_rng(self.hparams.seed).permutation(len(images))
+            train_idx, val_idx = np.sort(order[val_size:]), np.sort(order[:val_size])
+            if "train" in splits:
+                out["train"] = ArrayImageDataset(images[train_idx], labels[train_idx], transform)
+            if "val" in splits:
+                out["val"] = ArrayImageDataset(images[val_idx], labels[val_idx], transform) if val_size else None
+        if "test" in splits:
+            images, labels = read_fashion_mnist(root, "t10k")
+            out["test"] = ArrayImageDataset(images, labels, transform)
+        return out
+
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "IMAGE_EXTENSIONS",
+    "VTAB1K_LISTS",
+    "ArrayImageDataset",
+    "FashionMNISTDataModule",
+    "ImageConfig",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "ImageListDataset",
+    "ImageTransform",
+    "VTAB1kDataModule",
+    "convert_image",
+    "load_image",
+    "read_fashion_mnist",
+    "read_idx",
+    "resolve_image_config",
+]

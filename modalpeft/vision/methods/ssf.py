@@ -1,0 +1,123 @@
+"""SSF: Scaling & Shifting your Features (Lian et al., NeurIPS 2022, https://arxiv.org/abs/2210.08823).
+
+A per-channel ``y = γ ⊙ x + β`` (:class:`~modalpeft.core.layers.ScaleShift`) follows the layers of a frozen
+model; only ``γ``, ``β`` and the ``modules_to_save`` (the head) train. ``init_weights=True`` is the official
+``γ ~ N(1, 0.02²)``, ``β ~ N(0, 0.02²)`` (not the identity); ``"identity"`` starts at ``γ = 1``, ``β = 0``.
+Each ``γ, β`` is folded exactly into the layer before it by ``merge_and_unload()`` (rows of a Linear/Conv weight
+and its bias, or a norm's affine), which gives back a model with the base's own module types and parameter
+count. Trainable count: ``2 · Σ d_out`` over the adapted layers.
+
+Placement (``target_modules=None``): after every layer that ends in a per-channel affine SSF can fold into:
+``nn.Linear`` and ``nn.Conv1d/2d/3d`` with a bias, ``nn.LayerNorm`` (one normalised axis) and ``nn.GroupNorm``
+with an affine and a bias, including timm's plain variants (``timm.layers.LayerNorm``, ``LayerNorm2d``,
+``GroupNorm``, ``Conv2dSame``, ...). Left out:
+
+- the ``modules_to_save`` and the model's classifier (``model.get_classifier()``, timm's interface): the
+  official code puts no SSF on the head, which trains whole;
+- layers without a bias to absorb ``β`` (Swin's patch-merging ``reduction``), or without an affine;
+- subclasses that compute something else around the affine (timm's weight-standardised ``StdConv2d``, norms
+  fused with an activation such as ``LayerNormAct``), where folding would not be exact;
+- Linears inside ``nn.MultiheadAttention`` (it reads their weights and never calls them).
+
+On a timm ViT this is the official placement exactly: ``patch_embed.proj`` (on the conv output, which timm
+flattens afterwards), and in every block ``norm1``, ``attn.qkv`` (3C), ``attn.proj``, ``norm2``, ``mlp.fc1``
+(4C, before the GELU), ``mlp.fc2``, then the final ``norm``: ``12 · 2 · 11C + 4C = 205,824`` parameters on
+ViT-B/16 without its head (variants with more norms, such as ``norm_pre``, ``fc_norm`` or qk-norm, get an SSF
+after each of them too). Swin, ConvNeXt, MLP-Mixer and other models get the same rule; the official code has
+its own per-architecture placements, not checked layer by layer here, but it gives Swin's patch merging its 4C
+SSF after the merging norm, as this rule does (the bias-free ``reduction`` after it is skipped). Explicit
+``target_modules`` must name such foldable layers; anything else is an error that says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from timm.layers import Conv2dSame, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, LayerNorm2dFp32, LayerNormFp32
+from timm.layers import Linear as TimmLinear
+from timm.layers.conv2d_same import Conv2dSameExport
+from timm.layers.norm import LayerNormExp2d
+from torch import Tensor, nn
+
+from ...core.config import AdapterConfig
+from ...core.inject import attach, find_targets
+from ...core.layers import ScaleShift
+from ...core.registry import register_method
+
+_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm)
+_CHANNELS_FIRST_NORMS = (LayerNorm2d, LayerNorm2dFp32, LayerNormExp2d)
+# Subclasses that override ``forward`` yet still end in their plain per-channel affine.
+_PLAIN_SUBCLASSES = (TimmLinear, Conv2dSame, Conv2dSameExport, LayerNorm, LayerNormFp32, GroupNorm, GroupNorm1)
+
+
+@dataclass
+class SSFConfig(AdapterConfig):
+    """SSF. ``target_modules=None`` follows every foldable Linear, Conv, LayerNorm and GroupNorm but the head.
+
+    ``init_weights``: ``True`` the official ``γ ~ N(1, 0.02²)``, ``β ~ N(0, 0.02²)``; ``"identity"``
+    ``γ = 1``, ``β = 0``; ``False`` random ``N(1, 0.1²)``, ``N(0, 0.1²)`` (for tests).
+    """
+
+
+def _plain(module: nn.Module) -> bool:
+    """Whether ``module`` computes its torch base class's forward (or a known variant of it)."""
+    if isinstance(module, _PLAIN_SUBCLASSES + _CHANNELS_FIRST_NORMS):
+        return True
+    base = next(t for t in _TYPES if isinstance(module, t))
+    return type(module).forward is base.forward
+
+
+def placement(module: nn.Module) -> tuple[int, int] | str:
+    """``(dim, channel_dim)`` of the :class:`ScaleShift` that follows ``module``, or why SSF cannot go there.
+
+    ``channel_dim`` is ``-1`` for Linear and LayerNorm outputs ``(*, C)``, ``1`` for Conv, GroupNorm and
+    channel-first LayerNorm (timm's ``LayerNorm2d``) outputs ``(B, C, *)``.
+    """
+    if not isinstance(module, _TYPES):
+        return f"{type(module).__name__} is not an nn.Linear, nn.Conv1d/2d/3d, nn.LayerNorm or nn.GroupNorm"
+    if not _plain(module):
+        return (
+            f"{type(module).__name__} overrides its base class's forward (weight standardisation, a fused "
+            "activation, ...), so a scale-shift after it could not be folded into its weights exactly"
+        )
+    if not ScaleShift.can_fold(module):
+        return (
+            "it has no per-channel affine with a bias to fold the scale and shift into (bias=False, no affine, or a "
+            "LayerNorm over several axes)"
+        )
+    if isinstance(module, nn.Linear):
+        return module.out_features, -1
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[0], 1 if isinstance(module, _CHANNELS_FIRST_NORMS) else -1
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels, 1
+    return module.out_channels, 1
+
+
+def _classifier(model: nn.Module) -> nn.Module | None:
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
+    return getattr(head, "base_layer", head) if isinstance(head, nn.Module) else None
+
+
+@register_method("ssf", SSFConfig, modality="vision", mergeable=True, paper="https://arxiv.org/abs/2210.08823")
+def apply_ssf(
+    model: nn.Module, config: SSFConfig, adapter_name: str, state: Mapping[str, Tensor] | None = None
+) -> None:
+    head = _classifier(model)
+
+    def default(name: str, module: nn.Module) -> bool:
+        return module is not head and not isinstance(placement(module), str)
+
+    plans = []
+    for name, module in find_targets(model, config, default=default, types=_TYPES):
+        where = placement(module)
+        if isinstance(where, str):
+            raise ValueError(
+                f"ssf: cannot place a scale-shift after {name!r} ({type(module).__name__}): {where}. Leave it out "
+                "of target_modules (or add it to exclude_modules); target_modules=None picks only foldable layers."
+            )
+        plans.append((name, *where))
+    for name, dim, channel_dim in plans:
+        attach(model, name, adapter_name, ScaleShift(dim, channel_dim=channel_dim, init_weights=config.init_weights))

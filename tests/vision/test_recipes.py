@@ -1,0 +1,99 @@
+"""Every vision recipe parses and trains two steps through the CLI with a tiny ViT on a tiny VTAB-1k folder;
+the image classification task's own options."""
+
+from __future__ import annotations
+
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from modalpeft.lightning import cli_main
+from modalpeft.vision.data import ImageDataModule
+from modalpeft.vision.tasks import ImageClassificationTask
+
+from .test_data import write_vtab_task
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "recipes" / "vision").glob("*.yaml"))
+TINY = [
+    "--model.init_args.backbone.init_args.name=vit_tiny_patch16_224",
+    "--model.init_args.backbone.init_args.pretrained=false",
+    "--model.init_args.backbone.init_args.kwargs",
+    '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}',
+    "--data.init_args.num_workers=0",
+    "--data.init_args.batch_size=4",
+    "--trainer.accelerator=cpu",
+    "--trainer.fast_dev_run=2",
+]
+
+
+@pytest.fixture(scope="module")
+def vtab_task(tmp_path_factory) -> Path:
+    return write_vtab_task(tmp_path_factory.mktemp("vtab") / "cifar", num_classes=5)
+
+
+def test_every_recipe_is_there_and_headed_by_its_command() -> None:
+    names = {p.name for p in RECIPES}
+    for method in ("vpt_deep", "ssf", "spt_lora", "lora", "full", "linear"):
+        assert f"vit_b16_{method}_vtab1k.yaml" in names
+    for path in RECIPES:
+        header = path.read_text().split("\n# Mirrors:")[0]
+        first = header.splitlines()[0]
+        assert first.startswith("# Command:  python recipes/vision.py fit --config") and path.name in first
+        assert "# Runtime:" in header and "# Expected:" in header and "--data.init_args.root" in header
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_trains_two_steps_with_a_tiny_vit(recipe, vtab_task, tmp_path) -> None:
+    args = ["fit", "--config", str(recipe), *TINY, f"--data.init_args.root={vtab_task}"]
+    cli = cli_main(
+        [*args, f"--trainer.default_root_dir={tmp_path}"],
+        model_class=ImageClassificationTask,
+        datamodule_class=ImageDataModule,
+    )
+    assert cli.trainer.global_step == 2  # 9 train800val200 images in batches of 4: fast_dev_run stops after two
+    assert cli.datamodule.transform.config.size == (32, 32)  # the model's input size, not the YAML's 224
+    task = cli.model
+    assert isinstance(task, ImageClassificationTask) and task.hparams.num_classes == 100
+    trainable = {n for n, p in task.model.named_parameters() if p.requires_grad}
+    assert trainable and any("head" in n for n in trainable)
+
+
+def test_recipe_script_runs_in_process(vtab_task, tmp_path, monkeypatch) -> None:
+    recipe = ROOT / "recipes" / "vision" / "vit_b16_linear_vtab1k.yaml"
+    argv = ["vision.py", "fit", "--config", str(recipe), *TINY, f"--data.init_args.root={vtab_task}"]
+    monkeypatch.setattr(sys, "argv", [*argv, f"--trainer.default_root_dir={tmp_path}"])
+    runpy.run_path(str(ROOT / "recipes" / "vision.py"), run_name="__main__")
+
+
+def tiny_vit(num_classes: int = 1000) -> nn.Module:
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def test_vpt_head_init() -> None:
+    task = ImageClassificationTask(
+        tiny_vit(), num_classes=100, adapter="linear", modules_to_save=["head"], head_init="vpt"
+    )
+    head = task.model.head
+    assert head.out_features == 100 and task.hparams.head_init == "vpt"
+    assert torch.allclose(head.bias, torch.full((100,), -math.log(99.0)))
+    expected_std = math.sqrt(2.0 / 100)  # kaiming normal, fan_out = out_features
+    assert abs(head.weight.std().item() / expected_std - 1) < 0.1
+    default = ImageClassificationTask(tiny_vit(), num_classes=100, modules_to_save=["head"])
+    assert not torch.allclose(default.model.head.bias, torch.full((100,), -math.log(99.0)))
+    assert {"train/acc", "train/acc_top5"} <= set(default.train_metrics.keys())
+
+
+def test_head_init_errors() -> None:
+    with pytest.raises(ValueError, match="head_init='kaiming' is not valid"):
+        ImageClassificationTask(tiny_vit(), num_classes=3, head_init="kaiming")
+    headless = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    with pytest.raises(ValueError, match="head_init='vpt' initialises an nn.Linear classifier.*missing"):
+        ImageClassificationTask(headless, num_classes=3, adapter="full", head_init="vpt")

@@ -1,0 +1,392 @@
+"""SPT: sensitivity, budgeted selection, the structured/sparse/vector switches, fused qkv, save/load, merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import modalpeft as mp
+import modalpeft.vision
+from modalpeft.core.inject import hosts
+from modalpeft.vision.methods.spt import (
+    SPTConfig,
+    SPTUpdate,
+    compute_sensitivity,
+    select,
+    selection_of,
+)
+from modalpeft.vision.methods.spt_select import spt_targets, structured_params, units
+
+C = 32  # embed_dim of the tiny ViT; fc1 is (128, 32), qkv (96, 32)
+HEAD = 4 * C + 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def vit() -> nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=C, depth=2, num_heads=2,
+        num_classes=4,
+    )  # fmt: skip
+    return model.eval()
+
+
+def batches(n: int = 2, size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 16, 16, generator=g), torch.randint(0, 4, (size,), generator=g)) for _ in range(n)]
+
+
+def images(seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def config(**kwargs) -> SPTConfig:
+    return SPTConfig(**{"budget": 3000, "batches": 2, "sensitivity_data": batches(), **kwargs})
+
+
+def zeros(model: nn.Module, cfg: SPTConfig) -> dict[str, torch.Tensor]:
+    """A sensitivity of zeros for every candidate parameter, to set hot entries in by hand."""
+    return {f"{n}.{p}": torch.zeros_like(t) for n, m in spt_targets(model, cfg) for p, t in m.named_parameters()}
+
+
+def hot(sensitivity: dict[str, torch.Tensor], key: str, entries: list) -> None:
+    """Give ``entries`` (flat indices into rows of ``key``) distinct high scores."""
+    flat = sensitivity[key].view(-1)
+    flat[torch.tensor(entries)] = torch.arange(len(entries), 0, -1, dtype=torch.float32) + 10
+
+
+def reference_cost(sensitivity: dict[str, torch.Tensor], model: nn.Module, cfg: SPTConfig, k: int) -> int:
+    """Cost of the global top-k by a plain stable argsort, independent of select()'s search."""
+    all_units = units(spt_targets(model, cfg), cfg)
+    scores = [sensitivity[f"{u.module}.{u.param}"][u.start : u.stop].reshape(-1) for u in all_units]
+    order = torch.sort(torch.cat(scores), descending=True, stable=True).indices
+    mask = torch.zeros(order.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    counts = [int(m.sum()) for m in mask.split([s.numel() for s in scores])]
+    return sum(u.cost(n) for u, n in zip(all_units, counts, strict=True))
+
+
+def formula(model: nn.Module, selection, cfg: SPTConfig) -> int:
+    """The trainable count from what was selected: P_struct per structured block + sparse + vector entries."""
+    modules = dict(model.named_modules())
+    total = sum(
+        structured_params(cfg.structured, cfg.rank, modules[name].in_features, e - s)
+        for name, rows in selection.structured.items()
+        for s, e in rows
+    )
+    total += sum(idx.shape[1] for idx in selection.sparse.values())
+    return total + sum(idx.numel() for v in selection.vectors.values() for idx in v.values())
+
+
+def layer(model: mp.AdaptedModel, name: str) -> SPTUpdate:
+    return dict(hosts(model.base_model))[name].adapters["default"]
+
+
+# -- registration and config --------------------------------------------------------------------------------
+
+
+def test_registered_and_exported():
+    assert modalpeft.vision.SPTConfig is SPTConfig
+    assert "spt" in mp.list_methods("vision")
+    assert mp.get_method("spt").mergeable and mp.get_method("spt").paper == "https://arxiv.org/abs/2303.08566"
+
+
+def test_config_round_trip_leaves_data_out():
+    cfg = config(budget=1234, structured="adapter", loss_fn=lambda m, b: m(b[0]).sum())
+    data = cfg.to_dict()
+    assert "sensitivity_data" not in data and "loss_fn" not in data
+    back = SPTConfig.from_dict(json.loads(json.dumps(data)))
+    assert back.budget == 1234 and back.structured == "adapter" and back.sensitivity_data is None
+    assert SPTConfig.data_field == "sensitivity_data"
+    assert SPTConfig(budget=4e5).budget == 400_000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budget": 0.4}, "number of parameters"),
+        ({"budget": 0}, "number of parameters"),
+        ({"structured": "lokr"}, "'lora' or 'adapter'"),
+        ({"rank": 0}, "rank=0"),
+        ({"alpha": 0.5}, "alpha=0.5"),
+        ({"beta": 0}, "beta=0"),
+        ({"batches": 0}, "batches=0"),
+        ({"dropout": 1.0}, "dropout=1.0"),
+    ],
+)
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SPTConfig(**kwargs)
+
+
+def test_adapting_without_data_names_the_fix():
+    with pytest.raises(ValueError, match="sensitivity_data"):
+        mp.adapt(vit(), SPTConfig())
+
+
+# -- sensitivity --------------------------------------------------------------------------------------------
+
+
+def test_sensitivity_sums_squared_gradients_and_restores_the_model():
+    model = vit()
+    model.blocks[0].requires_grad_(False)
+    data = batches(n=3)
+    scores = compute_sensitivity(model, data, batches=2)
+    assert not model.training and all(not m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.blocks[0].parameters()) and model.head.weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    expected = torch.zeros_like(model.blocks[1].mlp.fc1.weight)
+    for x, y in data[:2]:  # only `batches` batches count
+        model.zero_grad()
+        nn.functional.cross_entropy(model.train()(x), y).backward()
+        expected += model.blocks[1].mlp.fc1.weight.grad.square()
+    torch.testing.assert_close(scores["blocks.1.mlp.fc1.weight"], expected)
+    assert scores["head.weight"].shape == model.head.weight.shape  # every parameter by default
+
+
+def test_sensitivity_accepts_a_callable_and_a_loss_fn():
+    model = vit()
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(batch["x"].shape[0])
+        return m(batch["x"]).square().mean()
+
+    data = [{"x": x} for x, _ in batches(n=3)]
+    scores = compute_sensitivity(model, lambda: data, batches=5, loss_fn=loss_fn, names=["norm.weight"])
+    assert seen == [4, 4, 4] and list(scores) == ["norm.weight"]
+    with pytest.raises(ValueError, match="loss_fn"):
+        compute_sensitivity(model, [torch.randn(2, 3, 16, 16)], batches=1)
+
+
+# -- selection ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structured", ["lora", "adapter"])
+@pytest.mark.parametrize("budget", [50, 700, 3000, 9000])
+def test_budget_respected_and_search_is_tight(structured, budget):
+    model = vit()
+    cfg = config(budget=budget, structured=structured)
+    sensitivity = compute_sensitivity(model, cfg.sensitivity_data, cfg.batches)
+    selection = select(sensitivity, model, cfg)
+    k = selection.top_entries
+    assert selection.num_params == reference_cost(sensitivity, model, cfg, k) <= budget
+    assert reference_cost(sensitivity, model, cfg, k + 1) > budget  # one more top entry would not fit
+    assert selection.num_params == formula(model, selection, cfg) == selection.counts["total"]
+
+
+def test_without_switches_the_budget_is_met_exactly():
+    # rank 64 makes every structured module larger than its matrix and beta=1 a vector whole only when full,
+    # so each selected entry costs 1.
+    model = vit()
+    cfg = config(budget=777, rank=64, alpha=1, beta=1)
+    selection = select(compute_sensitivity(model, cfg.sensitivity_data, 2), model, cfg)
+    assert selection.num_params == 777 == selection.top_entries
+    assert selection.counts["structured"] == 0
+
+
+@pytest.mark.parametrize(
+    ("structured", "threshold"),
+    [("lora", 128), ("adapter", 219)],  # P/alpha: 8·(32+128)/10 = 128; (2·8·128 + 8 + 128)/10 = 218.4
+)
+def test_matrix_switches_to_structured_at_p_over_alpha(structured, threshold):
+    model = vit()
+    cfg = config(structured=structured)
+    p = structured_params(structured, 8, C, 4 * C)
+    for n, kind in [(threshold, "structured"), (threshold - 1, "sparse")]:
+        sensitivity = zeros(model, cfg)
+        hot(sensitivity, "blocks.0.mlp.fc1.weight", list(range(0, 4 * n, 4)))
+        cfg.budget = p if kind == "structured" else n
+        selection = select(sensitivity, model, cfg)
+        assert selection.top_entries == n and selection.num_params == cfg.budget
+        if kind == "structured":
+            assert selection.structured == {"blocks.0.mlp.fc1": [(0, 4 * C)]} and not selection.sparse
+        else:
+            assert not selection.structured and list(selection.sparse) == ["blocks.0.mlp.fc1"]
+            entries = selection.sparse["blocks.0.mlp.fc1"]
+            assert torch.equal(entries[0] * C + entries[1], torch.arange(0, 4 * n, 4))
+        assert not selection.vectors
+
+
+def test_vector_is_tuned_whole_at_length_over_beta():
+    model = vit()
+    cfg = config()
+    for n, whole in [(7, True), (6, False)]:  # 32 / 5 = 6.4
+        sensitivity = zeros(model, cfg)
+        hot(sensitivity, "blocks.1.norm2.bias", list(range(n)))
+        cfg.budget = C if whole else n
+        selection = select(sensitivity, model, cfg)
+        expected = torch.arange(C) if whole else torch.arange(n)
+        assert torch.equal(selection.vectors["blocks.1.norm2"]["bias"], expected)
+        assert selection.counts["whole_vectors" if whole else "partial_vectors"] == 1
+
+
+def test_fused_qkv_decides_per_q_k_v_slice():
+    model = vit()
+    cfg = config()
+    sensitivity = zeros(model, cfg)
+    # 52 entries in the k rows: above the slice's threshold 8·(32+32)/10 = 51.2, below the fused one (102.4)
+    hot(sensitivity, "blocks.1.attn.qkv.weight", [C * C + 3 * i for i in range(52)])
+    hot(sensitivity, "blocks.1.attn.qkv.bias", list(range(2 * C, 2 * C + 7)))  # 7 of the v bias: whole v bias
+    cfg.budget = 512 + C
+    selection = select(sensitivity, model, cfg)
+    assert selection.structured == {"blocks.1.attn.qkv": [(C, 2 * C)]} and not selection.sparse
+    assert torch.equal(selection.vectors["blocks.1.attn.qkv"]["bias"], torch.arange(2 * C, 3 * C))
+
+    cfg.split_qkv, cfg.budget = False, 52 + 7
+    fused = select(sensitivity, model, cfg)
+    assert not fused.structured and fused.sparse["blocks.1.attn.qkv"].shape == (2, 52)
+    assert fused.vectors["blocks.1.attn.qkv"]["bias"].numel() == 7  # 7 < 96 / 5
+
+
+@pytest.mark.parametrize("structured", ["lora", "adapter"])
+def test_structured_block_on_a_slice_touches_only_its_rows(structured):
+    torch.manual_seed(0)
+    qkv = nn.Linear(C, 3 * C)
+    update = SPTUpdate(qkv, structured_rows=[(C, 2 * C)], structured=structured, init_weights=False).eval()
+    x = torch.randn(2, 5, C)
+    if structured == "lora":
+        out = update.parallel(x)
+        assert out[..., :C].abs().sum() == 0 and out[..., 2 * C :].abs().sum() == 0 and out[..., C : 2 * C].any()
+        delta = update.delta_weight()
+        assert delta[:C].abs().sum() == 0 and delta[2 * C :].abs().sum() == 0
+        torch.testing.assert_close(out, x @ delta.t())
+    else:
+        y = qkv(x)
+        out = update.post(y)
+        assert torch.equal(out[..., :C], y[..., :C]) and torch.equal(out[..., 2 * C :], y[..., 2 * C :])
+        assert not torch.allclose(out[..., C : 2 * C], y[..., C : 2 * C])
+        assert not update.mergeable
+
+
+# -- the adapted model --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structured", ["lora", "adapter"])
+def test_trainable_count_is_the_selection_and_within_budget(structured):
+    reference = vit()
+    cfg = config(structured=structured)
+    model = mp.adapt(vit(), cfg, modules_to_save=["head"])
+    selection = selection_of(model)
+    expected = select(compute_sensitivity(reference, cfg.sensitivity_data, 2), reference, cfg)
+    assert selection.counts == expected.counts and selection.num_params <= cfg.budget
+    assert model.trainable_summary()["trainable"] == formula(reference, expected, cfg) + HEAD
+    assert selection.counts["structured"] > 0 and selection.counts["sparse_entries"] > 0
+
+
+@pytest.mark.parametrize("init", [True, "identity"])
+def test_identity_at_init(init):
+    reference = vit()
+    model = mp.adapt(vit(), config(init_weights=init))
+    x = images()
+    torch.testing.assert_close(model(x), reference(x), atol=0, rtol=0)
+
+
+def test_sparse_parts_give_no_dense_weight_gradient():
+    model = mp.adapt(vit(), config(), modules_to_save=["head"])
+    model(images()).square().sum().backward()
+    sparse = [(n, h) for n, h in hosts(model.base_model) if h.adapters["default"].sparse is not None]
+    assert sparse
+    for _, host in sparse:
+        assert not host.base_layer.weight.requires_grad and host.base_layer.weight.grad is None
+        values = host.adapters["default"].sparse.values
+        assert values.grad.shape == values.shape and values.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_merge_is_exact_for_lora_and_unmerge_restores():
+    model = mp.adapt(vit(), config(init_weights=False), modules_to_save=["head"])
+    assert selection_of(model).counts["structured"] > 0
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    x = images()
+    expected = model(x)
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    for n, p in model.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], atol=1e-6, rtol=1e-6)
+    merged = model.merge_and_unload()
+    assert not list(hosts(merged))
+    torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_variant_refuses_to_merge():
+    model = mp.adapt(vit(), config(structured="adapter", init_weights=False))
+    assert selection_of(model).counts["structured"] > 0
+    x = images()
+    expected = model(x)
+    with pytest.raises(ValueError, match=r"method 'spt'\) cannot be merged"):
+        model.merge_and_unload()
+    torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("structured", ["lora", "adapter"])
+def test_save_then_load_into_a_fresh_model_without_data(structured, tmp_path):
+    model = mp.adapt(vit(), config(structured=structured, init_weights=False), modules_to_save=["head"])
+    x = images()
+    expected = model(x)
+    model.save_adapter(tmp_path / "spt")
+    saved = json.loads((tmp_path / "spt" / "adapter_config.json").read_text())
+    assert "sensitivity_data" not in saved
+    loaded = mp.load_adapter(vit(), tmp_path / "spt", is_trainable=True)
+    torch.testing.assert_close(loaded(x), expected, atol=0, rtol=0)
+    assert selection_of(loaded).counts == selection_of(model).counts
+    assert loaded.trainable_summary()["trainable"] == model.trainable_summary()["trainable"]
+
+
+def test_loading_into_another_architecture_names_the_modules(tmp_path):
+    model = mp.adapt(vit(), config())
+    model.save_adapter(tmp_path / "spt")
+    torch.manual_seed(0)
+    other = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=C, depth=1, num_heads=2,
+        num_classes=4,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="blocks.1"):
+        mp.load_adapter(other, tmp_path / "spt")
+
+
+def test_end_to_end_with_a_dataloader():
+    g = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g))
+    loader = DataLoader(dataset, batch_size=4)
+    base = vit()
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters() if not n.startswith("head.")}
+    model = mp.adapt(base, SPTConfig(budget=2000, sensitivity_data=loader, batches=3), modules_to_save=["head"])
+    assert model.trainable_summary()["trainable"] - HEAD == selection_of(model).num_params <= 2000
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    starts = [p.detach().clone() for p in trainable]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    model.train()
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(not torch.equal(p, s) for p, s in zip(trainable, starts, strict=True))
+    for n, p in model.base_model.named_parameters():
+        key = n.replace(".base_layer", "")
+        if key in frozen:
+            assert torch.equal(p, frozen[key]), n
+
+
+def test_a_second_adapter_leaves_the_first_alone():
+    model = mp.adapt(vit(), config(init_weights=False))
+    x = images()
+    expected = model(x)
+    model.add_adapter("b", config(budget=500))
+    assert selection_of(model, "b").num_params <= 500
+    model.set_adapter("default")
+    torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
