@@ -52,6 +52,8 @@ BLAS results depend on memory alignment)."""
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "adapter": {"style": "adaptformer", "bottleneck_dim": 8},
     "krona": {"target_modules": ["qkv", "proj"], "a1": 8, "a2": 8},
+    "spt": {"budget": 5_000, "structured": "lora", "rank": 4},
+    "vpt": {"num_tokens": 5, "deep": True},
 }
 """Config arguments per native method for this ViT (width 64); a registered method not listed runs with its
 defaults. AdaptFormer's parallel MLP adapter; KronA on the attention projections as in its paper."""
@@ -274,9 +276,19 @@ class Demo:
         ]
         for name in mp.list_methods():
             kwargs = METHOD_SETTINGS.get(name, {})
-            rows.append((name, "native", lambda name=name, kwargs=kwargs: mp.create_config(name, **kwargs)))
+            rows.append((name, "native", lambda name=name, kwargs=kwargs: self.native_config(name, kwargs)))
         rows.append(("lora (peft)", "peft", lambda: peft.LoraConfig(r=8, target_modules=["qkv"])))
         return rows
+
+    def native_config(self, name: str, kwargs: dict[str, Any]) -> Any:
+        """``mp.create_config(name, **kwargs)``; a method that scores parameters on training data (SPT) gets the
+        downstream training set in batches."""
+        config = mp.create_config(name, **kwargs)
+        if config.data_field is not None and getattr(config, config.data_field) is None:
+            x, y = self.data.down_train
+            size = self.s.batch_size
+            setattr(config, config.data_field, [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)])
+        return config
 
     def fit(self, name: str, make_config: ConfigFactory | None, lr: float) -> tuple[nn.Module, float]:
         """A fresh downstream model set up for ``name`` and trained at ``lr``; returns it and the seconds taken."""

@@ -204,7 +204,7 @@ def apply_vpt(
     if config.deep:
         modes.update(dict.fromkeys(targets[1:], "replace"))
     last = block_names[-1]
-    for name, block in zip(block_names, model.blocks, strict=True):
+    for name in block_names:
         remove = not config.keep_prompts and name == last
         if name in modes:
             layer: AdapterModule = PromptTokens(
