@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import enum
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -26,11 +28,22 @@ parameter, ``"linear"`` trains only ``modules_to_save`` (a linear probe when tha
 
 
 def describe_adapter(adapter: AdapterConfig | PeftConfig | str) -> dict[str, Any] | str:
-    """A JSON-ready description of ``adapter`` for hyper-parameters and checkpoints."""
+    """``adapter`` as LightningCLI writes it (``class_path`` + ``init_args``, JSON-ready), for hyper-parameters
+    and checkpoints: ``<recipe>.py test --ckpt_path=...`` rebuilds the same config from it."""
     if isinstance(adapter, str):
         return adapter
+    names = {f.name for f in dataclasses.fields(adapter) if f.init and f.metadata.get("save", True)}
     data = adapter.to_dict()
-    return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
+    init_args = {k: _plain(v) for k, v in data.items() if k in names}
+    return {"class_path": f"{type(adapter).__module__}.{type(adapter).__qualname__}", "init_args": init_args}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, set):
+        return sorted(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
 
 
 def needs_training_data(adapter: Any) -> bool:
@@ -186,8 +199,10 @@ def print_summary(task: AdapterTask) -> None:
     params = {id(p): p for p in task.model.parameters()}.values()
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
-    adapter = task.hparams["adapter"]
-    method = adapter if isinstance(adapter, str) else adapter.get("method") or adapter.get("peft_type", "?")
+    method = task.baseline
+    if isinstance(task.model, AdaptedModel):
+        config = task.model.peft_config[task.model.active_adapter]
+        method = getattr(config, "method", None) or str(getattr(config, "peft_type", "?"))
     table = Table(title="modalpeft: what trains")
     for column in ("method", "trainable", "total", "%"):
         table.add_column(column, justify="right" if column != "method" else "left")

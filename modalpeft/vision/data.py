@@ -92,14 +92,14 @@ def _model_geometry(model: nn.Module) -> tuple[tuple[int, int] | None, int | Non
     return size, channels
 
 
-def _per_channel(name: str, values: Sequence[float], channels: int, from_model: bool) -> tuple[float, ...]:
+def _per_channel(name: str, values: Sequence[float], channels: int, inherited: bool) -> tuple[float, ...]:
     values = tuple(float(v) for v in values)
     if len(values) == channels:
         return values
     if len(values) == 1:
         return values * channels
-    if from_model and channels == 1:
-        return (sum(values) / len(values),)  # an RGB checkpoint's statistics for a grey-input model
+    if inherited and channels == 1:
+        return (sum(values) / len(values),)  # RGB statistics (a checkpoint's) for grey inputs
     raise ValueError(f"{name}={list(values)} has {len(values)} values; give 1 or {channels} (one per channel).")
 
 
@@ -177,7 +177,7 @@ class ImageTransform:
         config: size, channels, mean, std and interpolation.
         resize: ``"squash"`` resizes straight to ``size`` (VPT's VTAB pipeline, ``tf.image.resize``);
             ``"shorter_crop"`` resizes the shorter side then centre-crops (SSF's ``--direct-resize``). Both are
-            the same for square images, which the VTAB-1k release holds.
+            the same for square images.
 
     Shapes:
         - output: ``(channels, height, width)``, float32.
@@ -307,7 +307,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.backbone = backbone
         self.datasets: dict[str, Dataset | None] = {}
         self.transform: ImageTransform | None = None
-        resolve_image_config(None, image_size, channels, mean, std, interpolation, self.default_image_config)
+        # check what does not depend on the model now; mean/std lengths are checked against its channels in setup
+        resolve_image_config(None, image_size, channels, None, None, interpolation, self.default_image_config)
+        for name, values in (("mean", mean), ("std", std)):
+            if values is not None and len(values) not in (1, 3):
+                raise ValueError(f"{name}={values!r} must have 1 or 3 values (one per channel).")
 
     @property
     def num_classes(self) -> int:

@@ -38,7 +38,15 @@ def test_native_config_round_trips_from_yaml(tmp_path) -> None:
     cli = parse(tmp_path, adapter)
     config = cli.model.model.peft_config["default"]
     assert isinstance(config, mp.BitFitConfig) and config.target_modules == ["qkv"]
-    assert cli.model.hparams["adapter"]["method"] == "bitfit"
+    assert cli.model.hparams["adapter"] == {
+        "class_path": "modalpeft.core.methods.bitfit.BitFitConfig",
+        "init_args": {
+            "target_modules": ["qkv"],
+            "exclude_modules": None,
+            "modules_to_save": None,
+            "init_weights": True,
+        },
+    }
 
 
 def test_peft_config_round_trips_from_yaml(tmp_path) -> None:

@@ -371,3 +371,13 @@ def test_idx_errors_name_the_file_and_the_format(tmp_path) -> None:
         FashionMNISTDataModule(str(tmp_path / "absent")).setup("fit")
     with pytest.raises(ValueError, match="val_size=30 leaves no training images"):
         FashionMNISTDataModule(str(write_fashion_mnist(tmp_path / "ok", True)), val_size=30).setup("fit")
+
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_the_real_fashion_mnist_files() -> None:
+    for part, count in (("train", 60_000), ("t10k", 10_000)):
+        images, labels = read_fashion_mnist(DEBIAN_FASHION_MNIST, part)
+        assert images.shape == (count, 28, 28) and np.bincount(labels).tolist() == [count // 10] * 10

@@ -33,6 +33,12 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch) -> None:
+    """The CLI's default loggers write to ./outputs: keep that out of the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def vtab_task(tmp_path_factory) -> Path:
     return write_vtab_task(tmp_path_factory.mktemp("vtab") / "cifar", num_classes=5)
@@ -97,3 +103,15 @@ def test_head_init_errors() -> None:
     headless = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     with pytest.raises(ValueError, match="head_init='vpt' initialises an nn.Linear classifier.*missing"):
         ImageClassificationTask(headless, num_classes=3, adapter="full", head_init="vpt")
+
+
+def test_recipe_tests_from_its_checkpoint(vtab_task, tmp_path) -> None:
+    recipe = ROOT / "recipes" / "vision" / "vit_b16_ssf_vtab1k.yaml"
+    common = ["--config", str(recipe), *TINY[:-1], f"--data.init_args.root={vtab_task}"]
+    limits = ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=1"]
+    fit = cli_main(
+        ["fit", *common, *limits, f"--trainer.default_root_dir={tmp_path}"], ImageClassificationTask, ImageDataModule
+    )
+    checkpoint = fit.trainer.checkpoint_callback.best_model_path
+    assert checkpoint
+    cli_main(["test", *common, f"--ckpt_path={checkpoint}"], ImageClassificationTask, ImageDataModule)

@@ -19,9 +19,12 @@ Choices made here, and where they differ from the official code (ziplab/SPT):
 
 - ``budget`` is a number of parameters (the paper's 0.4M is ``budget=400_000``) and covers the adapter only:
   the head (``modules_to_save``) comes on top. The official total adds 768 for a cls_token, not tuned here.
-- The budget search is a bisection over the number ``k`` of top entries: the total is the largest a top-k
-  selection reaches **without exceeding** the budget. The official code sweeps ``k`` on a 20k grid and keeps
-  the total closest to the budget, which may exceed it.
+- The budget search finds the largest number ``k`` of top entries whose total fits: the total is the largest
+  a top-k selection reaches **without exceeding** the budget (ties go to the earlier entry in model order). The
+  official code sweeps ``k`` on a 20k grid and keeps the total closest to the budget, which may exceed it. A
+  top-k total can stay well below the budget when the next entry would switch a large matrix to structured.
+- The sensitivity runs the model in train mode (its own drop-path active, as in the official code); under
+  ``torch.distributed`` every process takes process 0's scores, so that all build the same adapter.
 - Candidates: the weights and biases of ``nn.Linear`` and the affine vectors of ``nn.LayerNorm`` outside
   ``modules_to_save`` and outside modules named ``head`` or ``patch_embed`` (``cls_token`` and ``pos_embed`` are
   no Linear/LayerNorm parameters, so never candidates, as in the official code). Other parameters (convs,
@@ -175,8 +178,9 @@ class VectorEntries(nn.Module):
     def __init__(self, length: int, indices: Tensor) -> None:
         super().__init__()
         indices = indices.long().reshape(-1)
-        if indices.numel() and (indices.min() < 0 or indices.max() >= length):
-            raise ValueError(f"vector entries {indices.tolist()[:8]} lie outside a vector of length {length}")
+        outside = indices[(indices < 0) | (indices >= length)]
+        if outside.numel():
+            raise ValueError(f"vector entries {outside.tolist()[:8]} lie outside a vector of length {length}")
         if indices.unique().numel() != indices.numel():
             raise ValueError("vector entries must be distinct")
         self.length = length

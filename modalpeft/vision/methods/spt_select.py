@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ...core.inject import base_modules, find_targets
@@ -115,7 +116,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device)
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(b, device) for b in batch)
+        items = [_to_device(b, device) for b in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)  # namedtuples too
     if isinstance(batch, Mapping):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
@@ -131,7 +133,8 @@ def compute_sensitivity(
     """SPT's sensitivity: ``s = Σ_batches (∂L/∂w)²`` for every entry of the named parameters.
 
     The model runs in train mode (drop-path active, as in the official code); no optimiser step is taken, no
-    ``.grad`` is written, and every parameter's ``requires_grad`` and every module's mode are restored.
+    ``.grad`` is written, and every parameter's ``requires_grad`` and every module's mode are restored. Under
+    ``torch.distributed`` every process gets process 0's scores, so that all build the same adapter.
 
     Args:
         model: the model (a head for the task in place).
@@ -190,7 +193,20 @@ def compute_sensitivity(
             m.training = mode
     if seen == 0:
         raise ValueError("the sensitivity data gave no batch; pass the training DataLoader (a non-empty one).")
+    _share_from_first_process(scores)
     return scores
+
+
+def _share_from_first_process(scores: dict[str, Tensor]) -> None:
+    """Under ``torch.distributed``, give every process the scores of process 0, so that all of them select the
+    same parameters (and build the same adapter) whatever their data shards and numerical noise."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not scores:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flat = torch.cat([s.reshape(-1) for s in scores.values()]).to(device)
+    dist.broadcast(flat, src=0)
+    for s, shared in zip(scores.values(), flat.split([s.numel() for s in scores.values()]), strict=True):
+        s.copy_(shared.view_as(s))
 
 
 # -- stage 2: selection ---------------------------------------------------------------------------------------
@@ -207,8 +223,9 @@ class Selection:
         vectors: per parameter name (``"bias"``, ``"weight"`` of a LayerNorm) the ``(n,)`` tuned entries; a
             whole vector lists all its entries.
         num_params: trainable parameters of the adapter (``modules_to_save`` not included).
-        counts: ``structured`` (modules), ``sparse_matrices``, ``sparse_entries``, ``whole_vectors``,
-            ``partial_vectors``, ``vector_entries`` (in partial vectors) and ``total`` (= ``num_params``).
+        counts: ``structured`` (matrices, q/k/v slices counted apart), ``sparse_matrices`` (matrices with sparse
+            entries), ``sparse_entries``, ``whole_vectors``, ``partial_vectors``, ``vector_entries`` (in partial
+            vectors) and ``total`` (= ``num_params``).
         top_entries: how many top-scored entries the budget search kept (``None`` when rebuilt from a state).
     """
 
@@ -237,6 +254,8 @@ def _assemble(
     for u in all_units:
         if u.matrix:
             counts["structured"] += (u.start, u.stop) in structured.get(u.module, [])
+            rows = sparse[u.module][0] if u.module in sparse else None
+            counts["sparse_matrices"] += rows is not None and bool(((rows >= u.start) & (rows < u.stop)).any())
             continue
         idx = vectors.get(u.module, {}).get(u.param)
         n = 0 if idx is None else int(((idx >= u.start) & (idx < u.stop)).sum())
@@ -245,7 +264,6 @@ def _assemble(
         elif n:
             counts["partial_vectors"] += 1
             counts["vector_entries"] += n
-    counts["sparse_matrices"] = len(sparse)
     counts["sparse_entries"] = sum(t.shape[1] for t in sparse.values())
     total = counts["sparse_entries"] + sum(int(t.numel()) for v in vectors.values() for t in v.values())
     total += sum(u.full for u in all_units if u.matrix and (u.start, u.stop) in structured.get(u.module, []))
@@ -262,10 +280,19 @@ def _unit_scores(sensitivity: Mapping[str, Tensor], u: Unit, params: dict[str, T
         )
     scores = sensitivity[key]
     if scores.shape != params[key].shape:
+        raise ValueError(f"sensitivity[{key!r}] has shape {tuple(scores.shape)}, not {tuple(params[key].shape)}")
+    scores = scores.detach()[u.start : u.stop].reshape(-1).float()
+    if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
         raise ValueError(
-            f"sensitivity[{key!r}] has shape {tuple(scores.shape)}, the parameter {tuple(params[key].shape)}"
+            f"sensitivity[{key!r}] holds negative, NaN or infinite scores; scores are sums of squared gradients "
+            "(a NaN or inf points at the loss, e.g. an AMP overflow)."
         )
-    return scores.detach()[u.start : u.stop].reshape(-1).float()
+    return scores + 0.0  # -0.0 becomes 0.0, so bit patterns order the scores
+
+
+# Scores are ordered by their float32 bit patterns (monotone for non-negative floats), bucketed by the top bits.
+_SHIFT = 16
+_BUCKETS = (0x7F7FFFFF >> _SHIFT) + 1  # through the bucket of the largest finite float32
 
 
 def select(sensitivity: Mapping[str, Tensor], model: nn.Module, config: SPTConfig) -> Selection:
@@ -274,62 +301,66 @@ def select(sensitivity: Mapping[str, Tensor], model: nn.Module, config: SPTConfi
     For a number ``k`` of top-scored entries (over all candidate entries; ties go to the earlier entry in model
     order), each unit with ``n`` selected entries costs ``P_struct`` if ``n ≥ P_struct / alpha`` (a matrix turns
     structured) or ``length`` if ``n ≥ length / beta`` (a whole vector), else ``n`` (sparse entries). The cost is
-    non-decreasing in ``k`` (``alpha, beta ≥ 1``), so a bisection finds the largest ``k`` whose total fits the
+    non-decreasing in ``k`` (``alpha, beta ≥ 1``), and the search finds the largest ``k`` whose total fits the
     budget: the total is ``≤ budget`` and as close to it as a top-k selection can be.
 
+    The search needs no sort of all entries: a histogram of the scores' bit patterns (65k buckets per unit)
+    gives the cost of every bucket threshold at once; only the entries of the one bucket where the budget runs
+    out are sorted, and a bisection over them finds ``k``.
+
     Args:
-        sensitivity: scores by clean parameter name, as :func:`compute_sensitivity` returns.
+        sensitivity: non-negative scores by clean parameter name, as :func:`compute_sensitivity` returns.
         model: the model the scores were computed on.
         config: an :class:`~modalpeft.vision.SPTConfig` (budget, structured, rank, alpha, beta, targets).
     """
     targets = spt_targets(model, config)
     all_units = units(targets, config)
     params = {f"{n}.{p}": t for n, m in targets for p, t in m.named_parameters(recurse=False)}
-    scores = [_unit_scores(sensitivity, u, params) for u in all_units]
-    ascending = [s.sort().values for s in scores]
-    everything = torch.cat(ascending).sort().values  # (N,) ascending: the k-th largest is everything[N - k]
-    total_entries = everything.numel()
+    keys = [_unit_scores(sensitivity, u, params).view(torch.int32) for u in all_units]
+    buckets = [(k >> _SHIFT).long() for k in keys]
+    device = keys[0].device
+    full = torch.tensor([[u.full] for u in all_units], device=device)  # (U, 1)
+    threshold = torch.tensor([[u.threshold] for u in all_units], dtype=torch.float64, device=device)
 
-    def counts_at(k: int) -> list[int]:
-        if k == 0:
-            return [0] * len(all_units)
-        v = everything[total_entries - k].reshape(1)
-        above, equal = [], []
-        for a in ascending:
-            lo, hi = int(torch.searchsorted(a, v)), int(torch.searchsorted(a, v, right=True))
-            above.append(a.numel() - hi)
-            equal.append(hi - lo)
-        rest = k - sum(above)  # entries equal to the k-th value that are taken, in model order
-        out = []
-        for n_above, n_equal in zip(above, equal, strict=True):
-            take = min(n_equal, rest)
-            rest -= take
-            out.append(n_above + take)
-        return out
+    def cost(taken: Tensor) -> Tensor:  # (U, T) entries taken per unit -> (T,) total cost
+        return torch.where(taken >= threshold, full, taken).sum(0)
 
-    def cost(k: int) -> int:
-        return sum(u.cost(n) for u, n in zip(all_units, counts_at(k), strict=True))
+    # at_least[u, b]: entries of unit u in bucket b or above; column _BUCKETS takes nothing.
+    hist = torch.stack([torch.bincount(b, minlength=_BUCKETS) for b in buckets])  # (U, B)
+    at_least = torch.cat([hist.flip(1).cumsum(1).flip(1), hist.new_zeros(len(all_units), 1)], dim=1)
+    first = int((cost(at_least) <= config.budget).int().argmax())  # the lowest bucket that fits whole
+    taken = at_least[:, first]
+    cut_units = cut_flat = torch.zeros(0, dtype=torch.long, device=device)
+    if first > 0:  # the bucket below does not fit whole: take its entries in order while the total fits
+        members = [(b == first - 1).nonzero().squeeze(1) for b in buckets]
+        units_of = torch.cat([torch.full_like(m, i) for i, m in enumerate(members)])
+        order = torch.sort(torch.cat([k[m] for k, m in zip(keys, members, strict=True)]), descending=True, stable=True)
+        cut_units, cut_flat = units_of[order.indices], torch.cat(members)[order.indices]
 
-    lo, hi = 0, total_entries
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cost(mid) <= config.budget:
-            lo = mid
-        else:
-            hi = mid - 1
+        def taken_with(t: int) -> Tensor:
+            return taken + torch.bincount(cut_units[:t], minlength=len(all_units))
+
+        lo, hi = 0, cut_units.numel() - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if int(cost(taken_with(mid)[:, None])) <= config.budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        taken, cut_units, cut_flat = taken_with(lo), cut_units[:lo], cut_flat[:lo]
     structured: dict[str, list[tuple[int, int]]] = {}
     sparse: dict[str, list[Tensor]] = {}
     vectors: dict[str, dict[str, list[Tensor]]] = {}
-    for u, s, n in zip(all_units, scores, counts_at(lo), strict=True):
+    for i, (u, b, n) in enumerate(zip(all_units, buckets, taken.tolist(), strict=True)):
         if n == 0:
             continue
         if u.matrix and n >= u.threshold:
             structured.setdefault(u.module, []).append((u.start, u.stop))
             continue
         if n >= u.threshold:  # a whole vector
-            flat = torch.arange(s.numel())
-        else:  # the unit's top n in the global order (a stable sort keeps ties in index order)
-            flat = torch.sort(s, descending=True, stable=True).indices[:n].sort().values.cpu()
+            flat = torch.arange(b.numel())
+        else:  # the entries above the cut bucket, and those of the cut bucket taken
+            flat = torch.cat([(b >= first).nonzero().squeeze(1), cut_flat[cut_units == i]]).sort().values.cpu()
         if u.matrix:
             sparse.setdefault(u.module, []).append(torch.stack([u.start + flat // u.cols, flat % u.cols]))
         else:
@@ -339,9 +370,9 @@ def select(sensitivity: Mapping[str, Tensor], model: nn.Module, config: SPTConfi
         {m: torch.cat(t, dim=1) for m, t in sparse.items()},
         {m: {p: torch.cat(t) for p, t in v.items()} for m, v in vectors.items()},
         all_units,
-        top_entries=lo,
+        top_entries=int(taken.sum()),
     )
-    assert selection.num_params == cost(lo), (selection.num_params, cost(lo))
+    assert selection.num_params == int(cost(taken[:, None])), (selection.num_params, int(cost(taken[:, None])))
     return selection
 
 
