@@ -57,19 +57,29 @@ MODALITIES = ("vision",)
 """Modality packages imported (when installed) so that their methods are registered and benchmarked too."""
 
 
-def vit_settings(embed_dim: int) -> dict[str, dict[str, Any]]:
+def vit_settings(embed_dim: int, input_size: tuple[int, int, int]) -> dict[str, dict[str, Any]]:
     """Config arguments of each native method on a timm ViT of width ``embed_dim``: one table, no branches.
 
     - adapter: AdaptFormer's placement and its ViT-B bottleneck of 64 (``embed_dim / 12``).
     - krona: the attention projections (``qkv``, ``proj``), as the krona module recommends, with
       ``a1 = a2`` the most-square factor of the width (24 for 768): it divides the output widths (``3d`` of
       ``qkv``, ``d`` of ``proj``) and the input width ``d``.
+    - vpt: VPT-deep with 10 prompts per block; ssf: the official placement (its defaults).
+    - spt: the paper's 0.4M budget on ViT-B (scaled with ``embed_dim²`` for other widths), LoRA structure,
+      sensitivity from one synthetic batch of 8 (scoring is part of adapting, not of a training step).
     """
     factor = most_square_factor(embed_dim)
     return {
         "bitfit": {},
         "adapter": {"style": "adaptformer", "bottleneck_dim": max(embed_dim // 12, 4)},
         "krona": {"target_modules": ["qkv", "proj"], "a1": factor, "a2": factor},
+        "vpt": {"num_tokens": 10, "deep": True},
+        "ssf": {},
+        "spt": {
+            "budget": max(int(400_000 * (embed_dim / 768) ** 2), 1_000),
+            "batches": 1,
+            "sensitivity_data": [synthetic_batch(8, input_size)],
+        },
     }
 
 
@@ -83,12 +93,12 @@ def synthetic_batch(batch: int, input_size: tuple[int, int, int]) -> tuple[Tenso
     return torch.randn(batch, *input_size), torch.randint(0, NUM_CLASSES, (batch,))
 
 
-def candidates(embed_dim: int) -> list[Candidate]:
+def candidates(embed_dim: int, input_size: tuple[int, int, int]) -> list[Candidate]:
     """The baselines, peft LoRA and every registered native method (see :func:`vit_settings`)."""
     for modality in MODALITIES:
         if importlib.util.find_spec(f"modalpeft.{modality}") is not None:
             importlib.import_module(f"modalpeft.{modality}")
-    settings = vit_settings(embed_dim)
+    settings = vit_settings(embed_dim, input_size)
     out = [
         Candidate("full", "full"),
         Candidate("head_only", "head_only"),
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     embed_dim = probe.embed_dim
     del probe
 
-    chosen = candidates(embed_dim)
+    chosen = candidates(embed_dim, input_size)
     if args.methods:
         unknown = sorted(set(args.methods) - {c.name for c in chosen})
         if unknown:

@@ -135,6 +135,7 @@ class AdapterTask(pl.LightningModule):
             )
         adapter = copy.copy(adapter)
         setattr(adapter, adapter.data_field, datamodule.train_dataloader())
+        self.model.to(self.trainer.strategy.root_device)  # score on the accelerator, not on the CPU
         self.model = prepare_backbone(self.model, adapter, modules_to_save)
         self._pending = None
 

@@ -150,12 +150,13 @@ def test_candidate_validation():
 
 
 def test_run_covers_every_registered_method():
-    chosen = run.candidates(embed_dim=32)
+    preset = run.MODELS["vit_tiny_test"]
+    chosen = run.candidates(embed_dim=preset["embed_dim"], input_size=(3, preset["img_size"], preset["img_size"]))
     names = [c.name for c in chosen]
     assert names[:3] == ["full", "head_only", "lora"]
     assert set(mp.list_methods()) <= set(names)
     for c in chosen[2:]:  # every setting builds on a ViT of that width
-        mp.adapt(tiny_vit(), copy.deepcopy(c.config), modules_to_save=["head"])
+        mp.adapt(run.build_model(**preset), copy.deepcopy(c.config), modules_to_save=["head"])
 
 
 def test_run_model_factory_is_picklable():

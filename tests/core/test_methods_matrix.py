@@ -20,6 +20,7 @@ from torch import nn
 
 import modalpeft as mp
 from modalpeft.core.inject import attention_children, base_modules
+from modalpeft.vision.methods.spt import compute_sensitivity, select
 
 from .toy_models import TOY_MODELS, make
 
@@ -95,6 +96,23 @@ def ssf_count(model: nn.Module, cfg: Any) -> int:
     return 2 * total
 
 
+_SPT = {"mlp": ((4, 16), 300), "vit": ((2, 3, 16, 16), 2000), "mha": ((2, 5, 16), 300)}  # input shape, budget
+
+
+def spt_build(model: str, init: Any) -> Any:
+    if model not in _SPT:
+        return None  # conv: SPT tunes Linear weights/biases and LayerNorm vectors only
+    shape, budget = _SPT[model]
+    g = torch.Generator().manual_seed(0)  # the toy heads have 4 classes
+    data = [(torch.randn(shape, generator=g), torch.randint(0, 4, shape[:1], generator=g)) for _ in range(2)]
+    return mp.create_config("spt", init_weights=init, budget=budget, rank=4, batches=2, sensitivity_data=data)
+
+
+def spt_count(model: nn.Module, cfg: Any) -> int:
+    """The selection recomputed on the unadapted reference (same weights, same data, deterministic)."""
+    return select(compute_sensitivity(model, cfg.sensitivity_data, cfg.batches), model, cfg).num_params
+
+
 @dataclass
 class Case:
     """How one method is built on each toy model, and its trainable-parameter formula (head excluded)."""
@@ -161,6 +179,7 @@ CASES: dict[str, Case] = {
         mergeable=False,
     ),
     "ssf": Case(native("ssf", ALL), ssf_count),
+    "spt": Case(spt_build, spt_count),
     "peft:lora": Case(
         via_peft(
             peft.LoraConfig,

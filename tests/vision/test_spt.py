@@ -69,7 +69,7 @@ def zeros(model: nn.Module, cfg: SPTConfig) -> dict[str, torch.Tensor]:
 
 
 def hot(sensitivity: dict[str, torch.Tensor], key: str, entries: list) -> None:
-    """Give ``entries`` (flat indices into rows of ``key``) distinct high scores."""
+    """Give ``entries`` (flat indices into the parameter ``key``) distinct high scores, the first the highest."""
     flat = sensitivity[key].view(-1)
     flat[torch.tensor(entries)] = torch.arange(len(entries), 0, -1, dtype=torch.float32) + 10
 
