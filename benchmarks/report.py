@@ -153,7 +153,8 @@ def _bytes(n: int | None) -> str:
         return "-"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
-            return f"{n / size:.3g} {unit}"
+            value = n / size  # below 1024: three significant digits, never an exponent
+            return f"{value:.0f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
     return f"{n} B"
 
 
