@@ -15,39 +15,31 @@ run sees the same order as an uninterrupted one.
 
 from __future__ import annotations
 
-import gzip
-import math
-import struct
-import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
-from PIL import Image
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..lightning.data import EpochSeededSampler
+from .idx import FASHION_MNIST_CLASSES, read_fashion_mnist
+from .transforms import (
+    IMAGE_EXTENSIONS,
+    ArrayImageDataset,
+    ImageConfig,
+    ImageListDataset,
+    ImageTransform,
+    Interpolation,
+    ResizeMode,
+    folder_listing,
+    resolve_image_config,
+)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-"""File endings (any case) that :class:`ImageFolderDataModule` reads as images; other files are ignored."""
-
-Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
-ResizeMode = Literal["squash", "shorter_crop"]
 Stage = Literal["fit", "validate", "test", "predict"]
 
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
 _STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
     "fit": ("train", "val"),
     "validate": ("val",),
@@ -55,209 +47,6 @@ _STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
     "predict": ("test",),
     None: ("train", "val", "test"),
 }
-
-
-# -- the shared transform -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    """How images become model inputs.
-
-    Args:
-        size: output ``(height, width)``.
-        channels: 1 (grey) or 3 (RGB).
-        mean: per-channel mean subtracted after scaling to [0, 1] (``channels`` values).
-        std: per-channel standard deviation divided by (``channels`` values).
-        interpolation: PIL resampling filter used when an image has another size.
-    """
-
-    size: tuple[int, int]
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bicubic"
-
-
-def _model_geometry(model: nn.Module) -> tuple[tuple[int, int] | None, int | None]:
-    """The input size a model insists on (a patch embedding with a fixed ``img_size``) and its input channels
-    (the first ``Conv2d``). timm's pretrained config keeps the checkpoint's 224 even for ``img_size=32``."""
-    size = None
-    for module in model.modules():
-        img_size = getattr(module, "img_size", None)
-        if img_size is not None and hasattr(module, "patch_size") and getattr(module, "strict_img_size", False):
-            size = (int(img_size[0]), int(img_size[1])) if isinstance(img_size, Sequence) else (img_size, img_size)
-            break
-    channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return size, channels
-
-
-def _per_channel(name: str, values: Sequence[float], channels: int, inherited: bool) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    if len(values) == 1:
-        return values * channels
-    if inherited and channels == 1:
-        return (sum(values) / len(values),)  # RGB statistics (a checkpoint's) for grey inputs
-    raise ValueError(f"{name}={list(values)} has {len(values)} values; give 1 or {channels} (one per channel).")
-
-
-def resolve_image_config(
-    model: nn.Module | None = None,
-    image_size: int | None = None,
-    channels: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    interpolation: str | None = None,
-    default: ImageConfig | None = None,
-) -> ImageConfig:
-    """An :class:`ImageConfig` from explicit values, else from ``model``, else from ``default``.
-
-    From a model: ``timm.data.resolve_data_config({}, model=model)`` (input size, mean, std, interpolation of
-    its pretrained config), corrected by the input size and channels the model really takes (a ViT built with
-    ``img_size=32`` or ``in_chans=1``). Without a model or a default: timm's defaults (224, ImageNet mean/std,
-    bicubic).
-    """
-    if model is not None:
-        from timm.data import resolve_data_config
-
-        timm_config = resolve_data_config({}, model=model)
-        size, in_chans = _model_geometry(model)
-        base = ImageConfig(
-            size=size or tuple(timm_config["input_size"][1:]),
-            channels=in_chans or timm_config["input_size"][0],
-            mean=tuple(timm_config["mean"]),
-            std=tuple(timm_config["std"]),
-            interpolation=timm_config["interpolation"],
-        )
-    elif default is not None:
-        base = default
-    else:
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-        base = ImageConfig((224, 224), 3, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic")
-    if image_size is not None and (isinstance(image_size, bool) or image_size < 1):
-        raise ValueError(f"image_size={image_size!r} must be a positive integer (the side of the square input).")
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels={channels!r} must be 1 (grey) or 3 (RGB); None takes the model's.")
-    out_channels = channels or base.channels
-    if out_channels not in (1, 3):
-        raise ValueError(f"the model takes {out_channels}-channel images; set channels to 1 or 3 explicitly.")
-    interp = interpolation or base.interpolation
-    if interp == "random":  # timm's training-time choice; without augmentation use bicubic, as timm does at eval
-        interp = "bicubic"
-    if interp not in _RESAMPLE:
-        raise ValueError(f"interpolation={interp!r} is not valid; choose one of {sorted(_RESAMPLE)}.")
-    return ImageConfig(
-        size=(image_size, image_size) if image_size is not None else tuple(base.size),
-        channels=out_channels,
-        mean=_per_channel("mean", mean if mean is not None else base.mean, out_channels, mean is None),
-        std=_per_channel("std", std if std is not None else base.std, out_channels, std is None),
-        interpolation=interp,
-    )
-
-
-def convert_image(image: Image.Image, channels: int) -> Image.Image:
-    """``image`` as ``"L"`` (1 channel) or ``"RGB"`` (3); alpha is dropped, palettes are expanded."""
-    mode = "L" if channels == 1 else "RGB"
-    if image.mode == mode:
-        return image
-    if image.mode == "P":  # a palette may carry transparency: expand it first (PIL warns otherwise)
-        image = image.convert("RGBA")
-    if image.mode in ("I;16", "I;16B", "I;16L"):  # 16-bit grey (PNG): scale to 8 bits instead of clipping
-        image = Image.fromarray(np.round(np.asarray(image, dtype=np.float32) / 257.0).astype(np.uint8))
-    return image.convert(mode)
-
-
-class ImageTransform:
-    """A PIL image to a normalised ``(C, H, W)`` float tensor, as :class:`ImageConfig` says.
-
-    Args:
-        config: size, channels, mean, std and interpolation.
-        resize: ``"squash"`` resizes straight to ``size`` (VPT's VTAB pipeline, ``tf.image.resize``);
-            ``"shorter_crop"`` resizes the shorter side then centre-crops (SSF's ``--direct-resize``). Both are
-            the same for square images.
-
-    Shapes:
-        - output: ``(channels, height, width)``, float32.
-    """
-
-    def __init__(self, config: ImageConfig, resize: ResizeMode = "squash") -> None:
-        if resize not in ("squash", "shorter_crop"):
-            raise ValueError(f"resize={resize!r} is not valid; choose 'squash' or 'shorter_crop'.")
-        self.config = config
-        self.resize = resize
-        self.mean = torch.tensor(config.mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(config.std, dtype=torch.float32).view(-1, 1, 1)
-
-    def _resized(self, image: Image.Image) -> Image.Image:
-        height, width = self.config.size
-        if image.size == (width, height):
-            return image
-        resample = _RESAMPLE[self.config.interpolation]
-        if self.resize == "squash":
-            return image.resize((width, height), resample)
-        scale = max(height / image.height, width / image.width)
-        scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        image = image.resize(scaled, resample)
-        left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
-        return image.crop((left, top, left + width, top + height))
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        image = self._resized(convert_image(image, self.config.channels))
-        array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
-        tensor = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
-        return (tensor - self.mean) / self.std
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config}, resize={self.resize!r})"
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Decode the image at ``path`` fully (so a truncated file fails here, naming the file)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}. Replace or remove the file (or its list entry).") from err
-
-
-class ImageListDataset(Dataset):
-    """``(image, label)`` pairs from image files.
-
-    Args:
-        samples: ``(path, label)`` pairs.
-        transform: applied to each decoded PIL image.
-    """
-
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable[[Image.Image], Tensor]) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        path, label = self.samples[index]
-        return self.transform(load_image(path)), label
-
-
-class ArrayImageDataset(Dataset):
-    """``(image, label)`` pairs from a ``(N, H, W)`` or ``(N, H, W, C)`` uint8 array (Fashion-MNIST)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable[[Image.Image], Tensor]) -> None:
-        assert len(images) == len(labels), (images.shape, labels.shape)
-        self.images = images
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
 
 
 # -- the shared data module ------------------------------------------------------------------------------------
@@ -384,14 +173,6 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader("test")
 
 
-def _listing(folder: Path, limit: int = 20) -> str:
-    if not folder.is_dir():
-        return f"{folder} does not exist either"
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-    return f"{folder} holds: {shown or 'nothing'}"
-
-
 # -- class folders ---------------------------------------------------------------------------------------------
 
 
@@ -438,13 +219,13 @@ class ImageFolderDataModule(ImageDataModule):
         root = Path(self.hparams.root)
         if not root.is_dir():
             raise ValueError(
-                f"ImageFolderDataModule: root {str(root)!r} is not a folder ({_listing(root.parent)}). Expected "
+                f"ImageFolderDataModule: root {str(root)!r} is not a folder ({folder_listing(root.parent)}). Expected "
                 "root/<split>/<class>/<image>; set --data.init_args.root."
             )
         folder = root / split
         if not folder.is_dir():
             raise ValueError(
-                f"ImageFolderDataModule: split folder {str(folder)!r} does not exist; {_listing(root)}. Set "
+                f"ImageFolderDataModule: split folder {str(folder)!r} does not exist; {folder_listing(root)}. Set "
                 "train_split/val_split/test_split to existing sub-folders (None for no validation or test data)."
             )
         return folder
@@ -461,8 +242,8 @@ class ImageFolderDataModule(ImageDataModule):
             classes = [p.name for p in self._class_dirs(folder)]
             if not classes:
                 raise ValueError(
-                    f"ImageFolderDataModule: {str(folder)!r} has no class sub-folders ({_listing(folder)}); expected "
-                    "<split>/<class>/<image>."
+                    f"ImageFolderDataModule: {str(folder)!r} has no class sub-folders "
+                    f"({folder_listing(folder)}); expected <split>/<class>/<image>."
                 )
             self._classes = classes
         return self._classes
@@ -576,8 +357,9 @@ class VTAB1kDataModule(ImageDataModule):
         root = Path(self.hparams.root)
         if not root.is_dir():
             raise ValueError(
-                f"VTAB1kDataModule: task folder {str(root)!r} does not exist ({_listing(root.parent)}). Give a VTAB-1k "
-                "task folder (e.g. vtab-1k/cifar) with --data.init_args.root."
+                f"VTAB1kDataModule: task folder {str(root)!r} does not exist "
+                f"({folder_listing(root.parent)}). Give a VTAB-1k task folder (e.g. vtab-1k/cifar) with "
+                "--data.init_args.root."
             )
         return root
 
@@ -641,98 +423,6 @@ class VTAB1kDataModule(ImageDataModule):
         return {s: ImageListDataset(self.read_list(self.list_names[s]), transform) for s in splits}
 
 
-# -- Fashion-MNIST and the idx format ---------------------------------------------------------------------------
-
-_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_IDX_FORMAT = (
-    "an idx file starts with two zero bytes, a type byte (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D "
-    "float32, 0x0E float64) and the number of dimensions, then one big-endian uint32 per dimension and the data "
-    "(magic 0x00000803 for idx3-ubyte images, 0x00000801 for idx1-ubyte labels); gzip-compressed files are read too"
-)
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an idx file (the MNIST / Fashion-MNIST format), plain or gzip-compressed, into a numpy array.
-
-    Raises:
-        ValueError: naming the file and the expected format, when the magic number is wrong or the file is
-            shorter or longer than its header says (a truncated download).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"idx file {str(path)!r} does not exist.")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"{path}: corrupt or truncated gzip data ({err}); download the file again.") from err
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or raw[3] == 0:
-        raise ValueError(f"{path} is not an idx file: it starts with 0x{raw[:4].hex() or '(empty)'}; {_IDX_FORMAT}.")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated idx header ({len(raw)} bytes, {ndim} dimensions need {header}).")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_TYPES[raw[2]])
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(raw) != expected:
-        state = "truncated" if len(raw) < expected else "longer than its header says"
-        raise ValueError(
-            f"{path}: {state}: the header gives shape {dims} of {dtype.name} ({expected} bytes) but there are "
-            f"{len(raw)} bytes; download the file again."
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
-
-def _find_idx(root: Path, stem: str) -> Path:
-    for name in (stem, f"{stem}.gz"):
-        if (root / name).is_file():
-            return root / name
-    raise ValueError(
-        f"FashionMNISTDataModule: neither {stem} nor {stem}.gz is in {str(root)!r} ({_listing(root)}). Give the folder "
-        "of the four idx files (Debian: `apt-get install dataset-fashion-mnist` puts them in "
-        "/usr/share/datasets/fashion-mnist) with --data.init_args.root."
-    )
-
-
-def read_fashion_mnist(root: str | Path, part: Literal["train", "t10k"]) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64 of Fashion-MNIST's ``train`` or ``t10k`` files."""
-    root = Path(root)
-    image_path = _find_idx(root, f"{part}-images-idx3-ubyte")
-    label_path = _find_idx(root, f"{part}-labels-idx1-ubyte")
-    images, labels = read_idx(image_path), read_idx(label_path)
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(
-            f"{image_path}: expected idx3-ubyte images (magic 0x00000803: uint8, 3 dimensions), found {images.dtype} "
-            f"with shape {images.shape}."
-        )
-    if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise ValueError(
-            f"{label_path}: expected idx1-ubyte labels (magic 0x00000801: uint8, 1 dimension), found {labels.dtype} "
-            f"with shape {labels.shape}."
-        )
-    if len(images) != len(labels):
-        raise ValueError(f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels.")
-    if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
-        raise ValueError(f"{label_path}: label {int(labels.max())} is out of range; Fashion-MNIST labels are 0-9.")
-    return images, labels.astype(np.int64)
-
-
 class FashionMNISTDataModule(ImageDataModule):
     """Fashion-MNIST (Xiao et al. 2017; 60,000 training and 10,000 test images, 28 x 28 grey, 10 classes, MIT)
     from the four standard idx files in ``root`` (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -782,7 +472,7 @@ class FashionMNISTDataModule(ImageDataModule):
         root = Path(self.hparams.root)
         if not root.is_dir():
             raise ValueError(
-                f"FashionMNISTDataModule: folder {str(root)!r} does not exist ({_listing(root.parent)}). Install "
+                f"FashionMNISTDataModule: folder {str(root)!r} does not exist ({folder_listing(root.parent)}). Install "
                 "Debian's dataset-fashion-mnist or give the folder of the idx files with --data.init_args.root."
             )
         out: dict[str, Dataset | None] = {}
@@ -816,9 +506,6 @@ __all__ = [
     "ImageListDataset",
     "ImageTransform",
     "VTAB1kDataModule",
-    "convert_image",
-    "load_image",
     "read_fashion_mnist",
-    "read_idx",
     "resolve_image_config",
 ]

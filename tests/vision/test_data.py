@@ -16,17 +16,9 @@ import torch
 from PIL import Image
 
 from modalpeft.lightning import EpochSeededSampler
-from modalpeft.vision.data import (
-    FashionMNISTDataModule,
-    ImageConfig,
-    ImageFolderDataModule,
-    ImageTransform,
-    VTAB1kDataModule,
-    load_image,
-    read_fashion_mnist,
-    read_idx,
-    resolve_image_config,
-)
+from modalpeft.vision.data import FashionMNISTDataModule, ImageFolderDataModule, VTAB1kDataModule
+from modalpeft.vision.idx import read_fashion_mnist, read_idx
+from modalpeft.vision.transforms import ImageConfig, ImageTransform, load_image, resolve_image_config
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
