@@ -33,7 +33,7 @@ def test_several_adapters_switch_and_delete() -> None:
     out_b = model(x)
     assert not torch.allclose(out_a, out_b)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"base_model.fc1.adapters.b.delta_bias"}
+    assert trainable == {"base_model.fc1.adapters.b.bias_delta"}
     model.set_adapter("a")
     torch.testing.assert_close(model(x), out_a)
     model.delete_adapter("a")

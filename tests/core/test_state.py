@@ -28,9 +28,9 @@ def test_files_and_keys(tmp_path) -> None:
     assert config["base_model_class"].endswith("toy_models.MLP") and config["modules_to_save"] == ["head"]
     keys = set(state_mod.read_tensors(tmp_path))
     assert keys == {
-        "fc1.adapters.delta_bias",
-        "norm.adapters.delta_bias",
-        "fc2.adapters.delta_bias",
+        "fc1.adapters.bias_delta",
+        "norm.adapters.bias_delta",
+        "fc2.adapters.bias_delta",
         "head.weight",
         "head.bias",
     }
@@ -58,7 +58,7 @@ def test_adapter_for_another_architecture_names_keys_and_leaves_model(tmp_path) 
         mp.load_adapter(other, tmp_path)
     message = str(err.value)
     assert "missing keys" in message and "unexpected keys" in message
-    assert "fc1.adapters.delta_bias" in message and "conv1.adapters.delta_bias" in message
+    assert "fc1.adapters.bias_delta" in message and "conv1.adapters.bias_delta" in message
     assert [type(m) for m in other.modules()] == before
 
 

@@ -24,7 +24,8 @@ class ParamDelta(AdapterModule):
             ``False``: random.
 
     Shapes:
-        each delta has the shape of its base parameter; stored as ``delta_<name>`` (dots as ``__``).
+        each delta has the shape of its base parameter; stored as ``<name>_delta`` (dots as ``__``; not
+        ``delta_<name>``, which for ``weight`` would shadow :meth:`AdapterModule.delta_weight`).
     """
 
     mergeable = True
@@ -53,4 +54,4 @@ class ParamDelta(AdapterModule):
 
 
 def _key(name: str) -> str:
-    return "delta_" + name.replace(".", "__")
+    return name.replace(".", "__") + "_delta"
