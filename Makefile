@@ -10,6 +10,7 @@ OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+MODALITY ?=
 BENCH_ARGS ?=
 
 .PHONY: setup demo test bench style
@@ -22,8 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
 	touch $@
 
-demo: setup  ## the embedded end-to-end demo, offline (DEMO_ARGS="--quick" for a few seconds' run)
-	$(OFFLINE) $(BIN)/modalpeft demo $(DEMO_ARGS)
+demo: setup  ## the embedded end-to-end demo, offline (MODALITY=vision for one section; DEMO_ARGS="--quick")
+	$(OFFLINE) $(BIN)/modalpeft demo $(if $(MODALITY),--modality $(MODALITY)) $(DEMO_ARGS)
 
 test: setup  ## the test suite, offline (PYTEST_ARGS="-k cli -x" to narrow it)
 	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)

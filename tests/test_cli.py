@@ -91,25 +91,32 @@ def test_python_dash_m_reports_errors_without_traceback(tmp_path) -> None:
 
 def test_demo_quick_runs_end_to_end(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--modality", "vision", "--out", str(out), "--tasks", "faces"]) == 0
     printed = capsys.readouterr().out
-    report = json.loads((out / "results.json").read_text())
-    names = [r["method"] for r in report["results"]]
-    assert names[:2] == ["linear probe", "full fine-tuning"]
-    assert set(mp.list_methods()) <= set(names) and "lora (peft)" in names
-    assert report["all_checks_passed"]
-    for r in report["results"]:
+    report = json.loads((out / "vision" / "results.json").read_text())
+    names = [r["method"] for r in report["rows"]]
+    assert names == [
+        "linear probe",
+        "full fine-tuning",
+        "lora (peft)",
+        "bitfit",
+        "adapter",
+        "krona",
+        "vpt",
+        "ssf",
+        "spt",
+    ]
+    assert report["all_checks_passed"] and report["settings"]["results_dir"] is None  # --quick writes no report
+    for r in report["rows"]:
         assert r["method"] in printed and r["reload_ok"]
         assert 0 < r["trainable_params"] <= r["total_params"]
-        assert 0.0 <= r["metric"] <= 1.0
-        if r["mergeable"]:
-            assert r["merge_ok"]
-    assert (out / "pretrained_backbone.safetensors").is_file()
-    assert (out / "adapters" / "bitfit" / "adapter_config.json").is_file()
-    assert main(["inspect", str(out / "adapters" / "bitfit")]) == 0
+        assert all(0.0 <= run["accuracy"] <= 1.0 and run["task"] == "faces" for run in r["runs"])
+        assert r["merge_ok"] is (True if r["mergeable"] else None)
+    assert (out / "vision" / "adapters" / "faces" / "bitfit" / "adapter_config.json").is_file()
+    assert main(["inspect", str(out / "vision" / "adapters" / "faces" / "bitfit")]) == 0
 
 
-@pytest.mark.parametrize("argv", [[], ["inspect"], ["demo", "--steps", "many"]])
+@pytest.mark.parametrize("argv", [[], ["inspect"], ["demo", "--steps", "many"], ["demo", "--seeds"]])
 def test_bad_arguments_exit_2(argv, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(argv)

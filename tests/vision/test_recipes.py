@@ -17,10 +17,11 @@ from modalpeft.lightning import cli_main
 from modalpeft.vision.data import ImageDataModule
 from modalpeft.vision.tasks import ImageClassificationTask
 
-from .test_data import write_vtab_task
+from .test_data import write_fashion_mnist, write_vtab_task
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted((ROOT / "recipes" / "vision").glob("*.yaml"))
+RECIPES = sorted((ROOT / "recipes" / "vision").glob("*_vtab1k.yaml"))  # the VTAB-1k adaptation recipes
+PRETRAIN = ROOT / "recipes" / "vision" / "vit_fmnist_pretrain.yaml"
 TINY = [
     "--model.init_args.backbone.init_args.name=vit_tiny_patch16_224",
     "--model.init_args.backbone.init_args.pretrained=false",
@@ -53,6 +54,21 @@ def test_every_recipe_is_there_and_headed_by_its_command() -> None:
         first = header.splitlines()[0]
         assert first.startswith("# Command:  python recipes/vision.py fit --config") and path.name in first
         assert "# Runtime:" in header and "# Expected:" in header and "--data.init_args.root" in header
+
+
+def test_pretraining_recipe_is_headed_and_trains_two_steps(tmp_path) -> None:
+    """The recipe that made the committed Fashion-MNIST ViT parses and trains on idx files in the official format."""
+    header = PRETRAIN.read_text().split("\nseed_everything:")[0]
+    assert header.startswith(f"# Command:  python recipes/vision.py fit --config recipes/vision/{PRETRAIN.name}")
+    assert "# Runtime:" in header and "# Expected:" in header and "MEASURED" not in header
+    root = write_fashion_mnist(tmp_path / "fmnist", compress=True, n_train=16, n_test=8)
+    args = ["fit", "--config", str(PRETRAIN), f"--data.init_args.root={root}", "--data.init_args.val_size=4"]
+    args += ["--data.init_args.batch_size=4", "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}"]
+    cli = cli_main(args, model_class=ImageClassificationTask, datamodule_class=ImageDataModule)
+    assert cli.trainer.global_step == 2
+    model = cli.model.model
+    assert model.patch_embed.num_patches == 49 and sum(p.numel() for p in model.parameters()) == 1_199_882
+    assert all(p.requires_grad for p in model.parameters())  # full training from scratch
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])

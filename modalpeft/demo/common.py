@@ -1,0 +1,86 @@
+"""What every demo section shares: a plain training loop on in-memory tensors, evaluation, the lifecycle checks
+(save, reload into a fresh model, merge) and parameter counts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from modalpeft.lightning.optim import build_optimizer, param_groups, warmup_cosine
+
+CHECK_RTOL = 1e-5
+"""A reloaded or merged model must predict the same labels as the trained one, with logits within
+``CHECK_RTOL * max(1, max |logit|)`` of its logits (float32 rounding: merging changes the order of sums, and
+BLAS results depend on memory alignment)."""
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
+    """``steps`` index batches over ``n`` examples, epoch after epoch in seeded random order."""
+    g = torch.Generator().manual_seed(seed)
+    out: list[Tensor] = []
+    while len(out) < steps:
+        perm = torch.randperm(n, generator=g)
+        out.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
+    return out[:steps]
+
+
+def train(
+    model: nn.Module, data: tuple[Tensor, Tensor], order: list[Tensor], lr: float, weight_decay: float = 0.05
+) -> float:
+    """Train the parameters that require grad on the batches ``order`` with AdamW, 10% linear warm-up and
+    cosine decay, decaying only what the papers decay (:func:`modalpeft.lightning.optim.param_groups`, as the
+    recipes do); returns the seconds taken."""
+    x, y = data
+    opt = build_optimizer(param_groups(model, weight_decay), "adamw", lr)
+    sched = warmup_cosine(opt, len(order), max(1, len(order) // 10))
+    model.train()
+    start = time.perf_counter()
+    for idx in order:
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x: Tensor) -> Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)])
+
+
+def accuracy(logits: Tensor, y: Tensor) -> float:
+    return (logits.argmax(-1) == y).float().mean().item()
+
+
+def same_outputs(reference: Tensor, other: Tensor) -> tuple[float, bool]:
+    """The largest |logit difference| of ``other`` from ``reference``, and whether ``other`` predicts the same
+    labels with logits within ``CHECK_RTOL``."""
+    diff = (other - reference).abs().max().item()
+    tol = CHECK_RTOL * max(1.0, reference.abs().max().item())
+    return diff, diff <= tol and bool((other.argmax(-1) == reference.argmax(-1)).all())
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` over unique parameters."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def leftover_wrappers(model: nn.Module) -> list[str]:
+    """Modules of a merged model that still come from modalpeft or peft (there must be none)."""
+    return [n for n, m in model.named_modules() if type(m).__module__.split(".")[0] in ("modalpeft", "peft")]
+
+
+def delta(value: float) -> str:
+    """A logit difference for a table: ``0`` or one significant digit."""
+    return "0" if value == 0 else f"{value:.0e}"
