@@ -16,15 +16,18 @@ def tasks() -> dict[str, minivtab.MiniVTabTask]:
 
 
 def test_sizes_groups_and_ranges(tasks) -> None:
-    expected = {"digits": ("natural", 10, "800/200/797"), "faces": ("specialised", 2, "64/16/120"),
-                "count": ("structured", 6, "800/200/600")}
+    expected = {
+        "digits": ("natural", 10, "800/200/797"),
+        "faces": ("specialised", 2, "64/16/120"),
+        "count": ("structured", 6, "800/200/600"),
+    }
     assert list(tasks) == ["digits", "faces", "count"]
     for name, (group, classes, sizes) in expected.items():
         t = tasks[name]
         assert (t.group, t.num_classes, t.sizes()) == (group, classes, sizes)
         for x, y in (t.train, t.val, t.test):
             assert x.shape[1:] == (1, 28, 28) and x.dtype == torch.float32
-            assert 0.0 <= x.min() and x.max() <= 1.0
+            assert x.min() >= 0.0 and x.max() <= 1.0
             assert set(y.unique().tolist()) == set(range(classes))  # every class in every split
         assert len(t.train_val[0]) == len(t.train[0]) + len(t.val[0]) <= 1000
 
