@@ -94,7 +94,8 @@ def synthetic_batch(batch: int, input_size: tuple[int, int, int]) -> tuple[Tenso
 
 
 def candidates(embed_dim: int, input_size: tuple[int, int, int]) -> list[Candidate]:
-    """The baselines, peft LoRA and every registered native method (see :func:`vit_settings`)."""
+    """The baselines, peft LoRA and every registered native method for images (see :func:`vit_settings`); methods
+    of other modalities (point clouds) need their own backbones and benchmarks."""
     for modality in MODALITIES:
         if importlib.util.find_spec(f"modalpeft.{modality}") is not None:
             importlib.import_module(f"modalpeft.{modality}")
@@ -105,6 +106,8 @@ def candidates(embed_dim: int, input_size: tuple[int, int, int]) -> list[Candida
         Candidate("lora", peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"])),
     ]
     for method in mp.list_methods():
+        if mp.get_method(method).modality not in ("core", "vision"):
+            continue
         if method not in settings:
             print(f"note: {method!r} has no entry in vit_settings(); benchmarking its default config", file=sys.stderr)
         out.append(Candidate(method, mp.create_config(method, **settings.get(method, {}))))

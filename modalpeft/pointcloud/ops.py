@@ -1,0 +1,190 @@
+"""Point-cloud operators: farthest-point sampling, k-nearest neighbours, gathering, z-order keys, input checks.
+
+Everything runs batched in torch on the input's device. When ``torch_cluster`` is installed, :func:`knn` and
+:func:`farthest_point_sample` use its kernels for large inputs (``use_extension=True``); the pure-torch paths
+(``cdist`` + ``topk``; an ``N``-step distance update) are the reference and are what the tests pin down.
+
+Unlike the official Point-MAE / Point-BERT code (pointnet2's CUDA FPS, which starts at index 0), the first
+farthest point here is the point farthest from the cloud's centroid, so the sampled *set* does not depend on
+the order of the input points (only exact distance ties could make it do so).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+_HAS_TORCH_CLUSTER = importlib.util.find_spec("torch_cluster") is not None
+
+
+def check_points(points: Tensor, *, min_points: int = 1, channels: int = 3, name: str = "points") -> None:
+    """Validate a batch of point clouds and raise a ``ValueError`` that names the bad sample and the fix.
+
+    Args:
+        points: ``(B, N, channels)``.
+        min_points: the fewest points a cloud may have.
+        channels: the number of values per point (3 for xyz).
+        name: what the tensor is called in the message.
+    """
+    if not isinstance(points, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, N, {channels}), got {type(points).__name__}")
+    if points.ndim != 3 or points.shape[-1] != channels:
+        hint = (
+            " (channels-first? use points.transpose(1, 2))" if points.ndim == 3 and points.shape[1] == channels else ""
+        )
+        raise ValueError(
+            f"{name} must have shape (B, N, {channels}) with {channels} coordinates per point, got "
+            f"{tuple(points.shape)}{hint}; keep only xyz (drop normals/colours) or build the backbone for them."
+        )
+    if not points.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {points.dtype}; call .float() first.")
+    if points.shape[1] < min_points:
+        raise ValueError(
+            f"{name} holds {points.shape[1]} points per cloud, fewer than the {min_points} this configuration "
+            "needs (num_group centres and group_size neighbours); resample the clouds to more points or use a "
+            "configuration with fewer/smaller groups."
+        )
+    finite = torch.isfinite(points).all(dim=-1)  # (B, N)
+    if not bool(finite.all()):
+        bad = (~finite).sum(dim=1)
+        samples = [(i, int(n)) for i, n in enumerate(bad.tolist()) if n]
+        listed = ", ".join(f"sample {i} ({n} points)" for i, n in samples[:5])
+        raise ValueError(
+            f"{name} contains NaN or inf coordinates in {len(samples)} cloud(s) of the batch: {listed}"
+            f"{' ...' if len(samples) > 5 else ''}. Clean or drop those clouds (e.g. remove non-finite points "
+            "before resampling)."
+        )
+
+
+def gather_points(values: Tensor, index: Tensor) -> Tensor:
+    """Batched gather along the point dim.
+
+    Shapes:
+        - values: ``(B, N, C)``
+        - index: ``(B, *S)`` integers in ``[0, N)``
+        - output: ``(B, *S, C)``
+    """
+    batch, shape = index.shape[0], index.shape[1:]
+    flat = index.reshape(batch, -1, 1).expand(-1, -1, values.shape[-1])  # (B, prod(S), C)
+    return values.gather(1, flat).reshape(batch, *shape, values.shape[-1])
+
+
+def farthest_point_sample(xyz: Tensor, num_samples: int, *, use_extension: bool = True) -> Tensor:
+    """Indices of ``num_samples`` farthest points of each cloud, starting from the point farthest from its centroid.
+
+    Each step adds the point whose distance to the already chosen set is largest. The start point does not
+    depend on the order of the points, so neither does the chosen set.
+
+    Args:
+        xyz: ``(B, N, 3)`` or ``(N, 3)`` coordinates.
+        num_samples: how many points to keep (``<= N``).
+        use_extension: use ``torch_cluster.fps`` when installed (same start point, via a permutation that puts
+            it first).
+
+    Shapes:
+        - output: ``(B, num_samples)`` (or ``(num_samples,)`` for an unbatched input), int64, in selection order
+    """
+    unbatched = xyz.ndim == 2
+    if unbatched:
+        xyz = xyz.unsqueeze(0)
+    batch, n, _ = xyz.shape
+    if not 1 <= num_samples <= n:
+        raise ValueError(f"num_samples={num_samples} must be between 1 and the number of points {n}")
+    with torch.no_grad():
+        pts = xyz.detach().float()
+        start = (pts - pts.mean(dim=1, keepdim=True)).square().sum(-1).argmax(dim=1)  # (B,)
+        if use_extension and _HAS_TORCH_CLUSTER and pts.is_cuda:
+            idx = _fps_torch_cluster(pts, num_samples, start)
+        else:
+            idx = _fps_torch(pts, num_samples, start)
+    return idx[0] if unbatched else idx
+
+
+def _fps_torch(pts: Tensor, num_samples: int, start: Tensor) -> Tensor:
+    batch, n, _ = pts.shape
+    idx = torch.empty(batch, num_samples, dtype=torch.long, device=pts.device)
+    dist = torch.full((batch, n), float("inf"), device=pts.device)
+    arange = torch.arange(batch, device=pts.device)
+    current = start
+    for i in range(num_samples):
+        idx[:, i] = current
+        last = pts[arange, current].unsqueeze(1)  # (B, 1, 3)
+        dist = torch.minimum(dist, (pts - last).square().sum(-1))
+        current = dist.argmax(dim=1)
+    return idx
+
+
+def _fps_torch_cluster(pts: Tensor, num_samples: int, start: Tensor) -> Tensor:  # pragma: no cover - needs CUDA
+    import torch_cluster
+
+    batch, n, _ = pts.shape
+    # put the start point first in each cloud, since torch_cluster.fps(random_start=False) starts at index 0
+    order = torch.arange(n, device=pts.device).expand(batch, n).clone()
+    arange = torch.arange(batch, device=pts.device)
+    order[arange, start] = 0
+    order[:, 0] = start
+    permuted = pts[arange[:, None], order]  # (B, N, 3)
+    flat_batch = torch.arange(batch, device=pts.device).repeat_interleave(n)
+    picked = torch_cluster.fps(permuted.reshape(-1, 3), flat_batch, ratio=num_samples / n, random_start=False)
+    picked = picked.reshape(batch, -1)[:, :num_samples] - (arange * n)[:, None]
+    return order.gather(1, picked)
+
+
+def knn(query: Tensor, reference: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` nearest reference points of every query point (Euclidean), nearest first.
+
+    Shapes:
+        - query: ``(B, M, D)``
+        - reference: ``(B, N, D)``, ``N >= k``
+        - output: ``(B, M, k)``, int64 indices into ``reference``
+    """
+    if k > reference.shape[1]:
+        raise ValueError(f"k={k} is larger than the {reference.shape[1]} reference points")
+    with torch.no_grad():
+        dist = torch.cdist(query.detach().float(), reference.detach().float())  # (B, M, N)
+        return dist.topk(k, dim=-1, largest=False, sorted=True).indices
+
+
+def group_points(xyz: Tensor, num_group: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Point-MAE's grouping: FPS centres, their ``group_size`` nearest points, coordinates relative to the centre.
+
+    Shapes:
+        - xyz: ``(B, N, 3)``
+        - output: neighbourhoods ``(B, G, M, 3)`` (centred), centres ``(B, G, 3)``, neighbour indices ``(B, G, M)``
+    """
+    center_idx = farthest_point_sample(xyz, num_group)  # (B, G)
+    center = gather_points(xyz, center_idx)  # (B, G, 3)
+    idx = knn(center, xyz, group_size)  # (B, G, M)
+    neighborhood = gather_points(xyz, idx) - center.unsqueeze(2)  # (B, G, M, 3)
+    return neighborhood, center, idx
+
+
+def _part1by2(x: Tensor) -> Tensor:
+    """Spread the low 21 bits of ``x`` so that two zero bits follow each (for 3-D Morton codes)."""
+    x = x & 0x1FFFFF
+    x = (x | (x << 32)) & 0x1F00000000FFFF
+    x = (x | (x << 16)) & 0x1F0000FF0000FF
+    x = (x | (x << 8)) & 0x100F00F00F00F00F
+    x = (x | (x << 4)) & 0x10C30C30C30C30C3
+    x = (x | (x << 2)) & 0x1249249249249249
+    return x
+
+
+def z_order_key(xyz: Tensor, scale: float = 100.0, depth: int = 16) -> Tensor:
+    """Morton (z-order) key of each point, as PointGST sorts patch centres.
+
+    The coordinates are scaled by ``scale``, truncated to integers, shifted to be non-negative per cloud and
+    interleaved bit by bit (``depth`` bits per axis, y first, then x, then z, as PointGST's
+    ``xyz2key(y, x, z)``).
+
+    Shapes:
+        - xyz: ``(B, N, 3)``
+        - output: ``(B, N)`` int64
+    """
+    q = (xyz.detach() * scale).long()  # (B, N, 3)
+    q = q - q.min(dim=1, keepdim=True).values
+    q = q.clamp(max=(1 << depth) - 1)
+    y, x, z = q[..., 1], q[..., 0], q[..., 2]
+    return (_part1by2(y) << 2) | (_part1by2(x) << 1) | _part1by2(z)

@@ -1,0 +1,81 @@
+"""FPS, kNN, grouping and z-order keys against brute force, and their invariance to point order."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from modalpeft.pointcloud import farthest_point_sample, group_points, knn
+from modalpeft.pointcloud.ops import check_points, gather_points, z_order_key
+
+
+def brute_fps(xyz: torch.Tensor, n: int) -> list[int]:
+    """One cloud, plain Python: start farthest from the centroid, then the farthest from the chosen set."""
+    pts = xyz.tolist()
+    mean = [sum(p[i] for p in pts) / len(pts) for i in range(3)]
+    d2 = lambda a, b: sum((x - y) ** 2 for x, y in zip(a, b, strict=True))  # noqa: E731
+    chosen = [max(range(len(pts)), key=lambda i: d2(pts[i], mean))]
+    while len(chosen) < n:
+        chosen.append(max(range(len(pts)), key=lambda i: min(d2(pts[i], pts[j]) for j in chosen)))
+    return chosen
+
+
+def test_fps_matches_brute_force(clouds):
+    idx = farthest_point_sample(clouds[:, :40], 10)
+    assert idx.shape == (4, 10) and idx.dtype == torch.long
+    for b in range(4):
+        assert idx[b].tolist() == brute_fps(clouds[b, :40], 10)
+    assert farthest_point_sample(clouds[0, :40], 10).tolist() == idx[0].tolist()  # unbatched input
+
+
+def test_fps_is_invariant_to_point_order(clouds):
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(1))
+    picked = gather_points(clouds, farthest_point_sample(clouds, 16))
+    picked_perm = gather_points(clouds[:, perm], farthest_point_sample(clouds[:, perm], 16))
+    torch.testing.assert_close(picked, picked_perm, rtol=0, atol=0)  # same points, same order
+
+
+def test_fps_rejects_bad_count(clouds):
+    with pytest.raises(ValueError, match="num_samples=200"):
+        farthest_point_sample(clouds, 200)
+
+
+def test_knn_matches_brute_force(clouds):
+    query, ref = clouds[:, :10], clouds
+    idx = knn(query, ref, 5)
+    assert idx.shape == (4, 10, 5)
+    for b, q in itertools.product(range(4), range(10)):
+        d = ((ref[b] - query[b, q]) ** 2).sum(-1)
+        assert idx[b, q].tolist() == d.argsort()[:5].tolist()
+    with pytest.raises(ValueError, match="k=200"):
+        knn(query, ref, 200)
+
+
+def test_group_points_shapes_and_centring(clouds):
+    neighborhood, center, idx = group_points(clouds, 16, 8)
+    assert neighborhood.shape == (4, 16, 8, 3) and center.shape == (4, 16, 3) and idx.shape == (4, 16, 8)
+    # each centre is its own nearest neighbour, so the first neighbour sits at the origin
+    torch.testing.assert_close(neighborhood[:, :, 0], torch.zeros(4, 16, 3))
+    torch.testing.assert_close(neighborhood + center[:, :, None], gather_points(clouds, idx))
+
+
+def test_z_order_key_interleaves_y_x_z():
+    xyz = torch.tensor([[[0.0, 0.0, 0.01], [0.01, 0.0, 0.0], [0.0, 0.01, 0.0], [0.01, 0.01, 0.01]]])
+    # scale 100 -> unit steps: z is the lowest bit, x the next, y the highest of each triple
+    assert z_order_key(xyz).tolist() == [[1, 2, 4, 7]]
+
+
+def test_check_points_errors_name_the_sample(clouds):
+    bad = clouds.clone()
+    bad[2, 5, 1] = float("nan")
+    bad[3, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"sample 2 \(1 points\), sample 3 \(1 points\)"):
+        check_points(bad)
+    with pytest.raises(ValueError, match="holds 10 points per cloud, fewer than the 16"):
+        check_points(clouds[:, :10], min_points=16)
+    with pytest.raises(ValueError, match=r"\(B, N, 3\).*\(4, 128, 6\)"):
+        check_points(torch.randn(4, 128, 6))
+    with pytest.raises(ValueError, match="channels-first"):
+        check_points(clouds.transpose(1, 2))

@@ -1,0 +1,197 @@
+"""PointGST (``"pointgst"``): counts, identity at init, bases once per forward, the PCSA math, gradients, files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modalpeft as mp
+from modalpeft.core.inject import hosts
+from modalpeft.pointcloud import PointGSTConfig, create_backbone
+from modalpeft.pointcloud.methods.pointgst import (
+    PCSA,
+    GraphBasis,
+    laplacian_eigenvectors,
+    pcsa_parameters,
+    profile_eigh_share,
+)
+
+C, DEPTH, G = 32, 2, 16  # point_mae_test
+CFG = {"rank": 4, "local_size": 8}
+
+
+def tiny(num_classes: int = 5, seed: int = 0):
+    torch.manual_seed(seed)
+    return create_backbone("point_mae_test", num_classes=num_classes).eval()
+
+
+def adapted(init_weights=True, **kwargs):
+    return mp.adapt(tiny(), PointGSTConfig(**{**CFG, **kwargs}, init_weights=init_weights), modules_to_save=["head"])
+
+
+def test_registered():
+    assert "pointgst" in mp.list_methods("pointcloud")
+    assert isinstance(mp.create_config("pointgst"), PointGSTConfig)
+    assert PointGSTConfig().rank == 36 and PointGSTConfig().local_size == 32
+
+
+def test_point_mae_count_is_622831():
+    model = mp.adapt(create_backbone("point_mae", num_classes=15), PointGSTConfig(), modules_to_save=["head"])
+    per_block = (384 * 36 + 36) + (36 * 36 + 36) + 4 * 36 + (36 * 384 + 384)  # down, adapt, 2 LNs, up
+    assert pcsa_parameters(384, 36) == per_block == 29_544
+    head = (768 * 256 + 256) + 512 + (256 * 256 + 256) + 512 + (256 * 15 + 15)
+    assert model.trainable_summary()["trainable"] == 12 * per_block + 2 * 384 + head == 622_831
+
+
+def test_tiny_count_and_placement():
+    model = adapted()
+    names = {name: type(host.adapters["default"]).__name__ for name, host in hosts(model.base_model)}
+    assert names == {
+        "pos_embed": "GraphBasis",
+        "blocks.0.mlp_residual": "PCSA",
+        "blocks.1.mlp_residual": "PCSA",
+        "class_token": "ParamDelta",
+    }
+    head = sum(p.numel() for p in model.head.parameters())
+    assert model.trainable_summary()["trainable"] == DEPTH * pcsa_parameters(C, 4) + 2 * C + head
+    only_first = mp.adapt(tiny(), PointGSTConfig(**CFG, target_modules=["blocks.0"]))
+    assert [n for n, _ in hosts(only_first.base_model) if n.startswith("blocks")] == ["blocks.0.mlp_residual"]
+
+
+def test_identity_at_init(clouds):
+    base = tiny()
+    with torch.no_grad():
+        expected = base(clouds)
+    model = mp.adapt(base, PointGSTConfig(**CFG), modules_to_save=["head"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(clouds), expected, rtol=0, atol=0)
+        random = adapted(init_weights=False).eval()
+        assert not torch.allclose(random(clouds), expected, atol=1e-3)
+        with random.disable_adapters():
+            torch.testing.assert_close(random(clouds), expected)
+
+
+def test_bases_computed_once_per_forward_and_shared(clouds, monkeypatch):
+    model = adapted(init_weights=False)
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(tuple(a.shape)) or eigh(a))
+    model(clouds)
+    assert calls == [(4 * G // 8, 8, 8), (4, G, G)]  # local chunks and the global graph, one batched call each
+    graph = model.pos_embed.adapters["default"]
+    pcsas = [b.mlp_residual.adapters["default"] for b in model.blocks]
+    assert isinstance(graph, GraphBasis) and all(isinstance(p, PCSA) for p in pcsas)
+    assert all(p.bases is graph.bases for p in pcsas) and graph.bases.calls == 1
+
+
+def _laplacian_reference(center: torch.Tensor) -> torch.Tensor:
+    """One graph per cloud, written out with loops; d_min over the whole batch as the official code."""
+    b, n, _ = center.shape
+    dist = torch.cdist(center.double(), center.double())
+    d_min = dist[dist > 0].min()
+    laps = []
+    for i in range(b):
+        a = torch.empty(n, n, dtype=torch.float64)
+        for r in range(n):
+            for c in range(n):
+                a[r, c] = 1.0 if r == c else d_min / dist[i, r, c]
+        d = torch.diag(a.sum(1).rsqrt())
+        laps.append(torch.eye(n, dtype=torch.float64) - d @ a @ d)
+    return torch.stack(laps)
+
+
+def test_laplacian_basis_matches_formula():
+    center = torch.randn(3, 10, 3, generator=torch.Generator().manual_seed(1))
+    U = laplacian_eigenvectors(center).double()
+    lap = _laplacian_reference(center)
+    eigvals = torch.linalg.eigvalsh(lap)
+    torch.testing.assert_close(
+        U.transpose(1, 2) @ U, torch.eye(10, dtype=torch.float64).expand(3, -1, -1), atol=1e-5, rtol=0
+    )
+    # U diagonalises L with ascending eigenvalues
+    torch.testing.assert_close(U.transpose(1, 2) @ lap @ U, torch.diag_embed(eigvals), atol=1e-5, rtol=0)
+    # d_min is batch-wide by default: cloud 0's basis changes when a closer pair exists in another cloud
+    other = center.clone()
+    other[2, 1] = other[2, 0] + 1e-3
+    assert not torch.allclose(
+        laplacian_eigenvectors(other)[0].abs(), laplacian_eigenvectors(center)[0].abs(), atol=1e-4
+    )
+    torch.testing.assert_close(
+        laplacian_eigenvectors(other, per_sample=True)[0], laplacian_eigenvectors(center, True)[0]
+    )
+
+
+def test_pcsa_math(clouds):
+    model = adapted(init_weights=False)
+    model(clouds)
+    pcsa = model.blocks[0].mlp_residual.adapters["default"]
+    bases = pcsa.bases
+    x = torch.randn(4, 1 + G, C)
+    with torch.no_grad():
+        out = pcsa.parallel(x)
+        for i in range(4):  # one cloud at a time, from the spec's formulas
+            h = pcsa.down(x[i])
+            xp = h[1:]
+            h = F.silu(h)
+            X = bases.U[i] @ xp
+            g = bases.U[i].T @ (X + F.silu(pcsa.adapt(pcsa.norm_global(X))))
+            s = xp[bases.order[i]].reshape(G // 8, 8, -1)
+            S = bases.local_U[i] @ s
+            loc = (bases.local_U[i].transpose(1, 2) @ (S + F.silu(pcsa.adapt(pcsa.norm_local(S))))).reshape(G, -1)
+            loc = loc[bases.inverse[i]]
+            expected = pcsa.up(torch.cat([h[:1], h[1:] + g + loc]))
+            torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=1e-5)
+        # the order groups z-sorted centres, and inverse undoes it
+        assert torch.equal(bases.order.gather(1, bases.inverse), torch.arange(G).expand(4, -1))
+
+
+def test_gradients_reach_only_trainable_parameters(clouds):
+    model = adapted(init_weights=False).train()
+    F.cross_entropy(model(clouds), torch.tensor([0, 1, 2, 3])).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    prefixes = ("base_model.blocks.", "base_model.class_token.adapters.", "base_model.head.")
+    assert trainable and all(n.startswith(prefixes) and (".adapters." in n or ".head." in n) for n in trainable)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_output_invariant_to_point_order_and_batch_with_sample_scale(clouds):
+    model = adapted(init_weights=False, min_distance="sample").eval()
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(clouds)
+        torch.testing.assert_close(model(clouds[:, perm]), full, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(clouds[1:2]), full[1:2], atol=1e-4, rtol=1e-4)
+
+
+def test_save_load_and_not_mergeable(clouds, tmp_path):
+    model = adapted(init_weights=False).eval()
+    with torch.no_grad():
+        expected = model(clouds)
+    model.save_adapter(tmp_path / "gst")
+    loaded = mp.load_adapter(tiny(), tmp_path / "gst").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(clouds), expected)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    base = model.unload()
+    assert not list(hosts(base))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="rank=0"):
+        PointGSTConfig(rank=0)
+    with pytest.raises(ValueError, match="min_distance='global'"):
+        PointGSTConfig(min_distance="global")
+    with pytest.raises(ValueError, match="local_size=32 does not divide the backbone's num_group=16"):
+        mp.adapt(tiny(), PointGSTConfig())
+
+
+def test_profile_eigh_share(clouds):
+    model = adapted()
+    stats = profile_eigh_share(model, (clouds, torch.tensor([0, 1, 2, 3])), steps=2, warmup=1)
+    assert stats["eigh_calls"] == 2 and 0 < stats["eigh_share"] < 1 and stats["step_time"] > stats["eigh_time"] > 0
