@@ -5,6 +5,7 @@ Nothing here unpickles: configs are JSON, tensors are safetensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +19,15 @@ from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks (the committed pretrained weights are checked with it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write(files: Mapping[str, Any], directory: str | os.PathLike[str]) -> None:

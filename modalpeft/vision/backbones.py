@@ -7,12 +7,13 @@ measured accuracy). It runs offline on a CPU: nothing is downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from ..core.state import sha256_of
 
 FMNIST_VIT_NAME = "vit_tiny_patch16_224"
 """The timm architecture name; :data:`FMNIST_VIT_KWARGS` shrink it."""
@@ -35,15 +36,6 @@ FMNIST_VIT_FILE = Path(__file__).resolve().parent / "pretrained" / "vit_fmnist.s
 
 FMNIST_VIT_SHA256 = "72f7ba682c36c599766ec97ea06cc06ae92236f96cbf68ab9aa8fa1dc29085ec"
 """sha256 of :data:`FMNIST_VIT_FILE`, checked before every load."""
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    """The hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fmnist_vit(

@@ -10,11 +10,11 @@ Lightning.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
+from ...core.state import sha256_of
 from ..backbones import PointTransformer, create_backbone
 
 MESHES_BACKBONE_KWARGS: dict[str, Any] = {
@@ -36,15 +36,6 @@ MESHES_SHA256 = "72fc303793857f62b7ab515929644852bcad4128f8e481d4c1b76aa97ac34a0
 
 
 # -- the weights --------------------------------------------------------------------------------------
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    """The hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_encoder(model: PointTransformer, path: str | os.PathLike[str]) -> str:
