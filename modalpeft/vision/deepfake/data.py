@@ -569,7 +569,7 @@ class LFWSplicedDataModule(VideoFramesDataModule):
         frames_per_video: frames per pseudo-video.
         image_size: output side (28: the project's Fashion-MNIST ViT).
         work_scale: upscaling factor of the faces before manipulation.
-        render_scale, feather: passed to :class:`~modalpeft.vision.deepfake.manipulate.Splice`.
+        render_scale, feather, colour_match: passed to :class:`~modalpeft.vision.deepfake.manipulate.Splice`.
         channels, mean, std, augment, batch_size, num_workers, seed, backbone: as :class:`VideoFramesDataModule`
             (``augment`` is off by default: the pseudo-videos carry their own jitter).
     """
@@ -585,6 +585,7 @@ class LFWSplicedDataModule(VideoFramesDataModule):
         work_scale: int = 4,
         render_scale: float = 0.35,
         feather: float = 0.25,
+        colour_match: bool = True,
         channels: int | None = 1,
         mean: list[float] | None = None,
         std: list[float] | None = None,
@@ -634,7 +635,9 @@ class LFWSplicedDataModule(VideoFramesDataModule):
                 real = pseudo_video(large[int(face)], hp.frames_per_video, hp.image_size, rng)
                 donor = int(chosen[(k + 1 + rng.integers(len(chosen) - 1)) % len(chosen)])
                 region = regions[(k + r) % len(regions)]
-                splice = Splice(region=region, feather=hp.feather, render_scale=hp.render_scale)
+                splice = Splice(
+                    region=region, feather=hp.feather, render_scale=hp.render_scale, colour_match=hp.colour_match
+                )
                 fake_face = splice(large[int(face)], large[donor], rng)
                 fake = pseudo_video(fake_face, hp.frames_per_video, hp.image_size, rng)
                 group = f"face{int(face)}"
