@@ -91,21 +91,12 @@ def test_python_dash_m_reports_errors_without_traceback(tmp_path) -> None:
 
 def test_demo_quick_runs_end_to_end(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--modality", "vision", "--out", str(out), "--tasks", "faces"]) == 0
+    everything = ["linear probe", "full fine-tuning", "lora (peft)", "bitfit", "adapter", "krona", "vpt", "ssf", "spt"]
+    argv = ["demo", "--quick", "--modality", "vision", "--out", str(out), "--tasks", "faces", "--methods"]
+    assert main([*argv, *everything]) == 0  # the default set plus KronA
     printed = capsys.readouterr().out
     report = json.loads((out / "vision" / "results.json").read_text())
-    names = [r["method"] for r in report["rows"]]
-    assert names == [
-        "linear probe",
-        "full fine-tuning",
-        "lora (peft)",
-        "bitfit",
-        "adapter",
-        "krona",
-        "vpt",
-        "ssf",
-        "spt",
-    ]
+    assert [r["method"] for r in report["rows"]] == everything
     assert report["all_checks_passed"] and report["settings"]["results_dir"] is None  # --quick writes no report
     for r in report["rows"]:
         assert r["method"] in printed and r["reload_ok"]
@@ -116,7 +107,18 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys) -> None:
     assert main(["inspect", str(out / "vision" / "adapters" / "faces" / "bitfit")]) == 0
 
 
-@pytest.mark.parametrize("argv", [[], ["inspect"], ["demo", "--steps", "many"], ["demo", "--seeds"]])
+def test_demo_runs_the_other_sections_quickly(tmp_path, capsys) -> None:
+    """``make demo`` wires the deepfake and point-cloud sections in; quick runs write no report in the repo."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--modality", "deepfake", "pointcloud", "--out", str(out)]) == 0
+    assert (out / "deepfake" / "results.json").is_file() and (out / "pointcloud" / "results.json").is_file()
+    printed = capsys.readouterr().out
+    assert "LN tuning" in printed and "pointgst" in printed
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["inspect"], ["demo", "--steps", "many"], ["demo", "--seeds"], ["demo", "--modality", "audio"]]
+)
 def test_bad_arguments_exit_2(argv, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(argv)
