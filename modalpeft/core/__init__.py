@@ -8,7 +8,7 @@ from .config import AdapterConfig
 from .layer import AdapterLayer, AdapterModule
 from .methods import *  # noqa: F403  (registers the generic methods)
 from .methods import __all__ as _method_configs
-from .model import AdaptedModel
+from .model import AdaptedModel, parameter_counts
 from .registry import MethodInfo, create_config, get_config_cls, get_method, list_methods, register_method
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "load_adapter",
+    "parameter_counts",
     "register_method",
     *_method_configs,
 ]

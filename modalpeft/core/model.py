@@ -34,6 +34,12 @@ def class_path(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts of any module, each shared parameter counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 class AdaptedModel(nn.Module):
     """A base model with one or more named adapters; behaves like the base model.
 
@@ -218,9 +224,7 @@ class AdaptedModel(nn.Module):
     # -- parameters and files ----------------------------------------------------------------------------
     def trainable_summary(self) -> dict[str, float]:
         """``{"trainable": int, "total": int, "percent": float}`` over unique parameters."""
-        params = {id(p): p for p in self.parameters()}.values()
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        total = sum(p.numel() for p in params)
+        trainable, total = parameter_counts(self)
         return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
 
     def print_trainable_parameters(self) -> None:

@@ -9,22 +9,27 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from modalpeft.core.model import parameter_counts
+from modalpeft.lightning.data import index_batches as batches
 from modalpeft.lightning.optim import build_optimizer, param_groups, warmup_cosine
+
+__all__ = [
+    "CHECK_RTOL",
+    "accuracy",
+    "batches",
+    "delta",
+    "dir_size",
+    "leftover_wrappers",
+    "logits_of",
+    "parameter_counts",
+    "same_outputs",
+    "train",
+]
 
 CHECK_RTOL = 1e-5
 """A reloaded or merged model must predict the same labels as the trained one, with logits within
 ``CHECK_RTOL * max(1, max |logit|)`` of its logits (float32 rounding: merging changes the order of sums, and
 BLAS results depend on memory alignment)."""
-
-
-def batches(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
-    """``steps`` index batches over ``n`` examples, epoch after epoch in seeded random order."""
-    g = torch.Generator().manual_seed(seed)
-    out: list[Tensor] = []
-    while len(out) < steps:
-        perm = torch.randperm(n, generator=g)
-        out.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
-    return out[:steps]
 
 
 def train(
@@ -64,12 +69,6 @@ def same_outputs(reference: Tensor, other: Tensor) -> tuple[float, bool]:
     diff = (other - reference).abs().max().item()
     tol = CHECK_RTOL * max(1.0, reference.abs().max().item())
     return diff, diff <= tol and bool((other.argmax(-1) == reference.argmax(-1)).all())
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` over unique parameters."""
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def dir_size(path: Path) -> int:

@@ -11,6 +11,17 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 
+def index_batches(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """``steps`` index batches over ``n`` examples, epoch after epoch in seeded random order (for plain training
+    loops on in-memory tensors, such as the demos')."""
+    g = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor] = []
+    while len(out) < steps:
+        perm = torch.randperm(n, generator=g)
+        out.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
+    return out[:steps]
+
+
 class EpochSeededSampler(Sampler[int]):
     """A shuffling sampler whose order depends only on ``(seed, epoch)``.
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.model import parameter_counts
 from ..core.state import atomic_write
 from .ops import farthest_point_sample, gather_points
 from .transforms import ScaleAndTranslate, fps_pool_size
@@ -147,12 +148,6 @@ class PeakMemory:
         if self.kind == "rss_hwm_growth":
             return max((_proc_status("VmHWM") or 0) - self.baseline, 0)
         return 0
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` over unique parameters."""
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 # -- the demo ---------------------------------------------------------------------------------------------------

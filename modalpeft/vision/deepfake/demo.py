@@ -34,7 +34,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
+from ...core.model import parameter_counts
 from ...core.state import atomic_write
+from ...lightning.data import index_batches as batches
 from ...lightning.optim import param_groups, warmup_cosine
 from .data import LFWSplicedDataModule, stack_split
 from .detector import DeepfakeModel, feature_loss, prepare_detector
@@ -122,22 +124,6 @@ def weights_available() -> bool:
     from ..backbones import FMNIST_VIT_FILE
 
     return FMNIST_VIT_FILE.is_file()
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` over unique parameters."""
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def batches(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
-    """``steps`` index batches over ``n`` examples, epoch after epoch in seeded random order."""
-    g = torch.Generator().manual_seed(seed)
-    out: list[Tensor] = []
-    while len(out) < steps:
-        perm = torch.randperm(n, generator=g)
-        out.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
-    return out[:steps]
 
 
 @torch.no_grad()
