@@ -133,9 +133,13 @@ class AdapterTask(pl.LightningModule):
                 f"method {adapter.method!r} scores parameters on training data: run the task with a datamodule, or set "
                 f"{type(adapter).__name__}.{adapter.data_field} yourself."
             )
+        device = self.trainer.strategy.root_device
         adapter = copy.copy(adapter)
-        setattr(adapter, adapter.data_field, datamodule.train_dataloader())
-        self.model.to(self.trainer.strategy.root_device)  # score on the accelerator, not on the CPU
+        # a data module may serve the method other data than its training loader (``adapter_data(device)``:
+        # a DataLoader or a callable giving batches), e.g. training clouds resampled as at test time
+        provide = getattr(datamodule, "adapter_data", None)
+        setattr(adapter, adapter.data_field, provide(device) if provide is not None else datamodule.train_dataloader())
+        self.model.to(device)  # score on the accelerator, not on the CPU
         self.model = prepare_backbone(self.model, adapter, modules_to_save)
         self._pending = None
 

@@ -25,10 +25,11 @@ needs, labels out of range) gets a ``ValueError`` naming the file and sample.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -322,6 +323,11 @@ class PointCloudDataModule(pl.LightningDataModule):
         views = [self.eval_points(points)]
         views += [self.vote_augment(self.resample(points, generator), generator) for _ in range(self.vote)]
         return torch.stack(views)
+
+    def adapter_data(self, device: torch.device | str | None = None) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
+        """What :class:`~modalpeft.lightning.AdapterTask` hands a method that needs data when it is applied
+        (Point-PEFT's memory bank): :meth:`memory_batches` on ``device``."""
+        return functools.partial(self.memory_batches, device)
 
     def memory_batches(self, device: torch.device | str | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """The training clouds in order, resampled as at evaluation (FPS to ``num_points``) on ``device``: the data a

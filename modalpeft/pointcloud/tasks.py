@@ -9,8 +9,6 @@ views' logits (as the official ``validate_vote``) ``test/acc_vote`` and ``test/m
 
 from __future__ import annotations
 
-import copy
-import functools
 from typing import Any
 
 import torchmetrics
@@ -19,7 +17,7 @@ from torch import Tensor, nn
 
 from ..core.config import AdapterConfig
 from ..lightning.optim import OptimizerName, SchedulerName
-from ..lightning.task import Baseline, ClassificationTask, prepare_backbone
+from ..lightning.task import Baseline, ClassificationTask
 from .backbones import PointTransformer, create_backbone
 
 
@@ -100,21 +98,6 @@ class PointCloudClassificationTask(ClassificationTask):
         self.val_metrics = collection.clone(prefix="val/")
         self.test_metrics = collection.clone(prefix="test/")
         self.vote_metrics = collection.clone(prefix="test/", postfix="_vote")
-
-    def configure_model(self) -> None:
-        if self._pending is None:
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "memory_batches"):
-            super().configure_model()  # the base fills the data field with the plain training loader
-            return
-        adapter, modules_to_save = self._pending
-        device = self.trainer.strategy.root_device
-        adapter = copy.copy(adapter)
-        setattr(adapter, adapter.data_field, functools.partial(datamodule.memory_batches, device))
-        self.model.to(device)
-        self.model = prepare_backbone(self.model, adapter, modules_to_save)
-        self._pending = None
 
     def logits(self, points: Tensor) -> tuple[Tensor, Tensor | None]:
         """The logits of the plain view, and the voted (mean) logits when ``points`` holds ``1 + V`` views."""
