@@ -30,6 +30,27 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def read_verified_weights(path: str | os.PathLike[str], sha256: str, owner: str, hint: str) -> dict[str, torch.Tensor]:
+    """The tensors of a committed safetensors file, after checking it is there and its sha256 is ``sha256``.
+
+    ``owner`` names the caller in the messages; ``hint`` says where the file comes from and what to do instead.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: its sha256 differs (a corrupted or replaced file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{owner}: weights file {str(path)!r} does not exist; {hint}")
+    digest = sha256_of(path)
+    if digest != sha256:
+        raise ValueError(
+            f"{owner}: sha256 mismatch for {str(path)!r}: got {digest}, expected {sha256}. The file is corrupted or "
+            f"was replaced; {hint}"
+        )
+    return load_file(str(path))
+
+
 def atomic_write(files: Mapping[str, Any], directory: str | os.PathLike[str]) -> None:
     """Write several files into ``directory`` so that either all of them change or none does.
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.state import sha256_of
+from ..core.state import read_verified_weights, sha256_of
 
 FMNIST_VIT_NAME = "vit_tiny_patch16_224"
 """The timm architecture name; :data:`FMNIST_VIT_KWARGS` shrink it."""
@@ -70,22 +70,14 @@ def fmnist_vit(
         raise ValueError(f"num_classes={num_classes!r} must be a non-negative integer (0: no head) or None.")
     model = timm.create_model(FMNIST_VIT_NAME, pretrained=False, drop_path_rate=drop_path_rate, **FMNIST_VIT_KWARGS)
     if pretrained:
-        from safetensors.torch import load_file
-
-        path = Path(checkpoint_path) if checkpoint_path is not None else FMNIST_VIT_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"fmnist_vit: weights file {str(path)!r} does not exist; it ships with modalpeft "
-                "(modalpeft/vision/pretrained/vit_fmnist.safetensors). Reinstall modalpeft, or pass pretrained=False."
-            )
-        digest = sha256_of(path)
-        if digest != FMNIST_VIT_SHA256:
-            raise ValueError(
-                f"fmnist_vit: sha256 mismatch for {str(path)!r}: got {digest}, expected {FMNIST_VIT_SHA256} (the "
-                "committed file; see modalpeft/vision/pretrained/README.md). The file is corrupted or was replaced; "
-                "restore it, or load other weights with modalpeft.lightning.timm_backbone(checkpoint_path=...)."
-            )
-        model.load_state_dict(load_file(str(path)), strict=True)
+        state = read_verified_weights(
+            checkpoint_path if checkpoint_path is not None else FMNIST_VIT_FILE,
+            FMNIST_VIT_SHA256,
+            "fmnist_vit",
+            "it ships with modalpeft (modalpeft/vision/pretrained/, see its README.md): reinstall or restore it, pass "
+            "pretrained=False, or load other weights with modalpeft.lightning.timm_backbone(checkpoint_path=...).",
+        )
+        model.load_state_dict(state, strict=True)
     if num_classes is not None and num_classes != FMNIST_VIT_KWARGS["num_classes"]:
         model.reset_classifier(num_classes)
     return model

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ...core.state import sha256_of
+from ...core.state import read_verified_weights, sha256_of
 from ..backbones import PointTransformer, create_backbone
 
 MESHES_BACKBONE_KWARGS: dict[str, Any] = {
@@ -81,21 +81,15 @@ def pretrained_backbone(
     kwargs.update({k: v for k, v in (("num_group", num_group), ("group_size", group_size)) if v is not None})
     model = create_backbone("point_mae", num_classes=num_classes, **kwargs)
     if pretrained:
-        from safetensors.torch import load_file
-
-        path = Path(checkpoint_path) if checkpoint_path is not None else MESHES_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"pretrained_backbone: weights file {str(path)!r} does not exist; it ships with modalpeft "
-                "(modalpeft/pointcloud/pretrained/). Reinstall modalpeft, or pass pretrained=False."
-            )
-        digest = sha256_of(path)
-        if digest != MESHES_SHA256:
-            raise ValueError(
-                f"pretrained_backbone: sha256 mismatch for {str(path)!r}: got {digest}, expected {MESHES_SHA256} (see "
-                "modalpeft/pointcloud/pretrained/README.md). The file is corrupted or was replaced; restore it."
-            )
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        path = checkpoint_path if checkpoint_path is not None else MESHES_FILE
+        tensors = read_verified_weights(
+            path,
+            MESHES_SHA256,
+            "pretrained_backbone",
+            "it ships with modalpeft (modalpeft/pointcloud/pretrained/, see its README.md): reinstall or restore it, "
+            "or pass pretrained=False.",
+        )
+        state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         bad_missing = [k for k in missing if not k.startswith(("head.", "class_token."))]
         if bad_missing or unexpected:
