@@ -56,8 +56,7 @@ from torch import Tensor, nn
 import modalpeft as mp
 from modalpeft.core.inject import modules_to_save_modules
 from modalpeft.core.peft_bridge import is_peft_config
-
-from .memory import MemoryProbe
+from modalpeft.lightning.memory import MemoryProbe
 
 Baseline = Literal["full", "head_only"]
 BASELINES: tuple[str, ...] = ("full", "head_only")

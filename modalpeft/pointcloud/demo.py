@@ -25,7 +25,6 @@ and ``<out>/results.json``.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import statistics
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 
 from ..core.model import parameter_counts
 from ..core.state import atomic_write
+from ..lightning.memory import MemoryProbe
 from .ops import farthest_point_sample, gather_points
 from .transforms import ScaleAndTranslate, fps_pool_size
 
@@ -99,55 +99,6 @@ class Result:
     peak_memory: int
     peak_memory_kind: str
     train_seconds: float
-
-
-# -- measurement helpers ----------------------------------------------------------------------------------------
-
-
-def _proc_status(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-class PeakMemory:
-    """Peak memory growth over a block of work, in bytes: CUDA ``max_memory_allocated`` growth on a GPU; on CPU the
-    process RSS high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) above the RSS at the start
-    (``kind`` says which; ``"unavailable"`` gives 0). The same measure as ``benchmarks/memory.py``."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.baseline, self.kind = device, 0, "unavailable"
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline, self.kind = torch.cuda.memory_allocated(self.device), "cuda_max_allocated_growth"
-            return self
-        rss = _proc_status("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            return self
-        if rss is not None and _proc_status("VmHWM") is not None:
-            self.baseline, self.kind = rss, "rss_hwm_growth"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def growth(self) -> int:
-        if self.kind == "cuda_max_allocated_growth":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - self.baseline
-        if self.kind == "rss_hwm_growth":
-            return max((_proc_status("VmHWM") or 0) - self.baseline, 0)
-        return 0
 
 
 # -- the demo ---------------------------------------------------------------------------------------------------
@@ -273,9 +224,10 @@ class Demo:
             best: tuple | None = None
             for lr in self.s.lrs[name]:
                 model = prepare(self.backbone())
-                with PeakMemory(self.device) as probe:
-                    seconds, times = self.train(model, lr, batches)
-                    peak = probe.growth()
+                probe = MemoryProbe(self.device)
+                probe.start()
+                seconds, times = self.train(model, lr, batches)
+                peak = probe.peak_growth()
                 val = self.evaluate(model, "val")[0] if len(self.val_labels) else 0.0
                 if best is None or val > best[1]:
                     best = (lr, val, model, seconds, times, peak, probe.kind)

@@ -1,6 +1,6 @@
 """Peak memory growth of a block of work: process RSS on CPU, the caching allocator on CUDA.
 
-See :mod:`benchmarks.harness` for how the numbers are used.
+Used by the benchmark harness (``benchmarks/harness.py``) and the demos that report memory.
 """
 
 from __future__ import annotations
