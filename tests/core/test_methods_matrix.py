@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import peft
@@ -21,6 +20,8 @@ from torch import nn
 
 import modalpeft as mp
 from modalpeft.core.inject import attention_children, base_modules
+from modalpeft.pointcloud.methods.point_peft import point_peft_parameters
+from modalpeft.pointcloud.methods.pointgst import pcsa_parameters
 from modalpeft.vision.methods.spt import compute_sensitivity, select
 
 from .toy_models import TOY_MODELS, make
@@ -90,7 +91,7 @@ def ssf_count(model: nn.Module, cfg: Any) -> int:
             continue
         if isinstance(m, nn.Linear):
             total += m.out_features
-        elif isinstance(m, nn.Conv2d):
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             total += m.out_channels
         elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
             total += m.weight.numel()
@@ -125,7 +126,6 @@ class Case:
     mergeable: bool = True
     peft: bool = False
     skip: set[str] = field(default_factory=set)
-    tested_in: str | None = None  # methods for a model family the toy models lack: where their invariants are tested
 
 
 def native(name: str, per_model: dict[str, dict | None]) -> Callable[[str, Any], Any]:
@@ -147,6 +147,29 @@ def via_peft(cls: type, init_field: str | None, per_model: dict[str, dict | None
 
 
 ALL = {m: {} for m in TOY_MODELS}
+
+
+def pointgst_count(model: nn.Module, cfg: Any) -> int:
+    """One PCSA per block, plus the class token and its position."""
+    return len(model.blocks) * pcsa_parameters(model.embed_dim, cfg.rank) + 2 * model.embed_dim
+
+
+POINT_PEFT = {"top_k": 3, "prompt_blocks": 1, "num_anchors": 8, "num_neighbors": 4}
+
+
+def point_peft_build(model: str, init: Any) -> Any:
+    """Point-PEFT on the point transformer, its memory bank from two batches of random clouds."""
+    if model != "points":
+        return None
+    g = torch.Generator().manual_seed(1)
+    memory = [(torch.randn(4, 128, 3, generator=g), torch.arange(4) % 4) for _ in range(2)]
+    return mp.create_config("point_peft", init_weights=init, memory_data=memory, **POINT_PEFT)
+
+
+def point_peft_count(model: nn.Module, cfg: Any) -> int:
+    return point_peft_parameters(model.embed_dim, len(model.blocks), cfg)
+
+
 CASES: dict[str, Case] = {
     "bitfit": Case(native("bitfit", ALL), bitfit_count),
     "adapter": Case(
@@ -229,19 +252,15 @@ CASES: dict[str, Case] = {
         random=True,
         peft=True,
     ),
-    # point-transformer methods (PointGST's spectral bases need group centres; Point-PEFT a memory bank)
-    "pointgst": Case(lambda model, init: None, lambda m, c: 0, tested_in="tests/pointcloud/test_pointgst.py"),
-    "point_peft": Case(lambda model, init: None, lambda m, c: 0, tested_in="tests/pointcloud/test_point_peft.py"),
+    # point-transformer methods: PointGST's spectral bases need group centres, Point-PEFT a memory bank
+    "pointgst": Case(native("pointgst", {"points": {"rank": 4, "local_size": 4}}), pointgst_count, mergeable=False),
+    "point_peft": Case(point_peft_build, point_peft_count, identity=None, mergeable=False),
 }
 
 
 def test_every_registered_method_has_a_case() -> None:
     missing = sorted(set(mp.list_methods()) - set(CASES))
     assert not missing, f"add these methods to CASES in {__file__}: {missing}"
-    root = Path(__file__).resolve().parents[2]
-    for name, case in CASES.items():
-        if case.tested_in is not None:  # identity at init, exact counts, save/load live there
-            assert (root / case.tested_in).is_file(), f"{name}: {case.tested_in} does not exist"
 
 
 PARAMS = [

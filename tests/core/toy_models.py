@@ -72,7 +72,16 @@ def tiny_vit() -> nn.Module:
     return model
 
 
-TOY_MODELS = {"mlp": MLP, "conv": ConvNet, "vit": tiny_vit, "mha": MHAModel}
+def tiny_point_transformer() -> nn.Module:
+    """modalpeft's Point-MAE encoder in its test size (width 32, 2 blocks, 16 groups; clouds of 128 points)."""
+    from modalpeft.pointcloud import create_backbone
+
+    model = create_backbone("point_mae_test", num_classes=4)
+    model.make_input = lambda: torch.randn(2, 128, 3)
+    return model
+
+
+TOY_MODELS = {"mlp": MLP, "conv": ConvNet, "vit": tiny_vit, "mha": MHAModel, "points": tiny_point_transformer}
 
 
 def make(name: str, seed: int = 0) -> nn.Module:
