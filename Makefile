@@ -29,8 +29,9 @@ demo: setup  ## the embedded end-to-end demo, offline (MODALITY=vision for one s
 test: setup  ## the test suite, offline (PYTEST_ARGS="-k cli -x" to narrow it)
 	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: setup  ## the side-by-side benchmarks (BENCH_ARGS="--model vit_tiny_test" for a quick check)
+bench: setup  ## the side-by-side benchmarks: ViT-B/16 (BENCH_ARGS="--model vit_tiny_test" for a quick check), then Point-MAE
 	$(OFFLINE) $(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+	$(OFFLINE) $(BIN)/python -m benchmarks.pointcloud
 
 style: setup  ## format and lint (ruff, configured in pyproject.toml)
 	$(BIN)/ruff format .

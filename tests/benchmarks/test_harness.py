@@ -165,3 +165,17 @@ def test_run_model_factory_is_picklable():
 
     factory = functools.partial(run.build_model, **run.MODELS["vit_tiny_test"])
     assert pickle.loads(pickle.dumps(factory))().num_classes == run.NUM_CLASSES
+
+
+def test_pointcloud_run_covers_every_point_method():
+    from benchmarks import pointcloud
+
+    chosen = pointcloud.candidates("point_mae_test", batch=2)
+    names = [c.name for c in chosen]
+    assert names[:3] == ["full", "head_only", "lora"]
+    point_methods = {m for m in mp.list_methods() if mp.get_method(m).modality == "pointcloud"}
+    assert point_methods and point_methods <= set(names)
+    x, _ = pointcloud.synthetic_batch(2, pointcloud.MODELS["point_mae_test"]["points"])
+    for c in chosen[2:]:  # every setting builds on the test model and runs
+        model = mp.adapt(pointcloud.build_model("point_mae_test"), copy.deepcopy(c.config), modules_to_save=["head"])
+        assert model(x).shape == (2, pointcloud.NUM_CLASSES)

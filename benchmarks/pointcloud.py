@@ -1,0 +1,118 @@
+"""Point-cloud methods on the Point-MAE encoder (random weights), side by side with the baselines.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.pointcloud                                 # Point-MAE, batch 8
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.pointcloud --model point_mae_test --threads 1  # seconds: a check
+
+Candidates: full fine-tuning, the head only, peft LoRA r=8 on ``qkv``, PointGST (rank 36) and Point-PEFT
+(its memory bank built from the synthetic batches), all through :func:`benchmarks.harness.measure`, so the columns
+are those of the ViT run (parameters, file size, peak memory, step time, the ratios to full fine-tuning, the head
+and LoRA) — the cost columns of PointGST's STAG comparison. It also reports the share of a PointGST training step
+spent in ``torch.linalg.eigh`` (:func:`modalpeft.pointcloud.methods.pointgst.profile_eigh_share`). Input: random
+clouds ``(batch, points, 3)`` and random labels; the run measures cost, not accuracy (``make demo`` reports
+accuracy on the offline mesh set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from torch import Tensor, nn
+
+import modalpeft as mp
+from modalpeft.pointcloud import create_backbone
+from modalpeft.pointcloud.methods.pointgst import profile_eigh_share
+
+from .harness import Candidate, default_device, measure
+from .report import render
+
+NUM_CLASSES = 15
+MODELS: dict[str, dict[str, Any]] = {
+    "point_mae": {"points": 1024, "pointgst": {}, "point_peft": {}},
+    "point_mae_test": {
+        "points": 128,
+        "pointgst": {"rank": 4, "local_size": 4},
+        "point_peft": {"top_k": 3, "prompt_blocks": 1, "num_anchors": 8, "num_neighbors": 4},
+    },
+}
+"""``create_backbone`` names, the cloud size each is configured for, and the method settings (the papers' for
+Point-MAE; sizes that fit the 16-group test model)."""
+
+
+def build_model(name: str) -> nn.Module:
+    return create_backbone(name, num_classes=NUM_CLASSES)
+
+
+def synthetic_batch(batch: int, points: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, points, 3, generator=g), torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+
+
+def candidates(model: str, batch: int) -> list[Candidate]:
+    preset = MODELS[model]
+    memory = [synthetic_batch(batch, preset["points"], seed) for seed in (1, 2)]
+    return [
+        Candidate("full", "full"),
+        Candidate("head_only", "head_only"),
+        Candidate("lora", peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"])),
+        Candidate("pointgst", mp.PointGSTConfig(**preset["pointgst"])),
+        Candidate("point_peft", mp.PointPEFTConfig(memory_data=memory, **preset["point_peft"])),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="point_mae", choices=list(MODELS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (and inference forwards)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when there is one)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    args = parser.parse_args(argv)
+
+    points = MODELS[args.model]["points"]
+    device = args.device or default_device()
+    stem = f"{args.model}_b{args.batch}_{device.replace(':', '')}"
+    run_info = {"model": args.model, "batch": args.batch, "input_size": [points, 3], "metric": None}
+    run_info["note"] = "random weights and synthetic clouds: a cost-only run, metric is n/a"
+    start = time.perf_counter()
+    records = measure(
+        functools.partial(build_model, args.model),
+        candidates(args.model, args.batch),
+        batch_factory=functools.partial(synthetic_batch, args.batch, points),
+        loss_fn=nn.functional.cross_entropy,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device,
+        modules_to_save=["head"],
+        out_dir=args.out,
+        run_name=stem,
+        run_info=run_info,
+        threads=args.threads,
+        on_error="record",
+        progress=True,
+    )
+    table, _ = render(records, args.out / stem, run_info)
+    print(table)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = mp.adapt(
+        build_model(args.model), mp.PointGSTConfig(**MODELS[args.model]["pointgst"]), modules_to_save=["head"]
+    ).to(device)
+    batch = tuple(t.to(device) for t in synthetic_batch(args.batch, points))
+    eigh = profile_eigh_share(model, batch, steps=args.steps, warmup=args.warmup)
+    print(f"PointGST: {eigh}")
+    print(f"{run_info['note']}. Wrote {args.out / stem}.json and .md in {time.perf_counter() - start:.0f} s.")
+    return 1 if any(r.get("error") for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
