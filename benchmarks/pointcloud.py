@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,8 @@ import modalpeft as mp
 from modalpeft.pointcloud import create_backbone
 from modalpeft.pointcloud.methods.pointgst import profile_eigh_share
 
-from .harness import Candidate, default_device, measure
-from .report import render
+from .harness import Candidate, default_device
+from .run import measure_and_report
 
 NUM_CLASSES = 15
 MODELS: dict[str, dict[str, Any]] = {
@@ -82,25 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"{args.model}_b{args.batch}_{device.replace(':', '')}"
     run_info = {"model": args.model, "batch": args.batch, "input_size": [points, 3], "metric": None}
     run_info["note"] = "random weights and synthetic clouds: a cost-only run, metric is n/a"
-    start = time.perf_counter()
-    records = measure(
+    records = measure_and_report(
         functools.partial(build_model, args.model),
         candidates(args.model, args.batch),
-        batch_factory=functools.partial(synthetic_batch, args.batch, points),
-        loss_fn=nn.functional.cross_entropy,
-        steps=args.steps,
-        warmup=args.warmup,
-        device=device,
-        modules_to_save=["head"],
-        out_dir=args.out,
-        run_name=stem,
-        run_info=run_info,
-        threads=args.threads,
-        on_error="record",
-        progress=True,
+        functools.partial(synthetic_batch, args.batch, points),
+        args,
+        device,
+        stem,
+        run_info,
     )
-    table, _ = render(records, args.out / stem, run_info)
-    print(table)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -110,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     batch = tuple(t.to(device) for t in synthetic_batch(args.batch, points))
     eigh = profile_eigh_share(model, batch, steps=args.steps, warmup=args.warmup)
     print(f"PointGST: {eigh}")
-    print(f"{run_info['note']}. Wrote {args.out / stem}.json and .md in {time.perf_counter() - start:.0f} s.")
     return 1 if any(r.get("error") for r in records) else 0
 
 

@@ -114,6 +114,40 @@ def candidates(embed_dim: int, input_size: tuple[int, int, int]) -> list[Candida
     return out
 
 
+def measure_and_report(
+    factory: Any,
+    chosen: list[Candidate],
+    batch_factory: Any,
+    args: argparse.Namespace,
+    device: str,
+    stem: str,
+    run_info: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """:func:`measure` with the command line's settings (cross-entropy, the ``head`` trained too, failures
+    recorded), then the table printed and written to ``<out>/<stem>.json`` / ``.md``; returns the records."""
+    start = time.perf_counter()
+    records = measure(
+        factory,
+        chosen,
+        batch_factory=batch_factory,
+        loss_fn=nn.functional.cross_entropy,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device,
+        modules_to_save=["head"],
+        out_dir=args.out,
+        run_name=stem,
+        run_info=run_info,
+        threads=args.threads,
+        on_error="record",
+        progress=True,
+    )
+    table, _ = render(records, args.out / stem, run_info)
+    print(table)
+    print(f"{run_info['note']}. Wrote {args.out / stem}.json and .md in {time.perf_counter() - start:.0f} s.")
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_base_patch16_224", help=f"a preset {list(MODELS)} or a timm name")
@@ -147,26 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     run_info = {"model": args.model, "batch": args.batch, "input_size": list(input_size), "metric": None}
     run_info["note"] = "random weights and synthetic data: a cost-only run, metric is n/a"
 
-    start = time.perf_counter()
-    records = measure(
-        factory,
-        chosen,
-        batch_factory=functools.partial(synthetic_batch, args.batch, input_size),
-        loss_fn=nn.functional.cross_entropy,
-        steps=args.steps,
-        warmup=args.warmup,
-        device=device,
-        modules_to_save=["head"],
-        out_dir=args.out,
-        run_name=stem,
-        run_info=run_info,
-        threads=args.threads,
-        on_error="record",
-        progress=True,
+    records = measure_and_report(
+        factory, chosen, functools.partial(synthetic_batch, args.batch, input_size), args, device, stem, run_info
     )
-    table, _ = render(records, args.out / stem, run_info)
-    print(table)
-    print(f"{run_info['note']}. Wrote {args.out / stem}.json and .md in {time.perf_counter() - start:.0f} s.")
     return 1 if any(r.get("error") for r in records) else 0
 
 
