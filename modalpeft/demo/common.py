@@ -33,13 +33,18 @@ BLAS results depend on memory alignment)."""
 
 
 def train(
-    model: nn.Module, data: tuple[Tensor, Tensor], order: list[Tensor], lr: float, weight_decay: float = 0.05
+    model: nn.Module,
+    data: tuple[Tensor, Tensor],
+    order: list[Tensor],
+    lr: float,
+    weight_decay: float = 0.05,
+    optimizer: str = "adamw",
 ) -> float:
-    """Train the parameters that require grad on the batches ``order`` with AdamW, 10% linear warm-up and
-    cosine decay, decaying only what the papers decay (:func:`modalpeft.lightning.optim.param_groups`, as the
-    recipes do); returns the seconds taken."""
+    """Train the parameters that require grad on the batches ``order`` with AdamW (or ``optimizer="sgd"``, momentum
+    0.9), 10% linear warm-up and cosine decay, decaying only what the papers decay
+    (:func:`modalpeft.lightning.optim.param_groups`, as the recipes do); returns the seconds taken."""
     x, y = data
-    opt = build_optimizer(param_groups(model, weight_decay), "adamw", lr)
+    opt = build_optimizer(param_groups(model, weight_decay), optimizer, lr)
     sched = warmup_cosine(opt, len(order), max(1, len(order) // 10))
     model.train()
     start = time.perf_counter()

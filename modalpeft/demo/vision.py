@@ -106,6 +106,9 @@ for the contenders whose best was 3e-2 or that had not collapsed there (linear p
 SSF); linear probe, BitFit and VPT picked 1e-1, the top of what was tried. KronA (not in the default set) was not
 tuned. The validation accuracies are in ``docs/results/vision_lr_grid.md``."""
 
+TARGETED = ("lora (peft)", "vpt", "ssf", "spt")
+"""The contenders the issue sets targets for (the others are baselines)."""
+
 LR_GRID: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
@@ -119,7 +122,10 @@ class VisionSettings:
     methods: tuple[str, ...] = tuple(c.name for c in CONTENDERS if c.name != "krona")
     """The issue's eight contenders; KronA (a core method) runs with ``--methods``."""
     seeds: int = 1
-    steps: int = 150
+    steps: int = 300
+    """About 10 epochs of train800val200 at batch 32. At 150 steps (5 epochs) every adapter still gained from
+    training longer (on ``count``, seed 0, 150 -> 450 steps: full fine-tuning 95.5 -> 96.8, SSF 90.7 -> 96.2,
+    SPT 85.0 -> 94.2, VPT-deep 57.2 -> 76.7); 300 keeps ``make demo`` within its time budget."""
     batch_size: int = 32
     lr_grid: bool = False
     threads: int = 1
@@ -484,11 +490,15 @@ def write_markdown(
         if r.kind == "reference" or full is None or linear is None:
             continue
         share = r.trainable_params / full.trainable_params
-        gap = 100 * (r.mean - full.mean)
+        gap, over_linear = 100 * (r.mean - full.mean), 100 * (r.mean - linear.mean)
+        met = gap >= -2 and over_linear > 2 and share < 0.05
         verdicts.append(
-            f"- {r.method}: {100 * (r.mean - linear.mean):+.1f} points over linear probing, {gap:+.1f} against full "
+            f"- {r.method}: {over_linear:+.1f} points over linear probing, {gap:+.1f} against full "
             f"fine-tuning, with {100 * share:.2f}% of its trainable parameters"
+            + (f": {'met' if met else 'NOT met'}" if r.method in TARGETED else " (a baseline; no target)")
         )
+        if r.method == "vpt" and not met:
+            verdicts.append("  (what was checked before accepting VPT-deep's shortfall: `vision_vpt.md`)")
     bench = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "vit_base_patch16_224_b8_cpu.md"
     lines = [
         "# Vision results",
