@@ -15,6 +15,7 @@ from modalpeft.pointcloud.meshes import (
     pretraining_sources,
     sample_surface,
     scan_like,
+    scan_parts,
 )
 
 
@@ -57,6 +58,14 @@ def test_scan_like_cuts_and_adds_background() -> None:
     # a floor patch: many points share the lowest height (within the noise), as a scanned object's support
     low = scan[:, 1] < scan[:, 1].min() + 0.05
     assert low.mean() > 0.05
+    for seed in range(5):  # the background lies in the object's box, widened by 10-30% per horizontal side
+        visible, background = scan_parts(obj, 1024, np.random.default_rng(seed))
+        assert len(visible) + len(background) == 1024 and 0.10 <= len(background) / 1024 <= 0.20
+        low_corner, high_corner = visible.min(0), visible.max(0)
+        margin = 0.3 * (high_corner - low_corner) + 1e-6
+        assert (background[:, [0, 2]] >= (low_corner - margin)[[0, 2]]).all()
+        assert (background[:, [0, 2]] <= (high_corner + margin)[[0, 2]]).all()
+        assert (background[:, 1] >= low_corner[1] - 0.03).all() and (background[:, 1] <= high_corner[1] + 1e-6).all()
     clean = object_points("sphere", 1024, np.random.default_rng(0))
     assert abs(np.linalg.norm(clean, axis=1).std()) < 0.05  # a clean sphere: one radius
     assert np.linalg.norm(scan - scan.mean(0), axis=1).std() > 0.1  # the scan is not
