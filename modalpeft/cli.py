@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the markdown reports go (default: docs/results; '' for none; --quick writes none)",
     )
     p.add_argument("--seeds", type=int, help="seeds per method and task (vision default: 1; docs/results/vision.md: 3)")
-    p.add_argument("--steps", type=int, help="training steps per run (vision default: 300)")
+    p.add_argument("--steps", type=int, help="training steps per run (vision default: 300, point clouds: 150)")
     p.add_argument("--batch-size", type=int, help="batch size (vision default: 32)")
     p.add_argument("--threads", type=int, help="CPU threads for torch per process (default: 1)")
     p.add_argument("--workers", type=int, help="vision: processes training side by side (default: 2)")

@@ -59,7 +59,8 @@ def _pointcloud(quick: bool, out: Path, results_dir: str | None, console: Consol
     from modalpeft.pointcloud import demo
 
     report = None if quick or not results_dir else Path(results_dir) / "pointcloud.md"
-    demo.run(quick, out / "pointcloud", report_path=report, console=console)
+    options = {k: overrides[k] for k in ("steps",) if overrides.get(k) is not None}
+    demo.run(quick, out / "pointcloud", report_path=report, console=console, **options)
     return True
 
 
@@ -93,7 +94,7 @@ def run_demo(
     """Run the sections ``modalities`` (default: all); returns 0 when every check passed, else 1.
 
     ``overrides`` go to the sections that take them (for vision: ``seeds``, ``steps``, ``batch_size``,
-    ``lr_grid``, ``threads``, ``tasks``, ``methods``).
+    ``lr_grid``, ``threads``, ``tasks``, ``methods``; for point clouds: ``steps``).
     """
     console = console or Console()
     names = list(SECTIONS) if not modalities else list(modalities)
