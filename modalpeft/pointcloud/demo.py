@@ -322,6 +322,17 @@ def markdown(results: list[Result], settings: DemoSettings, meta: dict[str, Any]
         "A single short schedule can flatter the adapters while full fine-tuning is still climbing: the same run at",
         "3x the steps is in `pointcloud_schedule.md`.",
     ]
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "point_mae_b8_cpu.md"
+    if bench.is_file():  # in a source checkout: the full-size cost run
+        lines += [
+            "",
+            "## Cost on the full-size Point-MAE (`python -m benchmarks.pointcloud`)",
+            "",
+            "C=384, 12 blocks, 64 groups of 32, 1,024 points, 15 classes, random weights; from "
+            "`benchmarks/results/point_mae_b8_cpu.md`:",
+            "",
+            bench.read_text().strip(),
+        ]
     return "\n".join(lines) + "\n"
 
 
