@@ -31,7 +31,7 @@ of 3 heads, 32 groups of 16 points from 512-point clouds; 3.09M encoder paramete
 MESHES_FILE = Path(__file__).resolve().parent / "point_mae_meshes.safetensors"
 """The committed encoder weights (float16; :class:`PointTransformer` key names, no head)."""
 
-MESHES_SHA256 = "72fc303793857f62b7ab515929644852bcad4128f8e481d4c1b76aa97ac34a0b"
+MESHES_SHA256 = "fd8f06be9684086c08c1cb596759deee7a0ddca79fda40ce07cc12af09561069"
 """sha256 of :data:`MESHES_FILE`, checked before every load."""
 
 
