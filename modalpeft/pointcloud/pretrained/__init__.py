@@ -31,7 +31,7 @@ of 3 heads, 32 groups of 16 points from 512-point clouds; 3.09M encoder paramete
 MESHES_FILE = Path(__file__).resolve().parent / "point_mae_meshes.safetensors"
 """The committed encoder weights (float16; :class:`PointTransformer` key names, no head)."""
 
-MESHES_SHA256 = "fd8f06be9684086c08c1cb596759deee7a0ddca79fda40ce07cc12af09561069"
+MESHES_SHA256 = "4c0282e30bddd398939d694cec78e85d1010b003dc16328c86ae399efa04a1a4"
 """sha256 of :data:`MESHES_FILE`, checked before every load."""
 
 
