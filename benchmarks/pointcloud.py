@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from pathlib import Path
 from typing import Any
 
 import peft
@@ -28,8 +27,8 @@ import modalpeft as mp
 from modalpeft.pointcloud import create_backbone
 from modalpeft.pointcloud.methods.pointgst import profile_eigh_share
 
-from .harness import Candidate, default_device
-from .run import measure_and_report
+from .harness import Candidate
+from .run import add_run_arguments, measure_and_report
 
 NUM_CLASSES = 15
 PB_T50_RS_TRAIN = 11_416
@@ -70,41 +69,37 @@ def candidates(model: str, batch: int) -> list[Candidate]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="point_mae", choices=list(MODELS))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps (and inference forwards)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when there is one)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
 
     points = MODELS[args.model]["points"]
-    device = args.device or default_device()
-    stem = f"{args.model}_b{args.batch}_{device.replace(':', '')}"
     run_info = {"model": args.model, "batch": args.batch, "input_size": [points, 3], "metric": None}
     run_info["note"] = "random weights and synthetic clouds: a cost-only run, metric is n/a"
+
+    def appendix(records: list[dict[str, Any]], device: str) -> str:
+        """PointGST's eigh share, profiled in this process, and the STAG columns."""
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        config = mp.PointGSTConfig(**MODELS[args.model]["pointgst"])
+        model = mp.adapt(build_model(args.model), config, modules_to_save=["head"]).to(device)
+        batch = tuple(t.to(device) for t in synthetic_batch(args.batch, points))
+        eigh = profile_eigh_share(model, batch, steps=args.steps, warmup=args.warmup)
+        return stag_section(records, args.batch, eigh)
+
     records = measure_and_report(
         functools.partial(build_model, args.model),
         candidates(args.model, args.batch),
         functools.partial(synthetic_batch, args.batch, points),
         args,
-        device,
-        stem,
         run_info,
+        appendix,
     )
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = mp.adapt(
-        build_model(args.model), mp.PointGSTConfig(**MODELS[args.model]["pointgst"]), modules_to_save=["head"]
-    ).to(device)
-    batch = tuple(t.to(device) for t in synthetic_batch(args.batch, points))
-    eigh = profile_eigh_share(model, batch, steps=args.steps, warmup=args.warmup)
-    text = stag_section(records, args.batch, eigh)
-    print(text)
-    with open(args.out / f"{stem}.md", "a") as handle:
-        handle.write("\n" + text)
     return 1 if any(r.get("error") for r in records) else 0
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def stag_section(records: list[dict[str, Any]], batch: int, eigh: dict[str, Any]) -> str:
@@ -113,7 +108,6 @@ def stag_section(records: list[dict[str, Any]], batch: int, eigh: dict[str, Any]
     Time per epoch is derived: the median measured step time x the steps of one PB_T50_RS epoch at this batch
     (``ceil(11,416 / batch)``), so it scales the measured ratios, it does not add a measurement."""
     steps = -(-PB_T50_RS_TRAIN // batch)
-    full = next((r for r in records if r["method"] == "full" and not r.get("error")), None)
     lines = [
         "## STAG columns (PointGST's Table: params, time per epoch, memory)",
         "",
@@ -126,12 +120,10 @@ def stag_section(records: list[dict[str, Any]], batch: int, eigh: dict[str, Any]
     for r in records:
         if r.get("error"):
             continue
-        epoch = r["step_time"] * steps
-        time_ratio = r["step_time"] / full["step_time"] if full else float("nan")
-        mem_ratio = r["peak_memory"] / full["peak_memory"] if full and full["peak_memory"] else float("nan")
         lines.append(
-            f"| {r['method']} | {r['trainable_params']:,} | {epoch / 60:.1f} min | {time_ratio:.2f}x | "
-            f"{r['peak_memory'] / 2**20:.0f} MiB | {mem_ratio:.2f}x |"
+            f"| {r['method']} | {r['trainable_params']:,} | {r['step_time'] * steps / 60:.1f} min | "
+            f"{_ratio(r.get('step_time_vs_full'))} | {r['peak_memory'] / 2**20:.0f} MiB | "
+            f"{_ratio(r.get('peak_memory_vs_full'))} |"
         )
     lines += [
         "",

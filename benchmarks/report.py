@@ -88,11 +88,15 @@ def plot_params_vs_metric(
 
 
 def render(
-    records: Sequence[Mapping[str, Any]], stem: str | os.PathLike[str], run_info: Mapping[str, Any] | None = None
+    records: Sequence[Mapping[str, Any]],
+    stem: str | os.PathLike[str],
+    run_info: Mapping[str, Any] | None = None,
+    appendix: str = "",
 ) -> tuple[str, Path | None]:
-    """Write ``<stem>.md`` (the table) and ``<stem>.png`` (the plot, when there are metrics).
+    """Write ``<stem>.md`` (the table, then ``appendix``: Markdown a run adds) and ``<stem>.png`` (the plot, when
+    there are metrics).
 
-    Returns the table and the plot's path (``None`` when no record has a metric; the table says so).
+    Returns the Markdown and the plot's path (``None`` when no record has a metric; the table says so).
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +104,8 @@ def render(
     table = markdown_table(records, run_info)
     if plot is None:
         table += "\nNo parameters-vs-metric plot: no record has a metric.\n"
+    if appendix:
+        table += "\n" + appendix
     stem.with_suffix(".md").write_text(table)
     return table, plot
 

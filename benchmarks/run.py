@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,18 +115,30 @@ def candidates(embed_dim: int, input_size: tuple[int, int, int]) -> list[Candida
     return out
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark run takes (besides its ``--model``)."""
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (and inference forwards)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when there is one)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+
+
 def measure_and_report(
     factory: Any,
     chosen: list[Candidate],
     batch_factory: Any,
     args: argparse.Namespace,
-    device: str,
-    stem: str,
     run_info: dict[str, Any],
+    appendix: Callable[[list[dict[str, Any]], str], str] | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`measure` with the command line's settings (cross-entropy, the ``head`` trained too, failures
-    recorded), then the table printed and written to ``<out>/<stem>.json`` / ``.md``; returns the records."""
+    """:func:`measure` with the command line's settings (:func:`add_run_arguments`; cross-entropy, the ``head``
+    trained too, failures recorded), then the table printed and written to ``<out>/<model>_b<batch>_<device>.json``
+    / ``.md``, followed by ``appendix(records, device)`` when given; returns the records."""
     start = time.perf_counter()
+    device = args.device or default_device()
+    stem = args.out / f"{args.model}_b{args.batch}_{device.replace(':', '')}"
     records = measure(
         factory,
         chosen,
@@ -136,27 +149,22 @@ def measure_and_report(
         device=device,
         modules_to_save=["head"],
         out_dir=args.out,
-        run_name=stem,
+        run_name=stem.name,
         run_info=run_info,
         threads=args.threads,
         on_error="record",
         progress=True,
     )
-    table, _ = render(records, args.out / stem, run_info)
+    table, _ = render(records, stem, run_info, appendix(records, device) if appendix else "")
     print(table)
-    print(f"{run_info['note']}. Wrote {args.out / stem}.json and .md in {time.perf_counter() - start:.0f} s.")
+    print(f"{run_info['note']}. Wrote {stem}.json and .md in {time.perf_counter() - start:.0f} s.")
     return records
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_base_patch16_224", help=f"a preset {list(MODELS)} or a timm name")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps (and inference forwards)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when there is one)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    add_run_arguments(parser)
     parser.add_argument("--methods", nargs="*", default=None, help="run only these candidates (default: all)")
     args = parser.parse_args(argv)
 
@@ -176,13 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"--methods {unknown} unknown; choose from {[c.name for c in chosen]}")
         chosen = [c for c in chosen if c.name in args.methods]
-    device = args.device or default_device()
-    stem = f"{args.model}_b{args.batch}_{device.replace(':', '')}"
     run_info = {"model": args.model, "batch": args.batch, "input_size": list(input_size), "metric": None}
     run_info["note"] = "random weights and synthetic data: a cost-only run, metric is n/a"
 
     records = measure_and_report(
-        factory, chosen, functools.partial(synthetic_batch, args.batch, input_size), args, device, stem, run_info
+        factory, chosen, functools.partial(synthetic_batch, args.batch, input_size), args, run_info
     )
     return 1 if any(r.get("error") for r in records) else 0
 
