@@ -5,6 +5,8 @@ Used by the benchmark harness (``benchmarks/harness.py``) and the demos that rep
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import resource
 import sys
@@ -18,8 +20,11 @@ class MemoryProbe:
 
     On CPU: the process's peak RSS (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` at :meth:`start`)
     minus its RSS at :meth:`start`; where that reset is unavailable, ``ru_maxrss`` (which also counts earlier
-    peaks). On CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus ``memory_allocated`` at
-    :meth:`start`. ``kind`` names the one used; ``baseline`` is the memory at :meth:`start`.
+    peaks). Before the reset, glibc's ``malloc_trim`` hands the heap's free pages back to the system: otherwise
+    the memory an earlier measurement freed stays resident and is reused without raising RSS, so a second
+    measurement in the same process reads too low. On CUDA: ``max_memory_allocated`` after
+    ``reset_peak_memory_stats`` minus ``memory_allocated`` at :meth:`start`. ``kind`` names the one used;
+    ``baseline`` is the memory at :meth:`start`.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -35,6 +40,7 @@ class MemoryProbe:
             self.baseline = torch.cuda.memory_allocated(self.device)
             self.kind = "cuda_max_allocated_growth"
             return
+        _release_free_heap()
         self.baseline = _proc_status("VmRSS") or 0
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -51,6 +57,14 @@ class MemoryProbe:
         else:  # kilobytes on Linux, bytes on macOS
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         return max(peak - self.baseline, 0)
+
+
+def _release_free_heap() -> None:
+    """glibc's ``malloc_trim(0)``: return the free pages of every malloc arena to the system (a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _proc_status(key: str) -> int | None:
