@@ -39,6 +39,25 @@ def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield clean_name(name), module
 
 
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def running_statistics(modules: Iterator[tuple[str, nn.Module]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, buffer)`` of the running statistics of the normalisation layers among ``(name, module)`` pairs
+    (BatchNorm, SyncBatchNorm, InstanceNorm with ``track_running_stats``).
+
+    A forward pass in training mode updates them whether or not the layer's parameters train (the official
+    PointGST and Point-PEFT recipes train a frozen mini-PointNet's BatchNorm this way), so they are part of what
+    training changed, and saving them is what makes a reloaded model the trained one.
+    """
+    for name, module in modules:
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            for key in RUNNING_STATISTICS:
+                buffer = getattr(module, key, None)
+                if isinstance(buffer, torch.Tensor):
+                    yield (f"{name}.{key}" if name else key), buffer
+
+
 def hosts(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     """``(clean_name, host)`` for every :class:`AdapterLayer` in ``model``."""
     for name, module in model.named_modules():

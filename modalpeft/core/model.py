@@ -20,6 +20,7 @@ from .inject import (
     hosts,
     modules_to_save_modules,
     release_fastpath_guards,
+    running_statistics,
     set_requires_grad,
     unwrap_all,
     unwrap_empty,
@@ -232,8 +233,9 @@ class AdaptedModel(nn.Module):
         print(f"trainable: {s['trainable']:,} | total: {s['total']:,} | {s['percent']:.4g}%")
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:
-        """The tensors ``save_adapter`` writes: adapter parameters and buffers (keys without the adapter name)
-        and the ``modules_to_save`` (their base-model keys)."""
+        """The tensors ``save_adapter`` writes: adapter parameters and buffers (keys without the adapter name),
+        the ``modules_to_save`` and the base model's normalisation running statistics (their base-model keys:
+        training mode updates them even in frozen layers, see :func:`~modalpeft.core.inject.running_statistics`)."""
         name = adapter_name or self._active
         if name is None:
             raise ValueError("no adapter to save")
@@ -242,6 +244,8 @@ class AdaptedModel(nn.Module):
         for mod_name, module in modules_to_save_modules(self.base_model, self.peft_config[name].modules_to_save or []):
             for k, v in module.state_dict().items():
                 state[f"{mod_name}.{k}"] = v.detach()
+        for k, v in running_statistics(base_modules(self.base_model)):
+            state.setdefault(k, v.detach())
         return state
 
     def save_adapter(self, save_directory: str | os.PathLike[str], adapter_name: str | None = None) -> None:

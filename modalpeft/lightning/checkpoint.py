@@ -9,13 +9,16 @@ from typing import Any
 import pytorch_lightning as pl
 from torch import nn
 
+from ..core.inject import running_statistics
 from ..core.layer import AdapterLayer
 
 
 def trainable_state_keys(module: nn.Module) -> set[str]:
-    """State-dict keys a resumable checkpoint needs: every trainable parameter, and the buffers of adapters
-    and of modules that train (batch-norm statistics of a trained head, SPT's index buffers)."""
+    """State-dict keys a resumable checkpoint needs: every trainable parameter, the buffers of adapters and of
+    modules that train (batch-norm statistics of a trained head, SPT's index buffers), and the running statistics
+    of every normalisation layer (training mode updates them in frozen layers too)."""
     keys = {name for name, p in module.named_parameters() if p.requires_grad}
+    keys |= {name for name, _ in running_statistics(module.named_modules())}
     trained_modules = [
         name for name, m in module.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))
     ]

@@ -12,15 +12,19 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torchmetrics
 from peft import PeftConfig
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from ..core.api import adapt
 from ..core.config import AdapterConfig
-from ..core.inject import modules_to_save_modules
+from ..core.inject import modules_to_save_modules, running_statistics
 from ..core.model import AdaptedModel
 from ..core.state import atomic_write
 from .checkpoint import AdapterExport, check_checkpoint, filter_checkpoint
 from .optim import OptimizerName, SchedulerName, build_optimizer, param_groups, warmup_cosine
+
+ADAPTER_NAME = "default"
+"""The name a task gives its adapter."""
 
 Baseline = Literal["full", "linear"]
 """The two reference points every recipe can run with the same data and loop: ``"full"`` fine-tunes every
@@ -72,7 +76,7 @@ def prepare_backbone(
         return backbone
     if isinstance(adapter, str):
         raise ValueError(f"adapter={adapter!r} is not valid; give a method config, 'full' or 'linear'.")
-    return adapt(backbone, adapter, modules_to_save=modules_to_save)
+    return adapt(backbone, adapter, ADAPTER_NAME, modules_to_save=modules_to_save)
 
 
 class AdapterTask(pl.LightningModule):
@@ -127,6 +131,10 @@ class AdapterTask(pl.LightningModule):
         if self._pending is None:
             return
         adapter, modules_to_save = self._pending
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            # validate / test / predict: what the method fitted to the training data (SPT's selection, Point-PEFT's
+            # memory bank) is in the checkpoint; :meth:`on_load_checkpoint` adapts from it, without the training data
+            return
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             raise ValueError(
@@ -181,7 +189,43 @@ class AdapterTask(pl.LightningModule):
             filter_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._pending is not None:
+            self._adapt_from_checkpoint(checkpoint)
         check_checkpoint(self, checkpoint)
+
+    def _adapt_from_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Place the data-dependent adapter from a checkpoint of its fit: its tensors, under ``save_adapter``'s keys,
+        are the ``state`` the method is applied with (as ``load_adapter`` does); Lightning then loads the rest."""
+        adapter, modules_to_save = self._pending
+        prefix, tag = "model.base_model.", f"adapters.{ADAPTER_NAME}."
+        state = {}
+        for key, value in checkpoint.get("state_dict", {}).items():
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                key = key.replace(f".{tag}", ".adapters.") if f".{tag}" in key else key.replace(tag, "adapters.", 1)
+                state[key] = value
+        model = AdaptedModel(self.model)
+        model.add_adapter(ADAPTER_NAME, adapter, modules_to_save, state=state)
+        self.model = model
+        self._pending = None
+
+    def _require_adapted(self) -> None:
+        if self._pending is not None:
+            adapter = self._pending[0]
+            raise ValueError(
+                f"method {adapter.method!r} is fitted to training data ({adapter.data_field}) when it is applied: "
+                "validate, test or predict it from a checkpoint of its fit (--ckpt_path=<the .ckpt fit wrote>), or "
+                "after fit in the same run."
+            )
+
+    def on_validation_start(self) -> None:
+        self._require_adapted()
+
+    def on_test_start(self) -> None:
+        self._require_adapted()
+
+    def on_predict_start(self) -> None:
+        self._require_adapted()
 
     def export_adapter(self, directory: str | os.PathLike[str]) -> None:
         """Write the trained adapter: ``save_adapter`` files, or for a baseline the trainable tensors."""
@@ -189,6 +233,7 @@ class AdapterTask(pl.LightningModule):
             self.model.save_adapter(directory)
             return
         state = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        state |= {n: b.detach() for n, b in running_statistics(self.model.named_modules())}
         atomic_write({"model.safetensors": state}, Path(directory))
 
     def on_fit_start(self) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.model import parameter_counts
+from ..core.model import AdaptedModel, parameter_counts
 from ..core.state import atomic_write
 from ..lightning.memory import MemoryProbe
 from .ops import farthest_point_sample, gather_points
@@ -100,6 +100,10 @@ class Result:
     peak_memory: int
     peak_memory_kind: str
     train_seconds: float
+    reload_max_abs_diff: float | None = None
+    """For the adapters: the largest |logit difference| on the test clouds after ``save_adapter`` and
+    ``load_adapter`` into a fresh backbone (``None`` for the two baselines)."""
+    reload_ok: bool | None = None
 
 
 # -- the demo ---------------------------------------------------------------------------------------------------
@@ -229,6 +233,20 @@ class Demo:
             nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
         del model
 
+    @torch.no_grad()
+    def check_reload(self, name: str, model: AdaptedModel) -> tuple[float, bool]:
+        """Save the trained adapter, load it into a fresh pretrained backbone and compare the test logits: the same
+        labels, and logits within 1e-5 of the largest one (float32 rounding)."""
+        from ..core.api import load_adapter
+
+        path = Path(self.s.out) / "adapters" / name
+        model.save_adapter(path)
+        reloaded = load_adapter(self.backbone(), path)
+        trained, loaded = (torch.cat([m.eval()(x) for x in self.test_points.split(64)]) for m in (model, reloaded))
+        diff = (loaded - trained).abs().max().item()
+        same_labels = bool((loaded.argmax(-1) == trained.argmax(-1)).all())
+        return diff, same_labels and diff <= 1e-5 * max(1.0, trained.abs().max().item())
+
     def run(self, log: Callable[[str], None]) -> list[Result]:
         batches = self.batches()
         self.warm_up(batches[0])
@@ -253,9 +271,12 @@ class Demo:
                 full_trainable = trainable
             oa, macc = self.evaluate(model, "test")
             steady = times[1:] or times
-            results.append(
-                Result(name, lr, val, trainable, total, 0.0, oa, macc, statistics.median(steady), peak, kind, seconds)
+            result = Result(
+                name, lr, val, trainable, total, 0.0, oa, macc, statistics.median(steady), peak, kind, seconds
             )
+            if isinstance(model, AdaptedModel):
+                result.reload_max_abs_diff, result.reload_ok = self.check_reload(name, model)
+            results.append(result)
             tried = ", ".join(f"{x:g}" for x in self.s.lrs[name])
             log(
                 f"  {name}: {trainable:,} trainable, lr {lr:g} (of {tried}) by validation {val:.1%}, {seconds:.0f} s: "
@@ -265,6 +286,13 @@ class Demo:
         for r in results:
             r.share_of_full = r.trainable_params / full_trainable if full_trainable else math.nan
         return results
+
+
+def reload_cell(r: Result) -> str:
+    if r.reload_ok is None:
+        return "n/a"
+    diff = r.reload_max_abs_diff or 0.0
+    return f"{'ok' if r.reload_ok else 'FAILED'} (Δ {'0' if diff == 0 else f'{diff:.0e}'})"
 
 
 def targets(results: list[Result]) -> dict[str, Any]:
@@ -302,14 +330,15 @@ def markdown(results: list[Result], settings: DemoSettings, meta: dict[str, Any]
         f"clouds of {settings.num_points} points in {settings.num_group} groups, {settings.steps} steps of batch "
         f"{settings.batch_size}.",
         "",
-        "| method | trainable | % of full | test OA | test mAcc | lr | val OA | step time (s) | peak memory (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | trainable | % of full | test OA | test mAcc | lr | val OA | step time (s) | peak memory (MiB) "
+        "| reload |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.method} | {r.trainable_params:,} | {100 * r.share_of_full:.1f} | {100 * r.metric:.1f} | "
             f"{100 * r.mean_class_accuracy:.1f} | {r.lr:g} | {100 * r.val_metric:.1f} | {r.step_time:.3f} | "
-            f"{r.peak_memory / 2**20:.0f} |"
+            f"{r.peak_memory / 2**20:.0f} | {reload_cell(r)} |"
         )
     lines += [
         "",
@@ -318,7 +347,8 @@ def markdown(results: list[Result], settings: DemoSettings, meta: dict[str, Any]
         "Each contender's learning rate was picked on "
         f"{meta['val']} validation clouds drawn like the training ones ({meta['lrs']}); OA and mAcc coincide when "
         "the test classes are balanced. Step time and memory are for comparison within this run only (the machine "
-        "may be shared).",
+        "may be shared). Reload: the adapter saved (`save_adapter`), loaded into a fresh pretrained backbone "
+        "(`load_adapter`), and Δ = the largest |logit difference| on the test clouds from the trained model.",
         "",
         "Targets (issue: adapters beat the linear probe clearly, come within 2 points of full fine-tuning, with under",
         "10% of its trainable parameters):",
@@ -393,12 +423,12 @@ def run(
         "targets": targets(results),
     }
     table = Table(title="point clouds: Point-MAE (offline meshes) adapted to ScanObjectNN-like shapes")
-    for col in ("method", "trainable", "% of full", "test OA", "mAcc", "step s", "peak MiB"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    for col in ("method", "trainable", "% of full", "test OA", "mAcc", "step s", "peak MiB", "reload"):
+        table.add_column(col, justify="left" if col in ("method", "reload") else "right")
     for r in results:
         table.add_row(
             r.method, f"{r.trainable_params:,}", f"{100 * r.share_of_full:.1f}", f"{r.metric:.1%}",
-            f"{r.mean_class_accuracy:.1%}", f"{r.step_time:.3f}", f"{r.peak_memory / 2**20:.0f}",
+            f"{r.mean_class_accuracy:.1%}", f"{r.step_time:.3f}", f"{r.peak_memory / 2**20:.0f}", reload_cell(r),
         )  # fmt: skip
     console.print(table)
     report = {"settings": asdict(settings), "results": [asdict(r) for r in results], **meta}

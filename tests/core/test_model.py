@@ -153,3 +153,32 @@ def test_new_adapters_follow_the_mode_of_the_model() -> None:
     torch.testing.assert_close(model(x), model(x))  # no dropout in eval mode
     model.train()
     assert all(m.training for m in model.modules())
+
+
+def test_running_statistics_updated_in_training_are_saved_and_loaded(tmp_path) -> None:
+    """A frozen BatchNorm still updates its running statistics in training mode; the saved adapter carries them,
+    so the reloaded model is the trained one (the point-cloud encoders' BatchNorm trains this way)."""
+
+    def convnet() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv1d(3, 8, 1),
+            torch.nn.BatchNorm1d(8),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32, 2),
+        )
+
+    x = torch.randn(5, 3, 4) * 3 + 1
+    model = mp.adapt(convnet(), mp.BitFitConfig(target_modules=["0"]), modules_to_save=["4"])
+    model.train()
+    model(x).sum().backward()
+    model.eval()
+    bn = model.base_model[1]
+    assert not bn.weight.requires_grad and int(bn.num_batches_tracked) == 1
+    state = model.adapter_state_dict()
+    assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= set(state)
+    model.save_adapter(tmp_path / "a")
+    loaded = mp.load_adapter(convnet(), tmp_path / "a").eval()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert not torch.equal(convnet().eval()(x), model(x))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LightningCLI
 
 from modalpeft.lightning import cli_main
 from modalpeft.pointcloud.pretrain import MaskedPointModel
@@ -102,16 +104,25 @@ def test_recipe_script_runs_in_process(roots, tmp_path, monkeypatch) -> None:
     runpy.run_path(str(ROOT / "recipes" / "pointcloud.py"), run_name="__main__")
 
 
-def test_recipe_tests_with_voting_from_its_checkpoint(roots, tmp_path) -> None:
-    recipe = ROOT / "recipes" / "pointcloud" / "point_mae_pointgst_scanobjectnn_pb_t50_rs.yaml"
-    common = ["--config", str(recipe), *TINY[:-1], *TINY_ADAPTER["pointgst"]]
+CLASSES = (pl.LightningModule, pl.LightningDataModule)
+
+
+def fit_one_epoch(method: str, roots, tmp_path) -> tuple[LightningCLI, list[str]]:
+    """Fit the PB_T50_RS recipe of ``method`` for one tiny epoch; returns the CLI and the arguments a ``test``
+    run of the same recipe takes."""
+    recipe = ROOT / "recipes" / "pointcloud" / f"point_mae_{method}_scanobjectnn_pb_t50_rs.yaml"
+    common = ["--config", str(recipe), *TINY[:-1], *TINY_ADAPTER[method]]
     common += [f"--data.init_args.root={roots['scanobjectnn_pb_t50_rs']}"]
     limits = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
-    classes = (pl.LightningModule, pl.LightningDataModule)
-    fit = cli_main(["fit", *common, *limits, f"--trainer.default_root_dir={tmp_path}"], *classes)
+    fit = cli_main(["fit", *common, *limits, f"--trainer.default_root_dir={tmp_path}"], *CLASSES)
+    assert fit.trainer.checkpoint_callback.best_model_path
+    return fit, common
+
+
+def test_recipe_tests_with_voting_from_its_checkpoint(roots, tmp_path) -> None:
+    fit, common = fit_one_epoch("pointgst", roots, tmp_path)
     checkpoint = fit.trainer.checkpoint_callback.best_model_path
-    assert checkpoint
-    test = cli_main(["test", *common, "--data.init_args.vote=2", f"--ckpt_path={checkpoint}"], *classes)
+    test = cli_main(["test", *common, "--data.init_args.vote=2", f"--ckpt_path={checkpoint}"], *CLASSES)
     metrics = test.trainer.callback_metrics
     assert {"test/acc", "test/macc", "test/acc_vote", "test/macc_vote"} <= set(metrics)
 
@@ -124,3 +135,21 @@ def test_pretraining_recipe_trains_two_steps(tmp_path) -> None:
     assert isinstance(cli.model, MaskedPointModel) and cli.trainer.global_step == 2
     encoder = cli.model.model
     assert (encoder.embed_dim, len(encoder.blocks), encoder.num_group, encoder.group_size) == (192, 6, 32, 16)
+
+
+def test_point_peft_tests_from_its_checkpoint_without_the_training_clouds(roots, tmp_path) -> None:
+    """``test --ckpt_path`` rebuilds Point-PEFT from the checkpoint's memory bank (the test run sets up no training
+    clouds): the same bank and the same predictions as the model fit left; without a checkpoint, a clear error."""
+    fit, common = fit_one_epoch("point_peft", roots, tmp_path)
+    checkpoint = fit.trainer.checkpoint_callback.best_model_path
+    fitted = fit.model.model.eval()
+    test = cli_main(["test", *common, f"--ckpt_path={checkpoint}"], *CLASSES)
+    assert "train" not in test.datamodule.datasets
+    tested = test.model.model.eval()
+    bank = "base_model.group_divider.adapters.default.bank"
+    assert torch.equal(tested.state_dict()[bank], fitted.state_dict()[bank].cpu())
+    points = next(iter(test.datamodule.test_dataloader()))[0][:2]
+    with torch.no_grad():
+        assert torch.allclose(tested(points), fitted.cpu()(points), atol=1e-5)
+    with pytest.raises(ValueError, match="point_peft.*--ckpt_path"):
+        cli_main(["test", *common], *CLASSES)

@@ -105,3 +105,6 @@ def test_demo_quick_run(tmp_path, monkeypatch) -> None:
         < 0.1 * by["full fine-tuning"]["trainable_params"]
     )
     assert (tmp_path / "results.json").is_file() and (tmp_path / "pointcloud.md").is_file()
+    for name in ("pointgst", "point_peft"):  # the trained adapters reload exactly (BatchNorm statistics included)
+        assert by[name]["reload_ok"] is True, by[name]
+    assert by["linear probe"]["reload_ok"] is None

@@ -121,8 +121,10 @@ def test_head_init_errors() -> None:
         ImageClassificationTask(headless, num_classes=3, adapter="full", head_init="vpt")
 
 
-def test_recipe_tests_from_its_checkpoint(vtab_task, tmp_path) -> None:
-    recipe = ROOT / "recipes" / "vision" / "vit_b16_ssf_vtab1k.yaml"
+@pytest.mark.parametrize("method", ["ssf", "spt_lora"])
+def test_recipe_tests_from_its_checkpoint(method, vtab_task, tmp_path) -> None:
+    """``test --ckpt_path`` rebuilds the adapter; SPT from the checkpoint's selection, without re-scoring."""
+    recipe = ROOT / "recipes" / "vision" / f"vit_b16_{method}_vtab1k.yaml"
     common = ["--config", str(recipe), *TINY[:-1], f"--data.init_args.root={vtab_task}"]
     limits = ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=1"]
     fit = cli_main(
@@ -130,4 +132,8 @@ def test_recipe_tests_from_its_checkpoint(vtab_task, tmp_path) -> None:
     )
     checkpoint = fit.trainer.checkpoint_callback.best_model_path
     assert checkpoint
-    cli_main(["test", *common, f"--ckpt_path={checkpoint}"], ImageClassificationTask, ImageDataModule)
+    test = cli_main(["test", *common, f"--ckpt_path={checkpoint}"], ImageClassificationTask, ImageDataModule)
+    fitted, tested = fit.model.model.cpu().eval(), test.model.model.eval()
+    assert fitted.adapter_state_dict().keys() == tested.adapter_state_dict().keys()
+    for key, value in fitted.adapter_state_dict().items():
+        assert torch.equal(value, tested.adapter_state_dict()[key]), key
