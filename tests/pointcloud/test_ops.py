@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
-from modalpeft.pointcloud import farthest_point_sample, group_points, knn
+from modalpeft.pointcloud import farthest_point_sample, group_points, knn, ops
 from modalpeft.pointcloud.ops import check_points, gather_points, z_order_key
 
 
@@ -35,6 +38,36 @@ def test_fps_is_invariant_to_point_order(clouds):
     picked = gather_points(clouds, farthest_point_sample(clouds, 16))
     picked_perm = gather_points(clouds[:, perm], farthest_point_sample(clouds[:, perm], 16))
     torch.testing.assert_close(picked, picked_perm, rtol=0, atol=0)  # same points, same order
+
+
+def test_large_cpu_fps_goes_to_fpsample_with_our_start_point(clouds, monkeypatch):
+    """With ``fpsample`` installed, a large CPU sampling is handed to its exact ``fps_sampling``, started at the
+    point farthest from the centroid; small ones (the model's group centres) stay in torch."""
+    calls = []
+
+    def fps_sampling(cloud, n_samples, start_idx):
+        calls.append((cloud.shape, n_samples, start_idx))
+        # exact FPS from the given start, as fpsample computes it
+        return brute_fps(torch.from_numpy(cloud), n_samples)
+
+    monkeypatch.setitem(sys.modules, "fpsample", types.SimpleNamespace(fps_sampling=fps_sampling))
+    monkeypatch.setattr(ops, "_HAS_FPSAMPLE", True)
+    monkeypatch.setattr(ops, "FPSAMPLE_MIN_WORK", 40 * 10)
+    idx = farthest_point_sample(clouds[:, :40], 10)
+    starts = (clouds[:, :40] - clouds[:, :40].mean(1, keepdim=True)).square().sum(-1).argmax(1).tolist()
+    assert calls == [((40, 3), 10, s) for s in starts]
+    assert idx.dtype == torch.long and idx.tolist() == ops._fps_torch(clouds[:, :40], 10, torch.tensor(starts)).tolist()
+    calls.clear()
+    farthest_point_sample(clouds[:, :40], 9)  # under the threshold
+    farthest_point_sample(clouds[:, :40], 10, use_extension=False)
+    assert calls == []
+
+
+def test_fpsample_agrees_with_the_torch_path():
+    pytest.importorskip("fpsample")
+    cloud = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 2048, 3)).astype(np.float32))
+    start = (cloud - cloud.mean(1, keepdim=True)).square().sum(-1).argmax(1)
+    assert ops._fps_fpsample(cloud, 1024, start).tolist() == ops._fps_torch(cloud, 1024, start).tolist()
 
 
 def test_fps_rejects_bad_count(clouds):
