@@ -8,7 +8,7 @@ error messages all use clean names, so they do not depend on which adapters are 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -225,6 +225,23 @@ def adapter_parameters(model: nn.Module, adapter_name: str) -> Iterator[tuple[st
         prefix = f"{name}.adapters." if name else "adapters."
         for key, tensor in host.adapters[adapter_name].state_dict(keep_vars=True).items():
             yield prefix + key, tensor
+
+
+_ADAPTER_SEGMENT = re.compile(r"(?:^|\.)adapters\.([^.]+)\.")
+
+
+def saved_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    """A base model's ``state_dict()`` under the keys :func:`adapter_parameters` and ``save_adapter`` use: the
+    adapter's name and the hosts' ``base_layer`` segments dropped; other adapters' tensors left out."""
+    out = {}
+    for key, value in state.items():
+        match = _ADAPTER_SEGMENT.search(key)
+        if match:
+            if match.group(1) != adapter_name:
+                continue
+            key = key[: match.start(1)] + key[match.end(1) + 1 :]
+        out[clean_name(key)] = value
+    return out
 
 
 def set_requires_grad(model: nn.Module, adapter_name: str | None, modules_to_save: list[str]) -> None:

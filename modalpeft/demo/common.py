@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
+from modalpeft.core.compare import CHECK_RTOL, delta, logits_of, same_outputs
 from modalpeft.core.model import parameter_counts
 from modalpeft.lightning.data import index_batches as batches
 from modalpeft.lightning.optim import build_optimizer, param_groups, warmup_cosine
@@ -25,11 +25,6 @@ __all__ = [
     "same_outputs",
     "train",
 ]
-
-CHECK_RTOL = 1e-5
-"""A reloaded or merged model must predict the same labels as the trained one, with logits within
-``CHECK_RTOL * max(1, max |logit|)`` of its logits (float32 rounding: merging changes the order of sums, and
-BLAS results depend on memory alignment)."""
 
 
 def train(
@@ -58,22 +53,8 @@ def train(
     return time.perf_counter() - start
 
 
-@torch.no_grad()
-def logits_of(model: nn.Module, x: Tensor) -> Tensor:
-    model.eval()
-    return torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)])
-
-
 def accuracy(logits: Tensor, y: Tensor) -> float:
     return (logits.argmax(-1) == y).float().mean().item()
-
-
-def same_outputs(reference: Tensor, other: Tensor) -> tuple[float, bool]:
-    """The largest |logit difference| of ``other`` from ``reference``, and whether ``other`` predicts the same
-    labels with logits within ``CHECK_RTOL``."""
-    diff = (other - reference).abs().max().item()
-    tol = CHECK_RTOL * max(1.0, reference.abs().max().item())
-    return diff, diff <= tol and bool((other.argmax(-1) == reference.argmax(-1)).all())
 
 
 def dir_size(path: Path) -> int:
@@ -83,8 +64,3 @@ def dir_size(path: Path) -> int:
 def leftover_wrappers(model: nn.Module) -> list[str]:
     """Modules of a merged model that still come from modalpeft or peft (there must be none)."""
     return [n for n, m in model.named_modules() if type(m).__module__.split(".")[0] in ("modalpeft", "peft")]
-
-
-def delta(value: float) -> str:
-    """A logit difference for a table: ``0`` or one significant digit."""
-    return "0" if value == 0 else f"{value:.0e}"

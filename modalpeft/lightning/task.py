@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..core.api import adapt
 from ..core.config import AdapterConfig
-from ..core.inject import modules_to_save_modules, running_statistics
+from ..core.inject import modules_to_save_modules, running_statistics, saved_keys
 from ..core.model import AdaptedModel
 from ..core.state import atomic_write
 from .checkpoint import AdapterExport, check_checkpoint, filter_checkpoint
@@ -197,13 +197,9 @@ class AdapterTask(pl.LightningModule):
         """Place the data-dependent adapter from a checkpoint of its fit: its tensors, under ``save_adapter``'s keys,
         are the ``state`` the method is applied with (as ``load_adapter`` does); Lightning then loads the rest."""
         adapter, modules_to_save = self._pending
-        prefix, tag = "model.base_model.", f"adapters.{ADAPTER_NAME}."
-        state = {}
-        for key, value in checkpoint.get("state_dict", {}).items():
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                key = key.replace(f".{tag}", ".adapters.") if f".{tag}" in key else key.replace(tag, "adapters.", 1)
-                state[key] = value
+        prefix = "model.base_model."
+        base_state = {k[len(prefix) :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
+        state = saved_keys(base_state, ADAPTER_NAME)
         model = AdaptedModel(self.model)
         model.add_adapter(ADAPTER_NAME, adapter, modules_to_save, state=state)
         self.model = model

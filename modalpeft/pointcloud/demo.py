@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.compare import delta, logits_of, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.state import atomic_write
 from ..lightning.memory import MemoryProbe
@@ -233,19 +234,15 @@ class Demo:
             nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
         del model
 
-    @torch.no_grad()
     def check_reload(self, name: str, model: AdaptedModel) -> tuple[float, bool]:
-        """Save the trained adapter, load it into a fresh pretrained backbone and compare the test logits: the same
-        labels, and logits within 1e-5 of the largest one (float32 rounding)."""
+        """Save the trained adapter, load it into a fresh pretrained backbone and compare the test logits
+        (:func:`~modalpeft.core.compare.same_outputs`)."""
         from ..core.api import load_adapter
 
         path = Path(self.s.out) / "adapters" / name
         model.save_adapter(path)
         reloaded = load_adapter(self.backbone(), path)
-        trained, loaded = (torch.cat([m.eval()(x) for x in self.test_points.split(64)]) for m in (model, reloaded))
-        diff = (loaded - trained).abs().max().item()
-        same_labels = bool((loaded.argmax(-1) == trained.argmax(-1)).all())
-        return diff, same_labels and diff <= 1e-5 * max(1.0, trained.abs().max().item())
+        return same_outputs(logits_of(model, self.test_points), logits_of(reloaded, self.test_points))
 
     def run(self, log: Callable[[str], None]) -> list[Result]:
         batches = self.batches()
@@ -291,8 +288,7 @@ class Demo:
 def reload_cell(r: Result) -> str:
     if r.reload_ok is None:
         return "n/a"
-    diff = r.reload_max_abs_diff or 0.0
-    return f"{'ok' if r.reload_ok else 'FAILED'} (Δ {'0' if diff == 0 else f'{diff:.0e}'})"
+    return f"{'ok' if r.reload_ok else 'FAILED'} (Δ {delta(r.reload_max_abs_diff or 0.0)})"
 
 
 def targets(results: list[Result]) -> dict[str, Any]:

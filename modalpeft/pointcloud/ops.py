@@ -83,6 +83,12 @@ def gather_points(values: Tensor, index: Tensor) -> Tensor:
     return values.gather(1, flat).reshape(batch, *shape, values.shape[-1])
 
 
+def fps_start(xyz: Tensor) -> Tensor:
+    """The index of each cloud's point farthest from its centroid, where :func:`farthest_point_sample` starts:
+    ``(B, N, 3) -> (B,)``."""
+    return (xyz - xyz.mean(dim=1, keepdim=True)).square().sum(-1).argmax(dim=1)
+
+
 def farthest_point_sample(xyz: Tensor, num_samples: int, *, use_extension: bool = True) -> Tensor:
     """Indices of ``num_samples`` farthest points of each cloud, starting from the point farthest from its centroid.
 
@@ -106,7 +112,7 @@ def farthest_point_sample(xyz: Tensor, num_samples: int, *, use_extension: bool 
         raise ValueError(f"num_samples={num_samples} must be between 1 and the number of points {n}")
     with torch.no_grad():
         pts = xyz.detach().float()
-        start = (pts - pts.mean(dim=1, keepdim=True)).square().sum(-1).argmax(dim=1)  # (B,)
+        start = fps_start(pts)
         if use_extension and _HAS_TORCH_CLUSTER and pts.is_cuda:
             idx = _fps_torch_cluster(pts, num_samples, start)
         elif use_extension and _HAS_FPSAMPLE and pts.device.type == "cpu" and n * num_samples >= FPSAMPLE_MIN_WORK:
