@@ -203,12 +203,9 @@ def load_peft_adapter(
     config.inference_mode = False
     state = read_tensors(directory)
     if isinstance(model, PeftAdaptedModel):
-        model.add_adapter(adapter_name, config)
-        try:
+        with model._undone_on_error(adapter_name):
+            model.add_adapter(adapter_name, config)
             model.load_adapter_state(state, adapter_name)
-        except BaseException:
-            model.delete_adapter(adapter_name)
-            raise
         return model
     if isinstance(model, AdaptedModel):
         raise TypeError("a model adapted with native methods cannot also take a peft adapter; use a fresh model")
