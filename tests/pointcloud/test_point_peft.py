@@ -20,13 +20,15 @@ from modalpeft.pointcloud.methods.point_peft import (
     save_memory_bank,
 )
 
+from ..core.toy_models import perturb
+
 C, DEPTH, G = 32, 2, 16  # point_mae_test
 CFG = {"top_k": 3, "prompt_blocks": 1, "num_anchors": 8, "num_neighbors": 4}
 
 
 def tiny(seed: int = 0):
     torch.manual_seed(seed)
-    return create_backbone("point_mae_test", num_classes=5).eval()
+    return perturb(create_backbone("point_mae_test", num_classes=5), seed).eval()
 
 
 def train_batches(n: int = 3, batch: int = 4):

@@ -17,13 +17,15 @@ from modalpeft.pointcloud.methods.pointgst import (
     profile_eigh_share,
 )
 
+from ..core.toy_models import perturb
+
 C, DEPTH, G = 32, 2, 16  # point_mae_test
 CFG = {"rank": 4, "local_size": 8}
 
 
 def tiny(num_classes: int = 5, seed: int = 0):
     torch.manual_seed(seed)
-    return create_backbone("point_mae_test", num_classes=num_classes).eval()
+    return perturb(create_backbone("point_mae_test", num_classes=num_classes), seed).eval()
 
 
 def adapted(init_weights=True, **kwargs):
