@@ -1,15 +1,28 @@
 """Every method x every toy model x every lifecycle invariant of DESIGN.md.
 
-A method joins by registering (``list_methods()`` drives the matrix) and by one entry in ``CASES``: how to
-build its config on each toy model (``None``: the method does not apply there) and its parameter-count
-formula. No test below knows about any particular method.
+A method joins by registering (``list_methods()`` drives the matrix, and its registry flags ``mergeable`` and
+``modality`` are checked against what it does) and by one entry in ``CASES``, a :class:`Case`:
+
+- ``build(toy, init)``: its config on each toy model of ``TOY_MODELS`` (``None``: it does not apply there). Give
+  non-trivial settings: a scale other than 1, a rank other than the default, dropout on where the method has them
+  (training runs in train mode, so dropout and BatchNorm statistics are exercised; exactness checks run in eval
+  mode).
+- ``count(reference, adapted, config)``: its trainable-parameter count, head excluded, written from the shapes
+  in the spec and never by calling the method's own code. ``reference`` is the unadapted toy; ``adapted`` serves
+  data-dependent methods (SPT), whose count is read from the structure the adapter recorded.
+- ``identity`` / ``random``: the ``init_weights`` values that leave the outputs unchanged (``None``: none does) /
+  that give random non-zero adapters.
+- ``peft=True`` for peft's methods, which are not in the registry; they alone say ``mergeable`` here.
+
+No test below knows about any particular method.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import peft
@@ -20,11 +33,9 @@ from torch import nn
 
 import modalpeft as mp
 from modalpeft.core.inject import attention_children, base_modules
-from modalpeft.pointcloud.methods.point_peft import point_peft_parameters
-from modalpeft.pointcloud.methods.pointgst import pcsa_parameters
-from modalpeft.vision.methods.spt import compute_sensitivity, select
+from modalpeft.core.registry import get_method
 
-from .toy_models import TOY_MODELS, make
+from .toy_models import MODALITY, TOY_MODELS, make
 
 ATOL = 1e-5
 
@@ -33,29 +44,33 @@ def _targets(model: nn.Module, names: list[str]) -> list[nn.Module]:
     return [m for n, m in base_modules(model) if any(n == t or n.endswith("." + t) for t in names)]
 
 
-def bitfit_count(model: nn.Module, cfg: Any) -> int:
+def bitfit_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     return sum(
         p.numel()
-        for n, p in model.named_parameters()
+        for n, p in reference.named_parameters()
         if n.rsplit(".", 1)[-1] in ("bias", "in_proj_bias") and not n.startswith("head.")
     )
 
 
-def adapter_count(model: nn.Module, cfg: Any) -> int:
-    m = cfg.bottleneck_dim
-    return sum(2 * t.out_features * m + m + t.out_features for t in _targets(model, cfg.target_modules))
-
-
-def krona_count(model: nn.Module, cfg: Any) -> int:
+def adapter_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """Per adapted module of width d: down ``d·m + m``, up ``m·d + d``, a LayerNorm ``2d``, a learnable scale 1."""
+    m, extra = cfg.bottleneck_dim, (1 if cfg.scaling == "learnable" else 0)
+    norm = 2 if cfg.layer_norm != "none" else 0
     return sum(
-        cfg.a1 * cfg.a2 + (t.out_features // cfg.a1) * (t.in_features // cfg.a2)
-        for t in _targets(model, cfg.target_modules)
+        2 * d * m + m + d + norm * d + extra for d in (t.out_features for t in _targets(reference, cfg.target_modules))
     )
 
 
-def lora_count(model: nn.Module, cfg: Any) -> int:
+def krona_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    return sum(
+        cfg.a1 * cfg.a2 + (t.out_features // cfg.a1) * (t.in_features // cfg.a2)
+        for t in _targets(reference, cfg.target_modules)
+    )
+
+
+def lora_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     total = 0
-    for t in _targets(model, cfg.target_modules):
+    for t in _targets(reference, cfg.target_modules):
         if isinstance(t, nn.Conv2d):
             total += cfg.r * t.in_channels * t.kernel_size[0] * t.kernel_size[1] + t.out_channels * cfg.r
         else:
@@ -63,9 +78,9 @@ def lora_count(model: nn.Module, cfg: Any) -> int:
     return total
 
 
-def lokr_count(model: nn.Module, cfg: Any) -> int:
+def lokr_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     total = 0
-    for t in _targets(model, cfg.target_modules):
+    for t in _targets(reference, cfg.target_modules):
         out_l, out_k = factorization(t.out_features, cfg.decompose_factor)
         in_m, in_n = factorization(t.in_features, cfg.decompose_factor)
         w2 = cfg.r * (out_k + in_n) if cfg.r < max(out_k, in_n) / 2 else out_k * in_n
@@ -73,20 +88,20 @@ def lokr_count(model: nn.Module, cfg: Any) -> int:
     return total
 
 
-def ln_count(model: nn.Module, cfg: Any) -> int:
-    return sum(p.numel() for t in _targets(model, cfg.target_modules) for p in t.parameters())
+def ln_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    return sum(p.numel() for t in _targets(reference, cfg.target_modules) for p in t.parameters())
 
 
-def vpt_count(model: nn.Module, cfg: Any) -> int:
-    return (len(model.blocks) if cfg.deep else 1) * cfg.num_tokens * model.embed_dim
+def vpt_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    return (len(reference.blocks) if cfg.deep else 1) * cfg.num_tokens * reference.embed_dim
 
 
-def ssf_count(model: nn.Module, cfg: Any) -> int:
+def ssf_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     """2 x the output channels of every Linear/Conv with a bias and every affine norm; the head and MHA internals
     are left out."""
-    skip = attention_children(model)
+    skip = attention_children(reference)
     total = 0
-    for n, m in base_modules(model):
+    for n, m in base_modules(reference):
         if n in skip or n == "head" or n.startswith("head.") or getattr(m, "bias", None) is None:
             continue
         if isinstance(m, nn.Linear):
@@ -98,34 +113,65 @@ def ssf_count(model: nn.Module, cfg: Any) -> int:
     return 2 * total
 
 
-_SPT = {"mlp": ((4, 16), 300), "vit": ((2, 3, 16, 16), 2000), "mha": ((2, 5, 16), 300)}  # input shape, budget
+def spt_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """METHODS.md §3 over the selection the adapter recorded (its saved row ranges and indices; the selection is
+    not run again): a LoRA on rows ``[s, e)`` of a Linear ``d_in -> d_out`` costs ``r·(d_in + e − s)``, an adapter
+    ``2·r·(e − s) + r + (e − s)``; each sparse weight entry and each tuned vector entry costs 1."""
+    r, total = cfg.rank, 0
+    for key, value in adapted.adapter_state_dict().items():
+        if key.endswith(".adapters.structured_rows"):
+            d_in = reference.get_submodule(key.split(".adapters.")[0]).in_features
+            for s, e in value.tolist():
+                total += r * (d_in + e - s) if cfg.structured == "lora" else 2 * r * (e - s) + r + (e - s)
+        elif ".adapters." in key and key.endswith(".indices"):  # sparse (2, n), vector (n,)
+            total += value.shape[-1]
+    return total
 
 
-def spt_build(model: str, init: Any) -> Any:
-    if model not in _SPT:
-        return None  # conv: SPT tunes Linear weights/biases and LayerNorm vectors only
-    shape, budget = _SPT[model]
-    g = torch.Generator().manual_seed(0)  # the toy heads have 4 classes
-    data = [(torch.randn(shape, generator=g), torch.randint(0, 4, shape[:1], generator=g)) for _ in range(2)]
-    return mp.create_config("spt", init_weights=init, budget=budget, rank=4, batches=2, sensitivity_data=data)
+def pointgst_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """METHODS.md §4: one PCSA per block, ``down`` C→r ``Cr + r``, ``adapt1`` r→r ``r² + r`` (shared by both
+    branches), ``LN1`` and ``LN2`` ``2r`` each, ``up`` r→C ``rC + C`` (29,544 at C=384, r=36); the class token and
+    its position ``2C``."""
+    c, r = reference.embed_dim, cfg.rank
+    pcsa = (c * r + r) + (r * r + r) + 2 * (2 * r) + (r * c + c)
+    return len(reference.blocks) * pcsa + (2 * c if cfg.tune_class_token else 0)
 
 
-def spt_count(model: nn.Module, cfg: Any) -> int:
-    """The selection recomputed on the unadapted reference (same weights, same data, deterministic)."""
-    return select(compute_sensitivity(model, cfg.sensitivity_data, cfg.batches), model, cfg).num_params
+BIASES = ("proj", "fc1", "fc2", "norm1", "norm2")  # the bias-tuned modules of a block, by their last name
+
+
+def point_peft_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """METHODS.md §5 (d)/(f) at this width C, without what the official code allocates but never uses (the prompts
+    and cp_adapters past ``prompt_blocks``, the gates, ``prompt_cor``; see point_peft.py). Per block: the MLP
+    adapter and ``adapter1`` (C→m→C, ``2Cm + m + C`` each), the ``out_transform`` BatchNorm ``2C``, the proj, fc1,
+    fc2, norm1, norm2 biases; per prompted block: ``(top_k + 2)·C`` prompts and the C→m'→C ``cp_adapter``; shared:
+    the local attention (qkv C→3hd without bias, proj hd→C) and its LayerNorm, the final LayerNorm (with the bias
+    tuning), the class token and its position."""
+    c, hd = reference.embed_dim, cfg.local_heads * cfg.local_head_dim
+
+    def bottleneck(m: int) -> int:
+        return 2 * c * m + m + c
+
+    blocks = list(reference.blocks)
+    total = len(blocks) * (2 * bottleneck(cfg.bottleneck_dim) + 2 * c)
+    if cfg.bias_tuning:
+        total += sum(m.bias.numel() for b in blocks for n, m in b.named_modules() if n.rsplit(".")[-1] in BIASES)
+        total += 2 * c
+    total += min(cfg.prompt_blocks, len(blocks)) * ((cfg.top_k + 2) * c + bottleneck(cfg.cache_bottleneck_dim))
+    total += 3 * hd * c + (hd * c + c) + 2 * c
+    return total + (2 * c if cfg.tune_class_token else 0)
 
 
 @dataclass
 class Case:
-    """How one method is built on each toy model, and its trainable-parameter formula (head excluded)."""
+    """One method's row: see the module docstring."""
 
-    build: Callable[[str, Any], Any]  # (toy model name, init) -> config, or None where it does not apply
-    count: Callable[[nn.Module, Any], int]
-    identity: Any = "identity"  # the init value that must leave outputs unchanged (None: no such init)
-    random: Any = False  # the init value giving random non-zero adapters
-    mergeable: bool = True
+    build: Callable[[str, Any], Any]
+    count: Callable[[nn.Module, nn.Module, Any], int]
+    identity: Any = "identity"
+    random: Any = False
     peft: bool = False
-    skip: set[str] = field(default_factory=set)
+    mergeable: bool | None = None  # peft methods only; native methods' flag is the registry's
 
 
 def native(name: str, per_model: dict[str, dict | None]) -> Callable[[str, Any], Any]:
@@ -147,27 +193,37 @@ def via_peft(cls: type, init_field: str | None, per_model: dict[str, dict | None
 
 
 ALL = {m: {} for m in TOY_MODELS}
+_SPT = {"mlp": ((4, 16), 300), "vit": ((2, 3, 16, 16), 2000), "mha": ((2, 5, 16), 300)}  # input shape, budget
 
 
-def pointgst_count(model: nn.Module, cfg: Any) -> int:
-    """One PCSA per block, plus the class token and its position."""
-    return len(model.blocks) * pcsa_parameters(model.embed_dim, cfg.rank) + 2 * model.embed_dim
+def spt_build(model: str, init: Any) -> Any:
+    if model not in _SPT:
+        return None  # conv: SPT tunes Linear weights/biases and LayerNorm vectors only
+    shape, budget = _SPT[model]
+    g = torch.Generator().manual_seed(0)  # the toy heads have 4 classes
+    data = [(torch.randn(shape, generator=g), torch.randint(0, 4, shape[:1], generator=g)) for _ in range(2)]
+    return mp.create_config(
+        "spt", init_weights=init, budget=budget, rank=3, batches=2, dropout=0.2, drop_path=0.2, sensitivity_data=data
+    )
 
 
-POINT_PEFT = {"top_k": 3, "prompt_blocks": 1, "num_anchors": 8, "num_neighbors": 4}
+POINT_PEFT = {"top_k": 3, "prompt_blocks": 1, "num_anchors": 8, "num_neighbors": 4, "bottleneck_dim": 6}
+POINT_PEFT |= {
+    "cache_bottleneck_dim": 3,
+    "local_heads": 2,
+    "local_head_dim": 5,
+    "adapter_scaling": 1.5,
+    "geo_scaling": 0.6,
+}
 
 
 def point_peft_build(model: str, init: Any) -> Any:
-    """Point-PEFT on the point transformer, its memory bank from two batches of random clouds."""
+    """Point-PEFT on the point transformer (one of its two blocks prompted), its memory bank from random clouds."""
     if model != "points":
         return None
     g = torch.Generator().manual_seed(1)
     memory = [(torch.randn(4, 128, 3, generator=g), torch.arange(4) % 4) for _ in range(2)]
     return mp.create_config("point_peft", init_weights=init, memory_data=memory, **POINT_PEFT)
-
-
-def point_peft_count(model: nn.Module, cfg: Any) -> int:
-    return point_peft_parameters(model.embed_dim, len(model.blocks), cfg)
 
 
 CASES: dict[str, Case] = {
@@ -176,33 +232,43 @@ CASES: dict[str, Case] = {
         native(
             "adapter",
             {
-                "mlp": {"style": "houlsby", "bottleneck_dim": 4, "target_modules": ["fc2"]},
-                "vit": {"style": "houlsby", "bottleneck_dim": 4, "target_modules": ["attn.proj", "mlp.fc2"]},
-                "mha": {"style": "pfeiffer", "bottleneck_dim": 4, "target_modules": ["linear2"]},
-                "conv": None,
+                "mlp": {
+                    "style": "houlsby",
+                    "bottleneck_dim": 4,
+                    "target_modules": ["fc2"],
+                    "scaling": 0.5,
+                    "dropout": 0.2,
+                },
+                "vit": {
+                    "style": "houlsby",
+                    "bottleneck_dim": 3,
+                    "target_modules": ["attn.proj", "mlp.fc2"],
+                    "scaling": "learnable",
+                    "layer_norm": "in",
+                },
+                "mha": {
+                    "style": "pfeiffer",
+                    "bottleneck_dim": 5,
+                    "target_modules": ["linear2"],
+                    "scaling": 2.0,
+                    "layer_norm": "out",
+                },
             },
         ),
         adapter_count,
-        mergeable=False,
     ),
     "krona": Case(
         native(
             "krona",
             {
-                "mlp": {"a1": 4, "a2": 4, "target_modules": ["fc1", "fc2"]},
-                "vit": {"a1": 4, "a2": 4, "target_modules": ["qkv", "fc1"]},
-                "mha": {"a1": 4, "a2": 4, "target_modules": ["linear1", "linear2"]},
-                "conv": None,
+                "mlp": {"a1": 4, "a2": 4, "target_modules": ["fc1", "fc2"], "scaling": 0.5, "dropout": 0.2},
+                "vit": {"a1": 2, "a2": 8, "target_modules": ["qkv", "fc1"], "scaling": 2.0},
+                "mha": {"a1": 8, "a2": 2, "target_modules": ["linear1", "linear2"], "scaling": 3.0},
             },
         ),
         krona_count,
     ),
-    "vpt": Case(
-        native("vpt", {"vit": {"num_tokens": 3, "deep": True}, "mlp": None, "conv": None, "mha": None}),
-        vpt_count,
-        identity=None,
-        mergeable=False,
-    ),
+    "vpt": Case(native("vpt", {"vit": {"num_tokens": 3, "deep": True, "dropout": 0.2}}), vpt_count, identity=None),
     "ssf": Case(native("ssf", ALL), ssf_count),
     "spt": Case(spt_build, spt_count),
     "peft:lora": Case(
@@ -210,57 +276,71 @@ CASES: dict[str, Case] = {
             peft.LoraConfig,
             "init_lora_weights",
             {
-                "mlp": {"r": 2, "target_modules": ["fc1", "fc2"]},
-                "vit": {"r": 2, "target_modules": ["qkv"]},
-                "mha": {"r": 2, "target_modules": ["linear1"]},
-                "conv": {"r": 2, "target_modules": ["conv1", "conv2"]},
+                "mlp": {"r": 2, "lora_alpha": 5, "lora_dropout": 0.2, "target_modules": ["fc1", "fc2"]},
+                "vit": {"r": 3, "lora_alpha": 1, "target_modules": ["qkv"]},
+                "mha": {"r": 2, "lora_alpha": 6, "target_modules": ["linear1"]},
+                "conv": {"r": 2, "lora_alpha": 3, "target_modules": ["conv1", "conv2"]},
             },
         ),
         lora_count,
         identity=True,
         peft=True,
+        mergeable=True,
     ),
     "peft:lokr": Case(
         via_peft(
             peft.LoKrConfig,
             "init_weights",
             {
-                "mlp": {"r": 2, "target_modules": ["fc1", "fc2"]},
-                "vit": {"r": 2, "target_modules": ["qkv"]},
-                "mha": {"r": 2, "target_modules": ["linear1"]},
-                "conv": None,
+                "mlp": {"r": 2, "alpha": 5, "rank_dropout": 0.2, "target_modules": ["fc1", "fc2"]},
+                "vit": {"r": 3, "alpha": 1, "decompose_factor": 4, "target_modules": ["qkv"]},
+                "mha": {"r": 2, "alpha": 6, "target_modules": ["linear1"]},
             },
         ),
         lokr_count,
         identity=True,
         peft=True,
+        mergeable=True,
     ),
     "peft:ln_tuning": Case(
         via_peft(
             peft.LNTuningConfig,
             None,
-            {
-                "mlp": {"target_modules": ["norm"]},
-                "vit": {"target_modules": ["norm1", "norm2"]},
-                # peft's LNTuningLayer hides LayerNorm attributes (eps) that nn.TransformerEncoderLayer reads
-                "mha": None,
-                "conv": None,
-            },
+            # mha: peft's LNTuningLayer hides LayerNorm attributes (eps) that nn.TransformerEncoderLayer reads
+            {"mlp": {"target_modules": ["norm"]}, "vit": {"target_modules": ["norm1", "norm2"]}},
         ),
         ln_count,
         identity=True,
         random=True,
         peft=True,
+        mergeable=True,
     ),
     # point-transformer methods: PointGST's spectral bases need group centres, Point-PEFT a memory bank
-    "pointgst": Case(native("pointgst", {"points": {"rank": 4, "local_size": 4}}), pointgst_count, mergeable=False),
-    "point_peft": Case(point_peft_build, point_peft_count, identity=None, mergeable=False),
+    "pointgst": Case(native("pointgst", {"points": {"rank": 5, "local_size": 4, "scaling": 0.5}}), pointgst_count),
+    "point_peft": Case(point_peft_build, point_peft_count, identity=None),
 }
+
+
+def mergeable(method: str) -> bool:
+    """The registry's flag for a native method; the table's for a peft one."""
+    return bool(CASES[method].mergeable) if CASES[method].peft else get_method(method).mergeable
 
 
 def test_every_registered_method_has_a_case() -> None:
     missing = sorted(set(mp.list_methods()) - set(CASES))
     assert not missing, f"add these methods to CASES in {__file__}: {missing}"
+    copies = sorted(m for m, case in CASES.items() if not case.peft and case.mergeable is not None)
+    assert not copies, f"native methods take `mergeable` from the registry, not from CASES: {copies}"
+
+
+@pytest.mark.parametrize("method", mp.list_methods())
+def test_registry_modality_is_where_the_method_lives_and_what_it_runs_on(method: str) -> None:
+    info = get_method(method)
+    assert info.apply.__module__.startswith(f"modalpeft.{info.modality}."), (info.modality, info.apply.__module__)
+    importlib.import_module(f"modalpeft.{info.modality}")
+    case = CASES[method]
+    toys = [t for t in TOY_MODELS if case.build(t, case.random) is not None]
+    assert any(info.modality in ("core", MODALITY[t]) for t in toys), f"{method} runs on no {info.modality} toy"
 
 
 PARAMS = [
@@ -280,17 +360,29 @@ def adapted(method: str, model_name: str, init: Any, save_head: bool = True) -> 
 
 
 def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
+    """A few AdamW steps in train mode (dropout on, BatchNorm statistics updated); the model ends in eval mode."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     target = torch.randn_like(model(x))
+    model.train()
     for _ in range(steps):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), target).backward()
         opt.step()
+    model.eval()
 
 
 def module_types(model: nn.Module) -> list[str]:
     return [f"{n}:{type(m).__name__}" for n, m in model.named_modules()]
+
+
+def batch_norm_statistics(model: nn.Module) -> list[torch.Tensor]:
+    return [
+        t.detach().clone()
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        for t in (m.running_mean, m.running_var)
+    ]
 
 
 @pytest.mark.parametrize(("method", "model_name"), PARAMS)
@@ -309,7 +401,7 @@ def test_trainable_count_matches_formula(method: str, model_name: str) -> None:
     reference, model = adapted(method, model_name, case.random)
     config = case.build(model_name, case.random)
     head = sum(p.numel() for p in reference.head.parameters())
-    assert model.trainable_summary()["trainable"] == case.count(reference, config) + head
+    assert model.trainable_summary()["trainable"] == case.count(reference, model, config) + head
 
 
 @pytest.mark.parametrize(("method", "model_name"), PARAMS)
@@ -337,16 +429,20 @@ def test_disable_adapters_gives_base_output(method: str, model_name: str) -> Non
     reference, model = adapted(method, model_name, CASES[method].random, save_head=False)
     x = reference.make_input()
     train_steps(model, x)
-    assert not torch.allclose(model(x), reference(x), atol=ATOL), "the trained adapter should change the output"
+    base = copy.deepcopy(model).unload()  # the base as training left it (train mode updates BatchNorm statistics)
+    assert not torch.allclose(model(x), base(x), atol=ATOL), "the trained adapter should change the output"
     with model.disable_adapters():
-        torch.testing.assert_close(model(x), reference(x), atol=ATOL, rtol=0)
-    assert not torch.allclose(model(x), reference(x), atol=ATOL)
+        torch.testing.assert_close(model(x), base(x), atol=ATOL, rtol=0)
+    assert not torch.allclose(model(x), base(x), atol=ATOL)
 
 
 @pytest.mark.parametrize(("method", "model_name"), PARAMS)
 def test_save_then_load_gives_identical_outputs(method: str, model_name: str, tmp_path) -> None:
     reference, model = adapted(method, model_name, CASES[method].random)
     train_steps(model, reference.make_input())
+    trained_base = copy.deepcopy(model).unload()
+    for trained, start in zip(batch_norm_statistics(trained_base), batch_norm_statistics(reference), strict=True):
+        assert not torch.equal(trained, start), "training in train mode should update every BatchNorm's statistics"
     x = reference.make_input()
     expected = model(x)
     model.save_adapter(tmp_path / "adapter")
@@ -359,14 +455,17 @@ def test_save_then_load_gives_identical_outputs(method: str, model_name: str, tm
 
 @pytest.mark.parametrize(("method", "model_name"), PARAMS)
 def test_merge_is_exact_and_unmerge_restores(method: str, model_name: str) -> None:
-    case = CASES[method]
-    reference, model = adapted(method, model_name, case.random)
+    reference, model = adapted(method, model_name, CASES[method].random)
     x = reference.make_input()
     expected = model(x)
-    if not case.mergeable:
-        with pytest.raises(ValueError, match="cannot be merged"):
-            model.merge_and_unload()
-        torch.testing.assert_close(model(x), expected, atol=0, rtol=0)  # left as it was
+    if not mergeable(method):
+        types, state = module_types(model), {k: v.clone() for k, v in model.state_dict().items()}
+        for merge in (model.merge_and_unload, model.merge_adapter):
+            with pytest.raises(ValueError, match=r"cannot be merged: .* Keep the model unmerged, or call unload\(\)"):
+                merge()
+            assert module_types(model) == types  # left as it was
+            assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+            torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
         return
     model.merge_adapter()
     torch.testing.assert_close(model(x), expected, atol=ATOL, rtol=1e-5)
@@ -378,7 +477,7 @@ def test_merge_is_exact_and_unmerge_restores(method: str, model_name: str) -> No
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in reference.parameters())
 
 
-@pytest.mark.parametrize(("method", "model_name"), [p for p in PARAMS if CASES[p.values[0]].mergeable])
+@pytest.mark.parametrize(("method", "model_name"), [p for p in PARAMS if mergeable(p.values[0])])
 def test_unmerge_restores_base_weights(method: str, model_name: str) -> None:
     reference, model = adapted(method, model_name, CASES[method].random)
     inner = model.base_model
