@@ -207,14 +207,8 @@ def spt_build(model: str, init: Any) -> Any:
     )
 
 
-POINT_PEFT = {"top_k": 3, "prompt_blocks": 1, "num_anchors": 8, "num_neighbors": 4, "bottleneck_dim": 6}
-POINT_PEFT |= {
-    "cache_bottleneck_dim": 3,
-    "local_heads": 2,
-    "local_head_dim": 5,
-    "adapter_scaling": 1.5,
-    "geo_scaling": 0.6,
-}
+POINT_PEFT = dict(top_k=3, prompt_blocks=1, num_anchors=8, num_neighbors=4, bottleneck_dim=6, cache_bottleneck_dim=3)
+POINT_PEFT.update(local_heads=2, local_head_dim=5, adapter_scaling=1.5, geo_scaling=0.6)
 
 
 def point_peft_build(model: str, init: Any) -> Any:
