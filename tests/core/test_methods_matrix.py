@@ -8,8 +8,9 @@ A method joins by registering (``list_methods()`` drives the matrix, and its reg
   (training runs in train mode, so dropout and BatchNorm statistics are exercised; exactness checks run in eval
   mode).
 - ``count(reference, adapted, config)``: its trainable-parameter count, head excluded, written from the shapes
-  in the spec and never by calling the method's own code. ``reference`` is the unadapted toy; ``adapted`` serves
-  data-dependent methods (SPT), whose count is read from the structure the adapter recorded.
+  in the spec and never by calling the method's own code (the formulas live in ``matrix_counts.py``).
+  ``reference`` is the unadapted toy; ``adapted`` serves data-dependent methods (SPT), whose count is read from
+  the structure the adapter recorded.
 - ``identity`` / ``random``: the ``init_weights`` values that leave the outputs unchanged (``None``: none does) /
   that give random non-zero adapters.
 - ``peft=True`` for peft's methods, which are not in the registry; they alone say ``mergeable`` here.
@@ -28,149 +29,26 @@ from typing import Any
 import peft
 import pytest
 import torch
-from peft.tuners.lokr.layer import factorization
 from torch import nn
 
 import modalpeft as mp
-from modalpeft.core.inject import attention_children, base_modules
 from modalpeft.core.registry import get_method
 
+from . import matrix_counts as counts
 from .toy_models import MODALITY, TOY_MODELS, make
 
 ATOL = 1e-5
 
 
-def _targets(model: nn.Module, names: list[str]) -> list[nn.Module]:
-    return [m for n, m in base_modules(model) if any(n == t or n.endswith("." + t) for t in names)]
-
-
-def bitfit_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    return sum(
-        p.numel()
-        for n, p in reference.named_parameters()
-        if n.rsplit(".", 1)[-1] in ("bias", "in_proj_bias") and not n.startswith("head.")
-    )
-
-
-def adapter_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    """Per adapted module of width d: down ``d·m + m``, up ``m·d + d``, a LayerNorm ``2d``, a learnable scale 1."""
-    m, extra = cfg.bottleneck_dim, (1 if cfg.scaling == "learnable" else 0)
-    norm = 2 if cfg.layer_norm != "none" else 0
-    return sum(
-        2 * d * m + m + d + norm * d + extra for d in (t.out_features for t in _targets(reference, cfg.target_modules))
-    )
-
-
-def krona_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    return sum(
-        cfg.a1 * cfg.a2 + (t.out_features // cfg.a1) * (t.in_features // cfg.a2)
-        for t in _targets(reference, cfg.target_modules)
-    )
-
-
-def lora_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    total = 0
-    for t in _targets(reference, cfg.target_modules):
-        if isinstance(t, nn.Conv2d):
-            total += cfg.r * t.in_channels * t.kernel_size[0] * t.kernel_size[1] + t.out_channels * cfg.r
-        else:
-            total += cfg.r * (t.in_features + t.out_features)
-    return total
-
-
-def lokr_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    total = 0
-    for t in _targets(reference, cfg.target_modules):
-        out_l, out_k = factorization(t.out_features, cfg.decompose_factor)
-        in_m, in_n = factorization(t.in_features, cfg.decompose_factor)
-        w2 = cfg.r * (out_k + in_n) if cfg.r < max(out_k, in_n) / 2 else out_k * in_n
-        total += out_l * in_m + w2
-    return total
-
-
-def ln_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    return sum(p.numel() for t in _targets(reference, cfg.target_modules) for p in t.parameters())
-
-
-def vpt_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    return (len(reference.blocks) if cfg.deep else 1) * cfg.num_tokens * reference.embed_dim
-
-
-def ssf_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    """2 x the output channels of every Linear/Conv with a bias and every affine norm; the head and MHA internals
-    are left out."""
-    skip = attention_children(reference)
-    total = 0
-    for n, m in base_modules(reference):
-        if n in skip or n == "head" or n.startswith("head.") or getattr(m, "bias", None) is None:
-            continue
-        if isinstance(m, nn.Linear):
-            total += m.out_features
-        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            total += m.out_channels
-        elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-            total += m.weight.numel()
-    return 2 * total
-
-
-def spt_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    """METHODS.md §3 over the selection the adapter recorded (its saved row ranges and indices; the selection is
-    not run again): a LoRA on rows ``[s, e)`` of a Linear ``d_in -> d_out`` costs ``r·(d_in + e − s)``, an adapter
-    ``2·r·(e − s) + r + (e − s)``; each sparse weight entry and each tuned vector entry costs 1."""
-    r, total = cfg.rank, 0
-    for key, value in adapted.adapter_state_dict().items():
-        if key.endswith(".adapters.structured_rows"):
-            d_in = reference.get_submodule(key.split(".adapters.")[0]).in_features
-            for s, e in value.tolist():
-                total += r * (d_in + e - s) if cfg.structured == "lora" else 2 * r * (e - s) + r + (e - s)
-        elif ".adapters." in key and key.endswith(".indices"):  # sparse (2, n), vector (n,)
-            total += value.shape[-1]
-    return total
-
-
-def pointgst_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    """METHODS.md §4: one PCSA per block, ``down`` C→r ``Cr + r``, ``adapt1`` r→r ``r² + r`` (shared by both
-    branches), ``LN1`` and ``LN2`` ``2r`` each, ``up`` r→C ``rC + C`` (29,544 at C=384, r=36); the class token and
-    its position ``2C``."""
-    c, r = reference.embed_dim, cfg.rank
-    pcsa = (c * r + r) + (r * r + r) + 2 * (2 * r) + (r * c + c)
-    return len(reference.blocks) * pcsa + (2 * c if cfg.tune_class_token else 0)
-
-
-BIASES = ("proj", "fc1", "fc2", "norm1", "norm2")  # the bias-tuned modules of a block, by their last name
-
-
-def point_peft_count(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    """METHODS.md §5 (d)/(f) at this width C, without what the official code allocates but never uses (the prompts
-    and cp_adapters past ``prompt_blocks``, the gates, ``prompt_cor``; see point_peft.py). Per block: the MLP
-    adapter and ``adapter1`` (C→m→C, ``2Cm + m + C`` each), the ``out_transform`` BatchNorm ``2C``, the proj, fc1,
-    fc2, norm1, norm2 biases; per prompted block: ``(top_k + 2)·C`` prompts and the C→m'→C ``cp_adapter``; shared:
-    the local attention (qkv C→3hd without bias, proj hd→C) and its LayerNorm, the final LayerNorm (with the bias
-    tuning), the class token and its position."""
-    c, hd = reference.embed_dim, cfg.local_heads * cfg.local_head_dim
-
-    def bottleneck(m: int) -> int:
-        return 2 * c * m + m + c
-
-    blocks = list(reference.blocks)
-    total = len(blocks) * (2 * bottleneck(cfg.bottleneck_dim) + 2 * c)
-    if cfg.bias_tuning:
-        total += sum(m.bias.numel() for b in blocks for n, m in b.named_modules() if n.rsplit(".")[-1] in BIASES)
-        total += 2 * c
-    total += min(cfg.prompt_blocks, len(blocks)) * ((cfg.top_k + 2) * c + bottleneck(cfg.cache_bottleneck_dim))
-    total += 3 * hd * c + (hd * c + c) + 2 * c
-    return total + (2 * c if cfg.tune_class_token else 0)
-
-
 @dataclass
 class Case:
-    """One method's row: see the module docstring."""
+    """One method's row (see the module docstring)."""
 
-    build: Callable[[str, Any], Any]
-    count: Callable[[nn.Module, nn.Module, Any], int]
-    identity: Any = "identity"
-    random: Any = False
-    peft: bool = False
+    build: Callable[[str, Any], Any]  # (toy name, init) -> config, or None where the method does not apply
+    count: Callable[[nn.Module, nn.Module, Any], int]  # (reference, adapted, config) -> trainable count, no head
+    identity: Any = "identity"  # the init leaving outputs unchanged (None: none does)
+    random: Any = False  # the init giving random non-zero adapters
+    peft: bool = False  # a peft method (not in the registry)
     mergeable: bool | None = None  # peft methods only; native methods' flag is the registry's
 
 
@@ -221,7 +99,7 @@ def point_peft_build(model: str, init: Any) -> Any:
 
 
 CASES: dict[str, Case] = {
-    "bitfit": Case(native("bitfit", ALL), bitfit_count),
+    "bitfit": Case(native("bitfit", ALL), counts.bitfit),
     "adapter": Case(
         native(
             "adapter",
@@ -249,7 +127,7 @@ CASES: dict[str, Case] = {
                 },
             },
         ),
-        adapter_count,
+        counts.adapter,
     ),
     "krona": Case(
         native(
@@ -260,11 +138,11 @@ CASES: dict[str, Case] = {
                 "mha": {"a1": 8, "a2": 2, "target_modules": ["linear1", "linear2"], "scaling": 3.0},
             },
         ),
-        krona_count,
+        counts.krona,
     ),
-    "vpt": Case(native("vpt", {"vit": {"num_tokens": 3, "deep": True, "dropout": 0.2}}), vpt_count, identity=None),
-    "ssf": Case(native("ssf", ALL), ssf_count),
-    "spt": Case(spt_build, spt_count),
+    "vpt": Case(native("vpt", {"vit": {"num_tokens": 3, "deep": True, "dropout": 0.2}}), counts.vpt, identity=None),
+    "ssf": Case(native("ssf", ALL), counts.ssf),
+    "spt": Case(spt_build, counts.spt),
     "peft:lora": Case(
         via_peft(
             peft.LoraConfig,
@@ -276,7 +154,7 @@ CASES: dict[str, Case] = {
                 "conv": {"r": 2, "lora_alpha": 3, "target_modules": ["conv1", "conv2"]},
             },
         ),
-        lora_count,
+        counts.lora,
         identity=True,
         peft=True,
         mergeable=True,
@@ -291,7 +169,7 @@ CASES: dict[str, Case] = {
                 "mha": {"r": 2, "alpha": 6, "target_modules": ["linear1"]},
             },
         ),
-        lokr_count,
+        counts.lokr,
         identity=True,
         peft=True,
         mergeable=True,
@@ -303,15 +181,15 @@ CASES: dict[str, Case] = {
             # mha: peft's LNTuningLayer hides LayerNorm attributes (eps) that nn.TransformerEncoderLayer reads
             {"mlp": {"target_modules": ["norm"]}, "vit": {"target_modules": ["norm1", "norm2"]}},
         ),
-        ln_count,
+        counts.ln_tuning,
         identity=True,
         random=True,
         peft=True,
         mergeable=True,
     ),
     # point-transformer methods: PointGST's spectral bases need group centres, Point-PEFT a memory bank
-    "pointgst": Case(native("pointgst", {"points": {"rank": 5, "local_size": 4, "scaling": 0.5}}), pointgst_count),
-    "point_peft": Case(point_peft_build, point_peft_count, identity=None),
+    "pointgst": Case(native("pointgst", {"points": {"rank": 5, "local_size": 4, "scaling": 0.5}}), counts.pointgst),
+    "point_peft": Case(point_peft_build, counts.point_peft, identity=None),
 }
 
 
