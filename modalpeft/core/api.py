@@ -80,18 +80,17 @@ def load_adapter(
             )
         if isinstance(model, AdaptedModel):
             adapted = model
-            adapted.add_adapter(adapter_name, config, state=state)
+            with adapted._undone_on_error(adapter_name):
+                adapted.add_adapter(adapter_name, config, state=state)
+                adapted.load_adapter_state(state, adapter_name)
         else:
             adapted = AdaptedModel(model)
             adapted.add_adapter(adapter_name, config, state=state)
-        try:
-            adapted.load_adapter_state(state, adapter_name)
-        except BaseException:
-            if adapted is model:
-                adapted.delete_adapter(adapter_name)
-            else:
+            try:
+                adapted.load_adapter_state(state, adapter_name)
+            except BaseException:
                 adapted.unload()
-            raise
+                raise
     adapted.set_adapter(adapter_name)
     if not is_trainable:
         for p in adapted.parameters():

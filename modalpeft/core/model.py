@@ -147,6 +147,24 @@ class AdaptedModel(nn.Module):
             if self.peft_config:
                 self.set_adapter(next(iter(self.peft_config)))
 
+    @contextlib.contextmanager
+    def _undone_on_error(self, adapter_name: str) -> Iterator[None]:
+        """Within the block an adapter ``adapter_name`` is added; on any error it is deleted again and the active
+        adapter and every parameter's ``requires_grad`` are put back as they were (a failed ``load_adapter`` into
+        an adapted model leaves it unchanged)."""
+        active = self._active
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        try:
+            yield
+        except BaseException:
+            if adapter_name in self.peft_config:
+                self.delete_adapter(adapter_name)
+            if active is not None:
+                self.set_adapter(active)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
+
     def _drop(self, adapter_name: str) -> None:
         for _, host in list(hosts(self.base_model)):
             if adapter_name in host.adapters:

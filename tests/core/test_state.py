@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 
+import peft
 import pytest
 import torch
 
@@ -116,3 +117,49 @@ def test_load_into_an_adapted_model_adds_an_adapter(tmp_path) -> None:
     other = mp.load_adapter(other, tmp_path, adapter_name="loaded")
     assert other.adapter_names == ["default", "loaded"] and other.active_adapter == "loaded"
     torch.testing.assert_close(other(x), expected)
+
+
+def _tamper(directory) -> None:
+    """Give one saved tensor a wrong shape: the adapter's layers are placed, then loading its tensors fails."""
+    tensors = state_mod.read_tensors(directory)
+    key = sorted(tensors)[0]
+    tensors[key] = torch.zeros(tensors[key].numel() + 1)
+    state_mod.atomic_write({state_mod.WEIGHTS_NAME: tensors}, directory)
+
+
+FAILED_LOAD_CONFIGS = {
+    "native": lambda target: mp.BitFitConfig(init_weights=False, target_modules=[target]),
+    "peft": lambda target: peft.LoraConfig(r=2, target_modules=[target], init_lora_weights=False),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FAILED_LOAD_CONFIGS))
+def test_failed_load_into_an_adapted_model_leaves_it_unchanged(kind: str, tmp_path) -> None:
+    config = FAILED_LOAD_CONFIGS[kind]
+    mp.adapt(make("mlp", seed=1), config("fc2"), modules_to_save=["head"]).save_adapter(tmp_path)
+    _tamper(tmp_path)
+    model = mp.adapt(make("mlp"), config("fc1"))
+    model.add_adapter("second", config("fc2"))
+    model.set_adapter("second")  # not the first adapter: a clean-up must not fall back to that one
+    model.requires_grad_(False)  # as loaded for inference: a clean-up must not make the active adapter trainable
+    x = torch.randn(3, 16)
+    expected = model(x)
+    before = {
+        "adapters": list(model.adapter_names),
+        "active": model.active_adapter,
+        "modules": [f"{n}:{type(m).__name__}" for n, m in model.named_modules()],
+        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+    }
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit"):
+        mp.load_adapter(model, tmp_path, adapter_name="loaded")
+    after = {
+        "adapters": list(model.adapter_names),
+        "active": model.active_adapter,
+        "modules": [f"{n}:{type(m).__name__}" for n, m in model.named_modules()],
+        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+    }
+    assert after == before
+    assert model.state_dict().keys() == tensors.keys()
+    assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(x), expected, atol=0, rtol=0)

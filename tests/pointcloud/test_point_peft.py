@@ -20,13 +20,15 @@ from modalpeft.pointcloud.methods.point_peft import (
     save_memory_bank,
 )
 
+from ..core.toy_models import perturb
+
 C, DEPTH, G = 32, 2, 16  # point_mae_test
 CFG = {"top_k": 3, "prompt_blocks": 1, "num_anchors": 8, "num_neighbors": 4}
 
 
 def tiny(seed: int = 0):
     torch.manual_seed(seed)
-    return create_backbone("point_mae_test", num_classes=5).eval()
+    return perturb(create_backbone("point_mae_test", num_classes=5), seed).eval()
 
 
 def train_batches(n: int = 3, batch: int = 4):
@@ -144,6 +146,30 @@ def test_behaviour_at_init(clouds):
     perm = torch.randperm(128, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model(clouds[:, perm]), model(clouds), atol=1e-4, rtol=1e-4)
+
+
+def test_geometry_adapter_math(clouds):
+    """An unprompted block's geometry adapter against METHODS.md §5 step 3, one cloud at a time, at geo_scaling 0.6
+    and random BatchNorm statistics (eval mode)."""
+    model = adapted(init_weights=False, geo_scaling=0.6).eval()
+    layer = model.blocks[1].adapters["default"]
+    perturb(layer.out_norm, seed=3)
+    with torch.no_grad():
+        model(clouds)  # the context computes this batch's anchors, neighbours and interpolation weights
+    shared, norm = layer.shared, layer.out_norm
+    assert torch.all(shared.interp >= 0)
+    torch.testing.assert_close(shared.interp.sum(-1), torch.ones(4, G))  # a weighted mean of all anchors
+    out = torch.randn(4, 1 + G, C, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        actual = layer.post(out)
+        for i in range(4):
+            tokens = out[i, 1:]  # (G, C)
+            pooled = shared.local_attn(tokens[shared.neighbor_idx[i]]).max(dim=1).values  # (A, C)
+            pooled = (pooled - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+            pooled = F.gelu(pooled) + 0.6 * tokens[shared.anchor_idx[i]]
+            tokens = tokens + 0.6 * shared.interp[i] @ pooled
+            expected = layer.adapter1.post(torch.cat([out[i, :1], tokens])[None])[0]
+            torch.testing.assert_close(actual[i], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_reach_only_trainable_parameters(clouds):

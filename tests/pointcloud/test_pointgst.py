@@ -17,13 +17,15 @@ from modalpeft.pointcloud.methods.pointgst import (
     profile_eigh_share,
 )
 
+from ..core.toy_models import perturb
+
 C, DEPTH, G = 32, 2, 16  # point_mae_test
 CFG = {"rank": 4, "local_size": 8}
 
 
 def tiny(num_classes: int = 5, seed: int = 0):
     torch.manual_seed(seed)
-    return create_backbone("point_mae_test", num_classes=num_classes).eval()
+    return perturb(create_backbone("point_mae_test", num_classes=num_classes), seed).eval()
 
 
 def adapted(init_weights=True, **kwargs):
@@ -122,8 +124,9 @@ def test_laplacian_basis_matches_formula():
     )
 
 
-def test_pcsa_math(clouds):
-    model = adapted(init_weights=False)
+@pytest.mark.parametrize("scaling", [1.0, 0.5])
+def test_pcsa_math(clouds, scaling):
+    model = adapted(init_weights=False, scaling=scaling)
     model(clouds)
     pcsa = model.blocks[0].mlp_residual.adapters["default"]
     bases = pcsa.bases
@@ -140,7 +143,7 @@ def test_pcsa_math(clouds):
             S = bases.local_U[i] @ s
             loc = (bases.local_U[i].transpose(1, 2) @ (S + F.silu(pcsa.adapt(pcsa.norm_local(S))))).reshape(G, -1)
             loc = loc[bases.inverse[i]]
-            expected = pcsa.up(torch.cat([h[:1], h[1:] + g + loc]))
+            expected = scaling * pcsa.up(torch.cat([h[:1], h[1:] + g + loc]))
             torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=1e-5)
         # the order groups z-sorted centres, and inverse undoes it
         assert torch.equal(bases.order.gather(1, bases.inverse), torch.arange(G).expand(4, -1))

@@ -23,6 +23,8 @@ from modalpeft.vision.methods.spt import (
 )
 from modalpeft.vision.methods.spt_select import spt_targets, structured_params, units
 
+from ..core.toy_models import perturb
+
 C = 32  # embed_dim of the tiny ViT; fc1 is (128, 32), qkv (96, 32)
 HEAD = 4 * C + 4
 
@@ -47,7 +49,7 @@ def vit() -> nn.Module:
         num_heads=2,
         num_classes=4,
     )
-    return model.eval()
+    return perturb(model).eval()
 
 
 def batches(n: int = 2, size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -18,6 +18,8 @@ from modalpeft.core.inject import hosts
 from modalpeft.core.layers import ScaleShift
 from modalpeft.vision import SSFConfig
 
+from ..core.toy_models import perturb
+
 VIT_BLOCK = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]  # the official order in a block
 
 
@@ -32,7 +34,7 @@ def one_thread():
 def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         torch.manual_seed(0)
-        model = build().eval()
+        model = perturb(build()).eval()  # random biases and norm affines: a fold that drops one is seen
         with torch.no_grad():  # some heads start at zero (Mixer): give them weights so that logits differ
             for p in model.get_classifier().parameters():
                 nn.init.normal_(p, std=0.5)

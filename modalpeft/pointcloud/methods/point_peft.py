@@ -522,7 +522,7 @@ def point_peft_parameters(
 ) -> int:
     """The trainable count of Point-PEFT on a backbone of width ``dim`` and ``depth`` adapted blocks.
 
-    Per block: two C→m→C adapters ``2(2Cm + m + C)``, BatchNorm ``2C``, biases ``C + 4C + C + 2C + 2C`` (proj, fc1,
+    Per block: two C→m→C adapters ``2(2Cm + m + C)``, BatchNorm ``2C``, biases ``C + 4C + C + C + C`` (proj, fc1,
     fc2, norm1, norm2, for ``mlp_ratio=4``); per prompted block also ``p·C`` prompts and a C→m'→C ``cp_adapter``.
     Shared: the local attention ``2C + 3hdC + hdC + C``; the final LayerNorm ``2C``; the class token/position ``2C``.
     """
