@@ -20,6 +20,7 @@ the order of the input points (only exact distance ties could make it do so).
 from __future__ import annotations
 
 import importlib.util
+from typing import Literal
 
 import numpy as np
 import torch
@@ -201,19 +202,30 @@ def _part1by2(x: Tensor) -> Tensor:
     return x
 
 
-def z_order_key(xyz: Tensor, scale: float = 100.0, depth: int = 16) -> Tensor:
+ZOrder = Literal["official", "shifted"]
+
+
+def z_order_key(xyz: Tensor, scale: float = 100.0, depth: int = 16, mode: ZOrder = "official") -> Tensor:
     """Morton (z-order) key of each point, as PointGST sorts patch centres.
 
-    The coordinates are scaled by ``scale``, truncated to integers, shifted to be non-negative per cloud and
-    interleaved bit by bit (``depth`` bits per axis, y first, then x, then z, as PointGST's
-    ``xyz2key(y, x, z)``).
+    The coordinates are scaled by ``scale`` and truncated toward zero to integers, then their low ``depth`` bits
+    are interleaved (y first, then x, then z, as PointGST's ``xyz2key(y, x, z)``):
+
+    - ``mode="official"``: PointGST's key (``models/z_order.py``, from O-CNN): a negative integer is read in
+      two's complement, so ``-1`` has all ``depth`` bits set and sorts after every non-negative value on its axis;
+    - ``mode="shifted"``: each cloud's integers are first shifted to be non-negative (minus their minimum), so
+      the key follows space across the origin too.
 
     Shapes:
         - xyz: ``(B, N, 3)``
         - output: ``(B, N)`` int64
     """
-    q = (xyz.detach() * scale).long()  # (B, N, 3)
-    q = q - q.min(dim=1, keepdim=True).values
-    q = q.clamp(max=(1 << depth) - 1)
+    if mode not in ("official", "shifted"):
+        raise ValueError(f"z-order mode={mode!r} is not valid; choose 'official' or 'shifted'.")
+    q = (xyz.detach() * scale).long()  # (B, N, 3), truncated toward zero as torch's .long()
+    mask = (1 << depth) - 1
+    if mode == "shifted":
+        q = (q - q.min(dim=1, keepdim=True).values).clamp(max=mask)
+    q = q & mask  # two's complement bits of negative integers ("official"); a no-op for the shifted ones
     y, x, z = q[..., 1], q[..., 0], q[..., 2]
     return (_part1by2(y) << 2) | (_part1by2(x) << 1) | _part1by2(z)
