@@ -44,7 +44,8 @@ Choices made here, and where they differ from the official code (ziplab/SPT):
 - The sensitivity sums squared gradients per batch, so the grouping changes the ranking, not only the scale:
   ``sensitivity_batch_size`` regroups the training loader's samples into the official batches of 32 (the recipe:
   16 x 32 from a loader of 64). Measured on the test ViT (64 random images, 8 x 8 against 16 x 4, 3 seeds), the
-  two groupings share 84-94% of the selected top entries.
+  two groupings share 84-94% of the selected top entries. The official loader reads the first 512 training
+  images in dataset order (``SequentialSampler``); the Lightning task passes the training loader, shuffled.
   ``structured="lora"``: a parallel low-rank delta with no ``alpha / r`` scaling. ``structured="adapter"``: a
   sequential GELU adapter on the output (slice) of every Linear; the official code places the ``proj`` adapter
   in parallel on its input instead (same shape and count, as ``proj`` is square).
