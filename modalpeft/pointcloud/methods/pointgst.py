@@ -35,7 +35,8 @@ Differences from the official code (jerryfeng2003/PointGST @ 7fbe92fe65c2):
   where 0 is meant, and ``d_min = min(D[D > 0])``, taken over the whole batch, comes from that noise as soon as
   one diagonal entry is positive. The off-diagonal weights ``d_min / D_ij`` collapse (1e-4 and less) and the
   self-loops become ``1 / (D_ii / d_min + 1)``, anywhere between 1 and a small fraction, set by the noise: the
-  official Laplacian is nearly diagonal and its eigenvectors follow the rounding, not the geometry. Here
+  official Laplacian is nearly diagonal and its eigenvectors follow the rounding (which depends on the matmul's
+  device and library), not the geometry, so an official checkpoint's outputs are not reproduced exactly. Here
   distances are exact (``compute_mode="donot_use_mm_for_euclid_dist"``), ``d_min`` runs over distinct centres
   and self-loops are 1. Measured on the demo (its pretrained Point-MAE, 32 centres, chunks of 16, which cdist
   computes exactly; PointGST trained 150 steps; 300 test clouds): the global graph's cdist diagonal was
