@@ -70,7 +70,8 @@ def test_tiny_count_and_placement():
     assert model.trainable_summary()["trainable"] == point_peft_parameters(C, DEPTH, PointPEFTConfig(**CFG), head=head)
     kinds = {name: type(h.adapters["default"]).__name__ for name, h in hosts(model.base_model)}
     assert kinds["group_divider"] == "PointPEFTContext" and kinds["blocks.1"] == "PointPEFTBlock"
-    assert kinds["blocks.0.mlp_residual.mlp"] == "Bottleneck" and kinds["blocks.0.attn.proj"] == "ParamDelta"
+    assert kinds["blocks.0.mlp_residual.drop_path"] == "Bottleneck" and kinds["blocks.0.attn.proj"] == "ParamDelta"
+    assert kinds["blocks.0.drop_path"] == "Bypass"  # no drop-path on the attention branch
     assert kinds["norm"] == "ParamDelta" and kinds["class_token"] == "ParamDelta"
     assert [b.adapters["default"].prompted for b in model.blocks] == [True, False]
 
@@ -81,7 +82,7 @@ def test_memory_bank_build_save_load(tmp_path):
     bank = build_memory_bank(base, batches)
     assert bank.shape == (12, C)
     torch.testing.assert_close(bank.norm(dim=-1), torch.ones(12))
-    torch.testing.assert_close(bank[4:8], F.normalize(pooled_features(base, batches[1][0]), dim=-1))
+    torch.testing.assert_close(bank[4:8], F.normalize(pooled_features(base, batches[1][0])[0], dim=-1))
     assert build_memory_bank(base, batches, max_batches=1).shape == (4, C)
     save_memory_bank(tmp_path / "bank.safetensors", bank)
     torch.testing.assert_close(load_memory_bank(tmp_path / "bank.safetensors"), bank)
@@ -110,7 +111,7 @@ def test_cache_prompts_come_from_the_frozen_backbone(clouds):
     context = model.group_divider.adapters["default"]
     running = model.encoder.first_conv[1].running_mean.clone()
     model(clouds)
-    feature = pooled_features(tiny(), clouds)  # the backbone without the adapter, in eval mode
+    feature = pooled_features(tiny(), clouds)[0]  # the backbone without the adapter, in eval mode
     torch.testing.assert_close(context.shared.cache, retrieve(feature, context.bank, 3))
     assert model.training and all(m.training for m in model.modules())  # modes restored after the frozen pass
     # one BatchNorm update of the encoder (the main pass), none from the frozen pass: compare with a single pass
@@ -129,7 +130,7 @@ def test_prompts_live_for_one_block(clouds):
         block.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
     model(clouds)
     p = CFG["top_k"] + 2
-    frozen = [(1 + G, 1 + G), 1 + G] * DEPTH  # the retrieval query's pass, without the adapter
+    frozen = [(G, G), G] * DEPTH  # the retrieval query's pass: the patch tokens alone, without the adapter
     assert seen == [*frozen, (1 + p + G, 1 + p + G), 1 + G, (1 + G, 1 + G), 1 + G]
 
 
