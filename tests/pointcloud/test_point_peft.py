@@ -165,7 +165,8 @@ def test_geometry_adapter_math(clouds):
         actual = layer.post(out)
         for i in range(4):
             tokens = out[i, 1:]  # (G, C)
-            pooled = shared.local_attn(tokens[shared.neighbor_idx[i]]).max(dim=1).values  # (A, C)
+            hood = tokens[shared.neighbor_idx[i]]  # (A, K, C)
+            pooled = (hood + shared.local_attn(hood)).max(dim=1).values  # (A, C); drop-path is off in eval
             pooled = (pooled - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
             pooled = F.gelu(pooled) + 0.6 * tokens[shared.anchor_idx[i]]
             tokens = tokens + 0.6 * shared.interp[i] @ pooled
