@@ -29,9 +29,9 @@ def backbone() -> torch.nn.Module:
     )
 
 
-def task(adapter=None, **kwargs) -> ClassificationTask:
+def task(adapter=None, lr: float = 1e-2, **kwargs) -> ClassificationTask:
     adapter = mp.BitFitConfig() if adapter is None else adapter
-    return ClassificationTask(backbone(), num_classes=10, adapter=adapter, modules_to_save=["head"], lr=1e-2, **kwargs)
+    return ClassificationTask(backbone(), num_classes=10, adapter=adapter, modules_to_save=["head"], lr=lr, **kwargs)
 
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:
