@@ -46,7 +46,9 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path, Path]:
 def test_a_task_resumes_from_a_clean_checkpoint_but_refuses_a_pickled_payload(checkpoints, tmp_path) -> None:
     clean, evil, marker = checkpoints
     trainer(tmp_path / "clean", max_epochs=2, limit_val_batches=1).fit(task(), datamodule=data(), ckpt_path=clean)
-    with pytest.raises(pickle.UnpicklingError, match=r"(?s)Weights only load failed.*Unsupported global: GLOBAL io.open"):
+    with pytest.raises(
+        pickle.UnpicklingError, match=r"(?s)Weights only load failed.*Unsupported global: GLOBAL io.open"
+    ):
         trainer(tmp_path / "evil", max_epochs=2).fit(task(), datamodule=data(), ckpt_path=evil)
     assert not marker.exists()
 
