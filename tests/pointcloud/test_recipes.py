@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI
 
+import modalpeft as mp
 from modalpeft.lightning import cli_main
 from modalpeft.pointcloud.pretrain import MaskedPointModel
 from modalpeft.pointcloud.tasks import PointCloudClassificationTask
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes" / "pointcloud").glob("point_mae_*_*.yaml"))
 ADAPTATION = [p for p in RECIPES if "pretrain" not in p.name]
 PRETRAIN = ROOT / "recipes" / "pointcloud" / "point_mae_pretrain_meshes.yaml"
-METHODS = ("pointgst", "point_peft", "full", "linear")
+METHODS = (*mp.list_methods("pointcloud"), "full", "linear")  # every registered point-cloud method, two baselines
 DATASETS = ("modelnet40", "scanobjectnn_pb_t50_rs")
 TINY = [
     "--model.init_args.backbone.init_args.name=point_mae_test",
