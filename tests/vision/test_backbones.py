@@ -80,6 +80,7 @@ def test_the_committed_test_sample_is_the_documented_one() -> None:
     ]
 
 
+@pytest.mark.slow
 def test_classifies_the_committed_fashion_mnist_test_sample_as_claimed() -> None:
     """The claims in the manifest, on the committed first 1,000 test images (no dataset install needed)."""
     right = correct(*read_fashion_mnist(SAMPLE, "t10k"))
