@@ -22,17 +22,35 @@ def default_loggers(save_dir: str = "outputs") -> list[dict[str, Any]]:
     return loggers
 
 
+class SafeLightningCLI(LightningCLI):
+    """LightningCLI that loads every ``--ckpt_path`` with ``weights_only=True``, explicitly: neither torch's default
+    nor ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` decides whether a checkpoint may run code, and ``--weights_only=false``
+    is refused."""
+
+    def _weights_only(self) -> None:
+        arguments = self.config_init[self.subcommand]
+        if arguments.get("weights_only") is False:
+            raise ValueError(
+                "--weights_only=false is not allowed: modalpeft never unpickles arbitrary code. Checkpoints written by "
+                "modalpeft's tasks load with weights_only=True; convert another checkpoint to plain tensors first."
+            )
+        arguments["weights_only"] = True
+
+    before_fit = before_validate = before_test = before_predict = _weights_only
+
+
 def cli_main(
     args: ArgsType = None,
     model_class: type[pl.LightningModule] = AdapterTask,
     datamodule_class: type[pl.LightningDataModule] | None = None,
     run: bool = True,
-) -> LightningCLI:
+) -> SafeLightningCLI:
     """Run LightningCLI (``fit``/``validate``/``test``/``predict``) on a task and data module.
 
     Any subclass of ``model_class`` / ``datamodule_class`` can be chosen in YAML by ``class_path``. The
     defaults: Rich progress bar, CSV logger (and TensorBoard when installed) under ``outputs/``, and the
-    adapter exported at the end of ``fit``. ``args`` lets tests call it without a shell.
+    adapter exported at the end of ``fit``; checkpoints load with ``weights_only=True`` (:class:`SafeLightningCLI`).
+    ``args`` lets tests call it without a shell.
     """
     from jsonargparse import set_parsing_settings
     from peft import PeftConfig
@@ -45,7 +63,7 @@ def cli_main(
         "callbacks": [RichProgressBar()],
         "logger": default_loggers(),
     }
-    return LightningCLI(
+    return SafeLightningCLI(
         model_class,
         datamodule_class or pl.LightningDataModule,
         subclass_mode_model=True,

@@ -20,7 +20,7 @@ from ..core.config import AdapterConfig
 from ..core.inject import modules_to_save_modules, running_statistics, saved_keys
 from ..core.model import AdaptedModel
 from ..core.state import atomic_write
-from .checkpoint import AdapterExport, check_checkpoint, filter_checkpoint
+from .checkpoint import AdapterExport, RandomStateCheckpoint, check_checkpoint, filter_checkpoint
 from .optim import OptimizerName, SchedulerName, build_optimizer, param_groups, warmup_cosine
 
 ADAPTER_NAME = "default"
@@ -182,7 +182,7 @@ class AdapterTask(pl.LightningModule):
 
     # -- checkpoints and export ------------------------------------------------------------------------
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [AdapterExport()]
+        return [AdapterExport(), RandomStateCheckpoint()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.baseline != "full":
