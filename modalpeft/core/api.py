@@ -68,7 +68,15 @@ def load_adapter(
     else:
         if "method" not in data:
             raise ValueError(f"{directory}/adapter_config.json has neither 'method' nor 'peft_type'; not an adapter")
-        config = get_config_cls(data["method"]).from_dict(data)
+        config_cls = get_config_cls(data["method"])
+        config = config_cls.from_dict(data)
+        filled = config_cls.missing_fields(data)
+        if filled:
+            warnings.warn(
+                f"{directory}/adapter_config.json has no {filled}: they take their defaults "
+                f"({', '.join(f'{k}={getattr(config, k)!r}' for k in filled)}), as for a file from an older version.",
+                stacklevel=2,
+            )
         state = read_tensors(directory)
         base = model.base_model if isinstance(model, AdaptedModel) else model
         saved_class = data.get("base_model_class")
@@ -78,20 +86,25 @@ def load_adapter(
                 "loading goes on if every key and shape fits.",
                 stacklevel=2,
             )
-        if isinstance(model, AdaptedModel):
-            adapted = model
-            adapted.add_adapter(adapter_name, config, state=state)
-        else:
-            adapted = AdaptedModel(model)
-            adapted.add_adapter(adapter_name, config, state=state)
+        adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
         try:
-            adapted.load_adapter_state(state, adapter_name)
-        except BaseException:
-            if adapted is model:
-                adapted.delete_adapter(adapter_name)
-            else:
-                adapted.unload()
-            raise
+            adapted.add_adapter(adapter_name, config, state=state)
+            try:
+                adapted.load_adapter_state(state, adapter_name)
+            except BaseException:
+                if adapted is model:
+                    adapted.delete_adapter(adapter_name)
+                else:
+                    adapted.unload()
+                raise
+        except ValueError as e:
+            if not filled:
+                raise
+            raise ValueError(
+                f"{directory}/adapter_config.json lacks {filled}, so they took their defaults; most likely the adapter "
+                f"was saved with other values: add them to the file (the values it was trained with). The model's "
+                f"error: {e}"
+            ) from e
     adapted.set_adapter(adapter_name)
     if not is_trainable:
         for p in adapted.parameters():

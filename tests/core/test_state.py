@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -116,3 +118,45 @@ def test_load_into_an_adapted_model_adds_an_adapter(tmp_path) -> None:
     other = mp.load_adapter(other, tmp_path, adapter_name="loaded")
     assert other.adapter_names == ["default", "loaded"] and other.active_adapter == "loaded"
     torch.testing.assert_close(other(x), expected)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_get_the_umask_permissions(tmp_path, umask) -> None:
+    """Not the owner-only 0600 of the temporary file: what ``open`` would give under the process's umask."""
+    old = os.umask(umask)
+    try:
+        saved(tmp_path / "adapter")
+        state_mod.atomic_write({"report.md": b"x", "results.json": {"a": 1}}, tmp_path / "other")
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "adapter").iterdir(), *(tmp_path / "other").iterdir()]
+    assert len(files) == 4
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_saving_to_an_existing_file_names_the_path(tmp_path) -> None:
+    target = tmp_path / "adapter.safetensors"
+    target.write_bytes(b"something")
+    model = mp.adapt(make("mlp"), mp.BitFitConfig())
+    with pytest.raises(ValueError, match=r"adapter\.safetensors.*is an existing file; give a folder path"):
+        model.save_adapter(target)
+    with pytest.raises(ValueError, match="is an existing file"):
+        model.save_adapter(target / "inside")
+    assert target.read_bytes() == b"something"
+
+
+def test_a_missing_config_field_is_named_and_blamed_first_when_the_weights_do_not_fit(tmp_path) -> None:
+    mp.adapt(make("mlp"), mp.BitFitConfig(target_modules=["fc1"])).save_adapter(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config["target_modules"]
+    path.write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"has no \['target_modules'\]: they take their defaults"):
+        with pytest.raises(ValueError, match=r"lacks \['target_modules'\], so they took their defaults; most likely"):
+            mp.load_adapter(make("mlp"), tmp_path)
+    config["target_modules"] = ["fc1"]
+    del config["exclude_modules"]  # a default that fits: a warning only
+    path.write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"has no \['exclude_modules'\]"):
+        mp.load_adapter(make("mlp"), tmp_path)
