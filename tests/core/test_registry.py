@@ -49,7 +49,9 @@ def test_callable_targets_cannot_be_saved() -> None:
 
 
 def test_create_config_with_an_unknown_field_lists_the_valid_ones() -> None:
-    with pytest.raises(TypeError, match=r"BitFitConfig \(method 'bitfit'\) has no field\(s\) \['rank'\]; valid fields: "):
+    with pytest.raises(
+        TypeError, match=r"BitFitConfig \(method 'bitfit'\) has no field\(s\) \['rank'\]; valid fields: "
+    ):
         mp.create_config("bitfit", rank=4)
     with pytest.raises(TypeError, match=r"has no field\(s\) \['rnk'\]; valid fields: .*'r'"):
         mp.create_config("lora", rnk=4)

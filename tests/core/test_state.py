@@ -152,9 +152,12 @@ def test_a_missing_config_field_is_named_and_blamed_first_when_the_weights_do_no
     config = json.loads(path.read_text())
     del config["target_modules"]
     path.write_text(json.dumps(config))
-    with pytest.warns(UserWarning, match=r"has no \['target_modules'\]: they take their defaults"):
-        with pytest.raises(ValueError, match=r"lacks \['target_modules'\], so they took their defaults; most likely"):
-            mp.load_adapter(make("mlp"), tmp_path)
+    warned = pytest.warns(UserWarning, match=r"has no \['target_modules'\]: they take their defaults")
+    with (
+        warned,
+        pytest.raises(ValueError, match=r"lacks \['target_modules'\], so they took their defaults; most likely"),
+    ):
+        mp.load_adapter(make("mlp"), tmp_path)
     config["target_modules"] = ["fc1"]
     del config["exclude_modules"]  # a default that fits: a warning only
     path.write_text(json.dumps(config))

@@ -94,7 +94,11 @@ def placement(module: nn.Module) -> tuple[int, int] | str:
         return (
             "it has no per-channel affine with a bias to fold the scale and shift into (bias=False, no affine, or a "
             "LayerNorm over several axes)"
-            + ("; a bias-free convolution followed by a BatchNorm takes SSF after that BatchNorm: target it" if conv else "")
+            + (
+                "; a bias-free convolution followed by a BatchNorm takes SSF after that BatchNorm: target it"
+                if conv
+                else ""
+            )
         )
     if isinstance(module, nn.Linear):
         return module.out_features, -1
