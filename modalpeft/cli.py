@@ -140,7 +140,7 @@ def _describe_method(name: str) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from modalpeft.demo import run_demo
-    from modalpeft.demo.vision import LRS
+    from modalpeft.vision.demo import LRS
 
     unknown = [m for m in args.methods or () if m not in LRS]
     if unknown:
@@ -191,15 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the offline end-to-end demo: each modality's embedded default, adapted with every method",
         description="Adapt each modality's committed pretrained model on offline tasks with linear probing, full "
-        "fine-tuning and the PEFT methods; save, reload and merge each, print tables and write docs/results/. "
+        "fine-tuning and the PEFT methods; save, reload and merge each, print tables and write the reports to a run "
+        "folder (outputs/demo/<timestamp>/, printed at the end; the checkout is left unchanged). "
         "Vision: the Fashion-MNIST ViT on mini-VTAB (digits, LFW faces, counting).",
     )
     p.add_argument("--modality", nargs="+", choices=DEMO_SECTIONS, help="sections to run (default: all of them)")
-    p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    p.add_argument("--out", default=None, help="the run folder (default: a new outputs/demo/<timestamp>)")
     p.add_argument(
         "--results-dir",
-        default="docs/results",
-        help="where the markdown reports go (default: docs/results; '' for none; --quick writes none)",
+        default=None,
+        help="also write the markdown reports there (maintainers: docs/results regenerates the committed pages)",
     )
     p.add_argument("--seeds", type=int, help="seeds per method and task (vision default: 1; docs/results/vision.md: 3)")
     p.add_argument("--steps", type=int, help="training steps per run (vision default: 300, point clouds: 150)")
