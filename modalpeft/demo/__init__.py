@@ -127,7 +127,7 @@ def run_demo(
     Args:
         out: the run folder (default: a new ``outputs/demo/<timestamp>``).
         results_dir: also write each section's markdown report there (``"docs/results"`` regenerates the
-            committed pages; ``None``: only the run folder).
+            committed pages; ``None``: only the run folder); never with ``quick``.
         overrides: go to the sections that take them (for vision: ``seeds``, ``steps``, ``batch_size``,
             ``lr_grid``, ``threads``, ``tasks``, ``methods``; for point clouds: ``steps``).
     """
@@ -139,6 +139,9 @@ def run_demo(
     if unknown:
         raise ValueError(f"unknown demo modality {unknown}; choose from {list(SECTIONS)}.")
     folder = Path(out) if out is not None else run_folder()
+    if quick and results_dir:
+        console.print(f"[yellow]--quick figures are not results: nothing is written to {results_dir}/[/]")
+        results_dir = None
     start = time.perf_counter()
     failed = []
     side = [n for n in names if n in SIDE_BY_SIDE]

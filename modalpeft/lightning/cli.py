@@ -65,9 +65,11 @@ class ModalpeftCLI(LightningCLI):
 
     def _print_run_folder(self) -> None:
         trainer = self.trainer
-        if not trainer.is_global_zero or trainer.fast_dev_run:
+        if trainer.fast_dev_run:
             return
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: a collective under DDP
+        if not trainer.is_global_zero:
+            return
         lines = [f"modalpeft {self.subcommand}: run folder {folder}/"]
         checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.subcommand == "fit" else ""
         if checkpoint:
