@@ -69,7 +69,7 @@ def run_environment() -> dict[str, Any]:
 
     return {
         "python": platform.python_version(),
-        "packages": {name: version(name) for name in PACKAGES},
+        "packages": {name: torch.__version__ if name == "torch" else version(name) for name in PACKAGES},
         "machine": platform.machine(),
         "cpu": _cpu_model(),
         "cpu_kernels": torch.backends.cpu.get_cpu_capability(),

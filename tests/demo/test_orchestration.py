@@ -48,6 +48,8 @@ def test_each_section_gives_identical_tables_twice(tmp_path) -> None:
         assert environment["torch_threads"] == 1
         assert set(environment["environment"]) == set(NUMERIC_ENVIRONMENT)
         assert all(environment["environment"].values())  # set in the section's process (a user's value is kept)
+        if environment["machine"] in ("x86_64", "AMD64"):  # the pinned kernel family is the one in use
+            assert environment["cpu_kernels"] == "AVX2", environment
         assert "fpsample" in environment["extras"]
     page = (tmp_path / "a" / "pointcloud" / "pointcloud.md").read_text()
     assert "Environment: Python" in page and "optional extras: fpsample" in page
