@@ -163,3 +163,24 @@ def test_a_missing_config_field_is_named_and_blamed_first_when_the_weights_do_no
     path.write_text(json.dumps(config))
     with pytest.warns(UserWarning, match=r"has no \['exclude_modules'\]"):
         mp.load_adapter(make("mlp"), tmp_path)
+
+
+def test_a_baseline_saves_what_it_trained_and_loads_through_load_adapter(tmp_path) -> None:
+    """Linear probing and full fine-tuning write the same files as an adapter, which load_adapter reads."""
+    trained = make("mlp", seed=1)
+    for name, p in trained.named_parameters():
+        p.requires_grad_(name.startswith("head."))
+    mp.save_baseline(trained, tmp_path / "linear", "linear")
+    assert json.loads((tmp_path / "linear" / "adapter_config.json").read_text())["baseline"] == "linear"
+    assert set(state_mod.read_tensors(tmp_path / "linear")) == {"head.weight", "head.bias"}
+    fresh = make("mlp", seed=2)
+    loaded = mp.load_adapter(fresh, tmp_path / "linear")
+    assert loaded is fresh and not any(p.requires_grad for p in loaded.parameters())
+    torch.testing.assert_close(loaded.head.weight, trained.head.weight, rtol=0, atol=0)
+    other = make("conv")
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit this ConvNet"):
+        mp.load_adapter(other, tmp_path / "linear")
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(ValueError, match="baseline='probe' is not valid"):
+        mp.save_baseline(trained, tmp_path / "x", "probe")
