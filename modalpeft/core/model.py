@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -128,6 +129,13 @@ class AdaptedModel(nn.Module):
         self.peft_config[adapter_name] = config
         guard_torch_fastpath(self.base_model, lambda m: isinstance(m, AdapterLayer))
         self.set_adapter(adapter_name)
+        if not any(p.numel() for _, p in adapter_parameters(self.base_model, adapter_name) if p.requires_grad):
+            warnings.warn(
+                f"{config.method}: adapter {adapter_name!r} placed no trainable parameter in this "
+                f"{type(self.base_model).__name__}; only modules_to_save {config.modules_to_save or []} train, as in "
+                "linear probing. Check target_modules against the model's layers (print(model)).",
+                stacklevel=2,
+            )
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the active (and trainable) adapter."""

@@ -72,8 +72,8 @@ def vpt(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
 
 
 def ssf(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
-    """2 x the output channels of every Linear/Conv with a bias and every affine norm; the head and MHA internals
-    are left out."""
+    """2 x the output channels of every Linear/Conv with a bias and every affine norm (LayerNorm, GroupNorm,
+    BatchNorm); the head and MHA internals are left out."""
     skip = attention_children(reference)
     total = 0
     for n, m in base_modules(reference):
@@ -83,7 +83,7 @@ def ssf(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
             total += m.out_features
         elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             total += m.out_channels
-        elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+        elif isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
             total += m.weight.numel()
     return 2 * total
 
