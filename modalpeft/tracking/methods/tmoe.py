@@ -30,7 +30,8 @@ fixed update; modalpeft does not merge part of an adapter.
 Against the official ``TMoELayer`` forward (``tests/tracking/test_tmoe.py``, fixed weights and inputs, float64):
 the same router, softmax over experts, scaling ``alpha/rank``, one dropout mask on the input of ``A`` shared by the
 experts, and the undropped input to the router. The outputs agree to float rounding (the experts are summed in one
-matmul instead of a Python loop: max |difference| about 1e-16 in float64, 1e-7 in float32 at ViT-B width).
+matmul instead of a Python loop: max |difference| 4e-16 in float64; 1.0e-7 in float32 at ViT-B width, r = 64,
+E = 4, on outputs up to 0.26).
 Differences: the official layer indexes the gates as ``(B, N, E)`` and fails on inputs that are not 3-D; this one
 takes any ``(*, d_in)``. ``use_rsexpert`` (``alpha/√r``) and ``route_compression`` (one ``A`` per expert) are not
 offered (both off in the official config; ``alpha`` covers the first).
