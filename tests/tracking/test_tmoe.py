@@ -157,3 +157,21 @@ def test_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match="out_features=10.*split_qkv=False"):
         mp.adapt(Odd(), mp.TMoEConfig(rank=2))
     assert mp.adapt(Odd(), mp.TMoEConfig(rank=2, split_qkv=False)).trainable_summary()["trainable"] > 0
+
+
+def test_default_placement_on_a_transformers_model() -> None:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=50)
+    bert = BertModel(config).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    expected = bert(ids).last_hidden_state
+    model = mp.adapt(bert, mp.TMoEConfig(rank=4, num_experts=2, init_weights="identity"))
+    adapted = {
+        n.split(".adapters")[0].removeprefix("base_model.") for n, _ in model.named_parameters() if ".adapters." in n
+    }
+    linears = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+    linears += ("intermediate.dense", "output.dense")
+    assert adapted == {f"encoder.layer.{i}.{m}" for i in range(2) for m in linears}  # not the pooler
+    torch.testing.assert_close(model(ids).last_hidden_state, expected, atol=1e-6, rtol=0)
