@@ -28,8 +28,10 @@ def official_tmoe(x, compress, routed, route_w, scaling, dropout, shared=None):
     return sum(results)
 
 
-def _official_of(layer: LowRankExperts, x: torch.Tensor) -> torch.Tensor:
-    return official_tmoe(x, layer.A, list(layer.B), layer.router.weight, layer.scaling, layer.drop, layer.B_s)
+def _official_of(layer: LowRankExperts, x: torch.Tensor, alpha: float, rank: int, p: float = 0.0) -> torch.Tensor:
+    """The official forward on ``layer``'s weights, with the official scaling ``alpha / r`` and its own dropout."""
+    dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+    return official_tmoe(x, layer.A, list(layer.B), layer.router.weight, alpha / rank, dropout, layer.B_s)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -41,16 +43,15 @@ def test_matches_official_forward_in_train_mode_with_dropout(shared: bool) -> No
     torch.manual_seed(1)
     ours = layer.parallel(x)
     torch.manual_seed(1)  # the same dropout mask: both draw it once, after the router
-    official = _official_of(layer, x)
+    official = _official_of(layer, x, alpha=7.0, rank=5, p=0.3)
     torch.testing.assert_close(ours, official, atol=1e-12, rtol=0)
-    assert layer.scaling == 7.0 / 5
 
 
 def test_matches_official_at_vit_b_width_in_float32() -> None:
     torch.manual_seed(0)
     layer = LowRankExperts(768, 768, 64, 4).eval()  # the official 'bert' init
     x = torch.randn(2, 50, 768)
-    diff = (layer.parallel(x) - _official_of(layer, x)).abs().max().item()
+    diff = (layer.parallel(x) - _official_of(layer, x, alpha=64, rank=64)).abs().max().item()
     assert diff < 1e-6, diff
 
 
@@ -60,7 +61,7 @@ def official_timm_qkv(linear: nn.Linear, parts: list[LowRankExperts], x: torch.T
     outs = []
     for i, tmoe in enumerate(parts):
         w, b = linear.weight[i * dim : (i + 1) * dim], linear.bias[i * dim : (i + 1) * dim]
-        outs.append(x @ w.t() + b + _official_of(tmoe, x))
+        outs.append(x @ w.t() + b + _official_of(tmoe, x, alpha=2.0, rank=4, p=0.25))
     return torch.cat(outs, dim=-1)
 
 
