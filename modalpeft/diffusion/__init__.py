@@ -1,9 +1,10 @@
 """Diffusion: PEFT of text-to-image denoisers (diffusers ``UNet2DConditionModel``) and their adapter files.
 
-Importing ``modalpeft.diffusion`` registers its methods (``diffusekrona``) and exports their configs; it loads
-the core and torch only (diffusers is imported where a pipeline is used).
+Importing ``modalpeft.diffusion`` registers its methods (``diffusekrona``) and exports their configs and the
+pipeline helpers; it loads the core and torch only (diffusers is the user's).
 """
 
 from .methods import DiffuseKronAConfig
+from .pipeline import load_into_pipeline, set_scale
 
-__all__ = ["DiffuseKronAConfig"]
+__all__ = ["DiffuseKronAConfig", "load_into_pipeline", "set_scale"]

@@ -78,3 +78,59 @@ def tiny_unet(seed: int = 0, **overrides) -> nn.Module:
 def unet_inputs(seed: int = 1, text_dim: int = 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 500]), torch.randn(2, 5, text_dim, generator=g)
+
+
+def tiny_pipeline(seed: int = 0):
+    """A tiny StableDiffusionPipeline built offline (ENVIRONMENT.md): the TINY-style UNet with a 32-wide text
+    encoder, a two-level VAE, a character-level CLIP tokenizer and DDIM."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({c + "</w>": i + 2 for i, c in enumerate(letters)})
+    vocab.update({c: i + 28 for i, c in enumerate(letters)})
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        unet=tiny_unet(seed, cross_attention_dim=32),
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe) -> torch.Tensor:
+    out = pipe(
+        "a photo of sks",
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    )
+    return out.images
