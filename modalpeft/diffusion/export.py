@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..core import AdaptedModel
+from ..core import AdaptedModel, adapt
 from ..core.inject import hosts
 from ..core.layers import KroneckerDelta
 from ..core.state import atomic_write
@@ -57,6 +57,60 @@ def export_lokr(model: AdaptedModel, path: str | os.PathLike[str], adapter_name:
             "(layout='kron'), KronA and peft LoKr adapters."
         )
     atomic_write({path.name: tensors}, path.parent)
+
+
+def load_lokr(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default") -> AdaptedModel:
+    """Adapt ``model`` with a LoKr file of full factors (what :func:`export_lokr` writes for the ``kron`` layout)
+    as a DiffuseKronA ``layout="kron"`` adapter, exactly.
+
+    Every key is checked before the model changes: keys of modules the model does not have, factors whose
+    ``w1 ⊗ w2`` does not match the layer's weight, and low-rank factors (load those with LyCORIS or
+    diffusers' ``load_lora_adapter``) raise a ``ValueError`` that names them.
+    """
+    from safetensors.torch import load_file
+
+    from .methods.diffusekrona import DiffuseKronAConfig
+
+    state = load_file(str(path))
+    linears = {_key(name): (name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        module, _, part = key.partition(".")
+        groups.setdefault(module, {})[part] = value
+    unknown = sorted(m for m in groups if m not in linears)
+    bad, factors = [], set()
+    for module, parts in sorted(groups.items()):
+        if module in unknown:
+            continue
+        if set(parts) != {"lokr_w1", "lokr_w2", "alpha"}:
+            bad.append(f"{module}: parts {sorted(parts)} (only full lokr_w1 / lokr_w2 / alpha load here)")
+            continue
+        weight = linears[module][1].weight
+        (a1, a2), (b1, b2) = parts["lokr_w1"].shape, parts["lokr_w2"].shape
+        if (a1 * b1, a2 * b2) != tuple(weight.shape):
+            bad.append(f"{module}: w1 ⊗ w2 is {(a1 * b1, a2 * b2)}, the layer's weight {tuple(weight.shape)}")
+        factors.add((a1, a2))
+    if unknown or bad or len(factors) > 1:
+        raise ValueError(
+            f"{path} does not fit this {type(model).__name__} (a file for another model?)"
+            f"\n  modules it does not have ({len(unknown)}): {unknown[:10]}"
+            f"\n  factors that do not fit ({len(bad)}): {bad[:10]}"
+            + (f"\n  differing w1 shapes {sorted(factors)}: one (a1, a2) per file" if len(factors) > 1 else "")
+        )
+    if not groups:
+        raise ValueError(f"{path} holds no LoKr keys ('lora_unet_<module>.lokr_w1', ...).")
+    (a1, a2) = factors.pop()
+    names = [linears[m][0] for m in groups]
+    config = DiffuseKronAConfig(a1=a1, a2=a2, layout="kron", target_modules=names, scale=1.0)
+    adapted = adapt(model, config, adapter_name=adapter_name)
+    with torch.no_grad():
+        for module, parts in groups.items():
+            layer = adapted.base_model.get_submodule(linears[module][0]).adapters[adapter_name]
+            layer.A.copy_(parts["lokr_w1"])
+            layer.B.copy_(parts["lokr_w2"])
+    for p in adapted.parameters():
+        p.requires_grad_(False)
+    return adapted
 
 
 def _key(module_path: str) -> str:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import modalpeft as mp
-from modalpeft.diffusion import DiffuseKronAConfig, export_lokr
+from modalpeft.diffusion import DiffuseKronAConfig, export_lokr, load_lokr
 
 from .unets import tiny_unet, unet_inputs
 
@@ -66,3 +66,28 @@ def test_official_layout_and_other_adapters_are_refused_and_nothing_is_written(t
     with pytest.raises(ValueError, match="must end in .safetensors"):
         export_lokr(kron, tmp_path / "a.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_lokr_round_trip_and_a_file_for_another_model(tmp_path):
+    inputs = unet_inputs()
+    model = mp.adapt(tiny_unet(), DiffuseKronAConfig(a1=4, a2=4, layout="kron", scale=0.7, init_weights=False))
+    export_lokr(model, tmp_path / "mine.safetensors")
+    loaded = load_lokr(tiny_unet(), tmp_path / "mine.safetensors")
+    torch.testing.assert_close(loaded(*inputs).sample, model(*inputs).sample, rtol=1e-5, atol=1e-5)
+    other = mp.adapt(  # another UNet: three levels, text width 32, so k/v of attn2 read 32 and a level is new
+        tiny_unet(
+            block_out_channels=(32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D",) * 3,
+            up_block_types=("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32,
+        ),
+        DiffuseKronAConfig(a1=4, a2=4, layout="kron"),
+    )
+    export_lokr(other, tmp_path / "other.safetensors")
+    unet = tiny_unet()
+    before = [name for name, _ in unet.named_modules()]
+    with pytest.raises(ValueError, match=r"does not fit this UNet2DConditionModel") as info:
+        load_lokr(unet, tmp_path / "other.safetensors")
+    assert "lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn1_to_k" in str(info.value)
+    assert "attn2_to_k: w1 ⊗ w2 is (32, 32), the layer's weight (32, 24)" in str(info.value)
+    assert [name for name, _ in unet.named_modules()] == before

@@ -50,7 +50,7 @@ UNET_ATTENTION_TARGETS = [
 """The official placement: the q/k/v/out projections of self- and cross-attention (dotted name suffixes)."""
 
 LAYOUTS = ("official", "kron")
-PAPER = "https://openaccess.thecvf.com/content/WACV2025/papers/Marjit_DiffuseKronA_A_Parameter_Efficient_Fine-Tuning_Method_for_Personalized_Diffusion_Models_WACV_2025_paper.pdf"
+PAPER = "https://diffusekrona.github.io"  # project page: paper (WACV 2025 PDF), code, data
 
 
 @dataclass
