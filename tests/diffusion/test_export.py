@@ -24,6 +24,7 @@ def lycoris_outputs(path, inputs) -> torch.Tensor:
     return unet(*inputs).sample
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config",
     [
