@@ -12,9 +12,18 @@ __version__ = "0.1.0"
 
 from .core import *  # noqa: E402,F403
 from .core import __all__ as _core_all  # noqa: E402
+from .diffusion import DiffuseKronAConfig  # noqa: E402  (registers diffusekrona)
 from .pointcloud import PointGSTConfig, PointPEFTConfig  # noqa: E402  (registers pointgst, point_peft)
 from .tracking import TMoEConfig  # noqa: E402  (registers tmoe)
 from .vision import *  # noqa: E402,F403  (registers vpt, ssf, spt)
 from .vision import __all__ as _vision_all  # noqa: E402
 
-__all__ = ["__version__", *_core_all, *_vision_all, "PointGSTConfig", "PointPEFTConfig", "TMoEConfig"]
+__all__ = [
+    "__version__",
+    *_core_all,
+    *_vision_all,
+    "DiffuseKronAConfig",
+    "PointGSTConfig",
+    "PointPEFTConfig",
+    "TMoEConfig",
+]

@@ -43,6 +43,15 @@ def krona(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     )
 
 
+def diffusekrona(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """METHODS.md §6: ``a1·a2 + (d_out/a1)·(d_in/a2)`` per target; default targets ``attn1``/``attn2``'s
+    ``to_q``, ``to_k``, ``to_v``, ``to_out.0``."""
+    names = cfg.target_modules or [f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")]
+    return sum(
+        cfg.a1 * cfg.a2 + (t.out_features // cfg.a1) * (t.in_features // cfg.a2) for t in _targets(reference, names)
+    )
+
+
 def lora(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     total = 0
     for t in _targets(reference, cfg.target_modules):

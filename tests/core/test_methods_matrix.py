@@ -187,6 +187,17 @@ CASES: dict[str, Case] = {
         peft=True,
         mergeable=True,
     ),
+    "diffusekrona": Case(
+        native(
+            "diffusekrona",
+            {
+                "unet": {"a1": 4, "a2": 2, "scale": 0.7},  # the official placement: attn1/attn2 q, k, v, out.0
+                "mlp": {"a1": 8, "a2": 4, "target_modules": ["fc1", "fc2"], "layout": "kron", "scale": 2.0},
+                "vit": {"a1": 4, "a2": 8, "target_modules": ["qkv", "attn.proj"], "scale": 0.5},
+            },
+        ),
+        counts.diffusekrona,
+    ),
     # point-transformer methods: PointGST's spectral bases need group centres, Point-PEFT a memory bank
     "pointgst": Case(native("pointgst", {"points": {"rank": 5, "local_size": 4, "scaling": 0.5}}), counts.pointgst),
     "point_peft": Case(point_peft_build, counts.point_peft, identity=None),

@@ -87,13 +87,51 @@ def tiny_point_transformer() -> nn.Module:
     return model
 
 
-TOY_MODELS = {"mlp": MLP, "conv": ConvNet, "vit": tiny_vit, "mha": MHAModel, "points": tiny_point_transformer}
+class TinyUNet(nn.Module):
+    """A diffusers ``UNet2DConditionModel`` (widths 8/16, one cross-attention level, text width 12) denoising
+    latents at a fixed timestep under a fixed prompt embedding; the head pools the predicted noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.unet = UNet2DConditionModel(
+            sample_size=4,
+            layers_per_block=1,
+            block_out_channels=(8, 16),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=12,
+            attention_head_dim=4,
+            norm_num_groups=4,
+        )
+        self.register_buffer("text", torch.randn(1, 3, 12))
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sample = self.unet(x, 10, self.text.expand(len(x), -1, -1)).sample
+        return self.head(sample.mean(dim=(2, 3)))
+
+    @staticmethod
+    def make_input() -> torch.Tensor:
+        return torch.randn(2, 4, 4, 4)
+
+
+TOY_MODELS = {
+    "mlp": MLP,
+    "conv": ConvNet,
+    "vit": tiny_vit,
+    "mha": MHAModel,
+    "points": tiny_point_transformer,
+    "unet": TinyUNet,
+}
 MODALITY = {
     "mlp": ("core",),
     "conv": ("vision",),
     "vit": ("vision", "tracking"),
     "mha": ("core",),
     "points": ("pointcloud",),
+    "unet": ("diffusion",),
 }
 """The modalities each toy model stands for: a method registered for a modality must apply to one of its toys. The
 ViT stands for tracking too: a tracker is a ViT with tokens and heads around it, and its methods adapt the ViT."""

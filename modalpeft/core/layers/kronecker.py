@@ -3,11 +3,15 @@
 KronA (Edalati et al., 2022, https://arxiv.org/abs/2212.10650) and DiffuseKronA (Marjit et al., WACV 2025)
 replace LoRA's low-rank product by a Kronecker product of two small factors. The branch never forms ``ΔW``:
 ``(A ⊗ B) x`` is computed as ``A X Bᵀ`` on ``x`` viewed as an ``(a2, b2)`` matrix.
+
+DiffuseKronA's official code reads the ``(a1, b1)`` result out transposed, which is ``ΔW = Q · (A ⊗ B)`` with
+the fixed output perfect shuffle ``Q``: ``out[r·a1 + s] = v[s·b1 + r]`` (``layout="official"``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +79,8 @@ class KroneckerDelta(AdapterModule):
         dropout: dropout on the branch input.
         init_weights: ``True``/``"identity"``: ``A ~ N(0, (1/a1)²)``, ``B = 0`` (DiffuseKronA's init, so
             ``ΔW = 0``); ``False``: both random.
+        layout: ``"kron"``: ``ΔW = s · (A ⊗ B)``. ``"official"``: ``ΔW = s · Q · (A ⊗ B)``, DiffuseKronA's
+            reshape sequence (``A X Bᵀ`` read out transposed), ``Q`` the output shuffle of the module docstring.
 
     Shapes:
         - input: ``(*, d_in)``
@@ -94,11 +100,15 @@ class KroneckerDelta(AdapterModule):
         scaling: float = 1.0,
         dropout: float = 0.0,
         init_weights: InitMode = True,
+        layout: Literal["kron", "official"] = "kron",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_kron_factors(in_features, out_features, a1, a2)
+        if layout not in ("kron", "official"):
+            raise ValueError(f"layout={layout!r} is not valid; use 'kron' (A ⊗ B) or 'official' (DiffuseKronA's code).")
+        self.layout = layout
         self.a1, self.a2 = a1, a2
         self.b1, self.b2 = out_features // a1, in_features // a2
         self.scaling = scaling
@@ -119,10 +129,15 @@ class KroneckerDelta(AdapterModule):
         lead = x.shape[:-1]
         x = self.drop(x).reshape(*lead, self.a2, self.b2)  # (*, a2, b2)
         y = self.A @ x @ self.B.t()  # (a1, a2) @ (*, a2, b2) @ (b2, b1) -> (*, a1, b1)
+        if self.layout == "official":
+            y = y.transpose(-1, -2)  # (*, b1, a1): out[r·a1 + s] = y[s, r]
         return y.reshape(*lead, self.a1 * self.b1) * self.scaling
 
     def delta_weight(self) -> Tensor:
-        return torch.kron(self.A, self.B) * self.scaling
+        delta = torch.kron(self.A, self.B) * self.scaling  # (d_out, d_in), row s·b1 + r
+        if self.layout == "official":
+            delta = delta.reshape(self.a1, self.b1, -1).transpose(0, 1).reshape(self.a1 * self.b1, -1)
+        return delta
 
     def extra_repr(self) -> str:
-        return f"A=({self.a1}, {self.a2}), B=({self.b1}, {self.b2}), scaling={self.scaling}"
+        return f"A=({self.a1}, {self.a2}), B=({self.b1}, {self.b2}), scaling={self.scaling}, layout={self.layout!r}"

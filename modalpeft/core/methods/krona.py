@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -59,7 +60,25 @@ class KronAConfig(AdapterConfig):
 def apply_krona(
     model: nn.Module, config: KronAConfig, adapter_name: str, state: Mapping[str, Tensor] | None = None
 ) -> None:
-    targets = find_targets(model, config, types=(nn.Linear,))
+    attach_kronecker(model, config, adapter_name, scaling=config.scaling, dropout=config.dropout)
+
+
+def attach_kronecker(
+    model: nn.Module,
+    config: AdapterConfig,
+    adapter_name: str,
+    *,
+    scaling: float,
+    dropout: float = 0.0,
+    layout: Literal["kron", "official"] = "kron",
+    default: list[str] | None = None,
+) -> None:
+    """Attach a :class:`KroneckerDelta` to every Linear that ``config`` selects (KronA, DiffuseKronA).
+
+    ``config.a1`` / ``config.a2`` (``None``: the most-square factor of each layer) are checked on every target
+    before the model changes, so a factor that does not divide a layer raises with the model untouched.
+    """
+    targets = find_targets(model, config, default=default, types=(nn.Linear,))
     plans = []
     for name, module in targets:  # every factor is checked before the model changes
         a1 = config.a1 if config.a1 is not None else most_square_factor(module.out_features)
@@ -68,6 +87,6 @@ def apply_krona(
         plans.append((name, module.in_features, module.out_features, a1, a2))
     for name, d_in, d_out, a1, a2 in plans:
         layer = KroneckerDelta(
-            d_in, d_out, a1, a2, scaling=config.scaling, dropout=config.dropout, init_weights=config.init_weights
+            d_in, d_out, a1, a2, scaling=scaling, dropout=dropout, init_weights=config.init_weights, layout=layout
         )
         attach(model, name, adapter_name, layer)
