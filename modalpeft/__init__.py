@@ -13,7 +13,25 @@ __version__ = "0.1.0"
 from .core import *  # noqa: E402,F403
 from .core import __all__ as _core_all  # noqa: E402
 from .pointcloud import PointGSTConfig, PointPEFTConfig  # noqa: E402  (registers pointgst, point_peft)
+from .text import (  # noqa: E402  (registers houlsby, pfeiffer, parallel_adapter, compacter, llm_adapters)
+    CompacterConfig,
+    HoulsbyConfig,
+    LLMAdaptersConfig,
+    ParallelAdapterConfig,
+    PfeifferConfig,
+)
 from .vision import *  # noqa: E402,F403  (registers vpt, ssf, spt)
 from .vision import __all__ as _vision_all  # noqa: E402
 
-__all__ = ["__version__", *_core_all, *_vision_all, "PointGSTConfig", "PointPEFTConfig"]
+__all__ = [
+    "__version__",
+    *_core_all,
+    *_vision_all,
+    "PointGSTConfig",
+    "PointPEFTConfig",
+    "CompacterConfig",
+    "HoulsbyConfig",
+    "LLMAdaptersConfig",
+    "ParallelAdapterConfig",
+    "PfeifferConfig",
+]

@@ -146,7 +146,8 @@ def via_peft(cls: type, init_field: str | None, per_model: dict[str, dict | None
     return build
 
 
-ALL = {m: {} for m in TOY_MODELS}
+# the text toy (bert) joins only the text methods' cases: BitFit's key bias never changes under softmax there
+ALL = {m: {} for m in TOY_MODELS if m != "bert"}
 
 
 def pointgst_count(model: nn.Module, cfg: Any) -> int:
@@ -168,6 +169,29 @@ def point_peft_build(model: str, init: Any) -> Any:
 
 def point_peft_count(model: nn.Module, cfg: Any) -> int:
     return point_peft_parameters(model.embed_dim, len(model.blocks), cfg)
+
+
+def text_bottleneck_count(model: nn.Module, cfg: Any) -> int:
+    """Per block of the tiny BERT (d = 32): dense adapters 2·d·r + r + d, PHM adapters (rank 1)
+    (d + r + r) + (r + d + d) and one n³ rule; plus every LayerNorm (weight + bias) when they train."""
+    d, layers = 32, 2
+    per_block = {"houlsby": 2, "pfeiffer": 1, "parallel_adapter": 1, "compacter": 2}[cfg.method]
+    if cfg.method == "compacter":
+        r = d // cfg.reduction_factor
+        adapters = per_block * layers * ((d + r + r) + (r + d + d)) + cfg.phm_n**3
+    else:
+        r = cfg.bottleneck_dim
+        adapters = per_block * layers * (2 * d * r + r + d)
+    norms = sum(2 * m.normalized_shape[0] for _, m in base_modules(model) if isinstance(m, nn.LayerNorm))
+    return adapters + (norms if cfg.train_layer_norms else 0)
+
+
+def llm_adapters_count(model: nn.Module, cfg: Any) -> int:
+    """No biases: mh_adapter on an expanding Linear 2·d_in·r, output_adapter 2·d_out·r (series)."""
+    total = 0
+    for t in _targets(model, cfg.target_modules):
+        total += 2 * (t.in_features if t.out_features > t.in_features else t.out_features) * cfg.bottleneck_dim
+    return total
 
 
 CASES: dict[str, Case] = {
@@ -255,6 +279,25 @@ CASES: dict[str, Case] = {
     # point-transformer methods: PointGST's spectral bases need group centres, Point-PEFT a memory bank
     "pointgst": Case(native("pointgst", {"points": {"rank": 4, "local_size": 4}}), pointgst_count, mergeable=False),
     "point_peft": Case(point_peft_build, point_peft_count, identity=None, mergeable=False),
+    # text methods on the tiny transformers BERT (blocks found by structure); counts from the spec's shapes (§9f)
+    "houlsby": Case(native("houlsby", {"bert": {"bottleneck_dim": 4}}), text_bottleneck_count, mergeable=False),
+    "pfeiffer": Case(native("pfeiffer", {"bert": {"bottleneck_dim": 4}}), text_bottleneck_count, mergeable=False),
+    "parallel_adapter": Case(
+        native("parallel_adapter", {"bert": {"bottleneck_dim": 4, "scaling": 2.0}}),
+        text_bottleneck_count,
+        mergeable=False,
+    ),
+    "compacter": Case(
+        native("compacter", {"bert": {"reduction_factor": 4, "phm_n": 4}}), text_bottleneck_count, mergeable=False
+    ),
+    "llm_adapters": Case(
+        native(
+            "llm_adapters", {"bert": {"bottleneck_dim": 4, "target_modules": ["intermediate.dense", "output.dense"]}}
+        ),
+        llm_adapters_count,
+        identity=None,
+        mergeable=False,
+    ),
 }
 
 

@@ -81,7 +81,32 @@ def tiny_point_transformer() -> nn.Module:
     return model
 
 
-TOY_MODELS = {"mlp": MLP, "conv": ConvNet, "vit": tiny_vit, "mha": MHAModel, "points": tiny_point_transformer}
+class TinyBert(nn.Module):
+    """A 2-layer transformers BERT (width 32), mean-pooled over tokens, with a head; input: token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from modalpeft.text import tiny_model
+
+        self.encoder = tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(input_ids=input_ids).last_hidden_state.mean(1))
+
+    @staticmethod
+    def make_input() -> torch.Tensor:
+        return torch.randint(0, 128, (2, 6))
+
+
+TOY_MODELS = {
+    "mlp": MLP,
+    "conv": ConvNet,
+    "vit": tiny_vit,
+    "mha": MHAModel,
+    "points": tiny_point_transformer,
+    "bert": TinyBert,
+}
 
 
 def make(name: str, seed: int = 0) -> nn.Module:

@@ -4,6 +4,7 @@ from .bottleneck import Bottleneck
 from .experts import LowRankExperts
 from .kronecker import KroneckerDelta
 from .low_rank import LowRankDelta
+from .phm import PHMLinear
 from .prompt import PromptTokens
 from .scale_shift import ScaleShift
 from .selectors import ParamDelta
@@ -14,6 +15,7 @@ __all__ = [
     "KroneckerDelta",
     "LowRankDelta",
     "LowRankExperts",
+    "PHMLinear",
     "ParamDelta",
     "PromptTokens",
     "ScaleShift",
