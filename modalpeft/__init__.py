@@ -13,12 +13,14 @@ __version__ = "0.1.0"
 from .core import *  # noqa: E402,F403
 from .core import __all__ as _core_all  # noqa: E402
 from .pointcloud import PointGSTConfig, PointPEFTConfig  # noqa: E402  (registers pointgst, point_peft)
-from .text import (  # noqa: E402  (registers houlsby, pfeiffer, parallel_adapter, compacter, llm_adapters)
+from .text import (  # noqa: E402  (registers houlsby, pfeiffer, parallel_adapter, compacter, llm_adapters, sora, lofit)
     CompacterConfig,
     HoulsbyConfig,
     LLMAdaptersConfig,
+    LoFiTConfig,
     ParallelAdapterConfig,
     PfeifferConfig,
+    SoRAConfig,
 )
 from .vision import *  # noqa: E402,F403  (registers vpt, ssf, spt)
 from .vision import __all__ as _vision_all  # noqa: E402
@@ -32,6 +34,8 @@ __all__ = [
     "CompacterConfig",
     "HoulsbyConfig",
     "LLMAdaptersConfig",
+    "LoFiTConfig",
     "ParallelAdapterConfig",
     "PfeifferConfig",
+    "SoRAConfig",
 ]

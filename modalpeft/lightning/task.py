@@ -157,8 +157,22 @@ class AdapterTask(pl.LightningModule):
     def step(self, batch: Any, stage: str) -> Tensor:
         raise NotImplementedError
 
+    def adapter_config(self) -> AdapterConfig | None:
+        """The native config of the task's adapter (``None`` for baselines and peft configs)."""
+        config = (
+            getattr(self.model, "peft_config", {}).get(ADAPTER_NAME) if isinstance(self.model, AdaptedModel) else None
+        )
+        return config if isinstance(config, AdapterConfig) else None
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.step(batch, "train")
+        loss = self.step(batch, "train")
+        # a method with a regulariser in its objective (SoRA's L1 on its gates) defines ``training_penalty(model)``
+        penalty = getattr(self.adapter_config(), "training_penalty", None)
+        if penalty is not None:
+            extra = penalty(self.model)
+            self.log("train/penalty", extra.detach(), on_step=True, on_epoch=False)
+            loss = loss + extra
+        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.step(batch, "val")
@@ -169,7 +183,14 @@ class AdapterTask(pl.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = build_optimizer(param_groups(self.model, hp.weight_decay), hp.optimizer, hp.lr, hp.momentum)
+        groups = param_groups(self.model, hp.weight_decay)
+        # a method whose parameters follow their own update rule (SoRA's proximal gate step) defines
+        # ``build_optimizer(model, groups, lr)`` -> optimizer; the schedule below applies to it as to any other
+        custom = getattr(self.adapter_config(), "build_optimizer", None)
+        if custom is not None:
+            optimizer = custom(self.model, groups, hp.lr)
+        else:
+            optimizer = build_optimizer(groups, hp.optimizer, hp.lr, hp.momentum)
         if hp.scheduler == "constant":
             return optimizer
         if hp.scheduler != "cosine":

@@ -194,6 +194,19 @@ def llm_adapters_count(model: nn.Module, cfg: Any) -> int:
     return total
 
 
+def sora_count(model: nn.Module, cfg: Any) -> int:
+    """r·(d_in + d_out) + r gate entries on every Linear inside the encoder's blocks."""
+    return sum(
+        cfg.rank * (m.in_features + m.out_features + 1)
+        for n, m in base_modules(model)
+        if n.startswith("encoder.encoder.layer.") and isinstance(m, nn.Linear)
+    )
+
+
+def lofit_count(model: nn.Module, cfg: Any) -> int:
+    return len(cfg.heads) * 32 // 4
+
+
 CASES: dict[str, Case] = {
     "bitfit": Case(native("bitfit", ALL), bitfit_count),
     "adapter": Case(
@@ -298,6 +311,9 @@ CASES: dict[str, Case] = {
         identity=None,
         mergeable=False,
     ),
+    "sora": Case(native("sora", {"bert": {"rank": 2}}), sora_count),
+    # LoFiT's bias stage on heads of both layers: K·d_h with d_h = 32 / 4
+    "lofit": Case(native("lofit", {"bert": {"stage": "bias", "heads": [[0, 1], [1, 0], [1, 3]]}}), lofit_count),
 }
 
 
