@@ -19,6 +19,7 @@ from ..core.api import adapt
 from ..core.config import AdapterConfig
 from ..core.inject import modules_to_save_modules, running_statistics, saved_keys
 from ..core.model import AdaptedModel
+from ..core.peft_bridge import adalora_orthogonal_penalty, adalora_tuner
 from ..core.state import atomic_write
 from .checkpoint import AdapterExport, check_checkpoint, filter_checkpoint
 from .optim import OptimizerName, SchedulerName, build_optimizer, param_groups, warmup_cosine
@@ -168,11 +169,21 @@ class AdapterTask(pl.LightningModule):
         loss = self.step(batch, "train")
         # a method with a regulariser in its objective (SoRA's L1 on its gates) defines ``training_penalty(model)``
         penalty = getattr(self.adapter_config(), "training_penalty", None)
-        if penalty is not None:
-            extra = penalty(self.model)
+        tuner = adalora_tuner(self.model)
+        if penalty is not None or tuner is not None:
+            # AdaLoRA's orthogonal regulariser: peft adds it only to a loss the model returns itself
+            extra = penalty(self.model) if penalty is not None else adalora_orthogonal_penalty(tuner)
             self.log("train/penalty", extra.detach(), on_step=True, on_epoch=False)
             loss = loss + extra
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # AdaLoRA's budget schedule: ``update_and_allocate(i)`` after optimiser step i (0-based), gradients still set
+        # (Lightning zeroes them at the start of the next step), as peft's training loop does
+        tuner = adalora_tuner(self.model)
+        if tuner is not None and self.global_step != getattr(self, "_allocated_at", 0):
+            tuner.update_and_allocate(self.global_step - 1)
+            self._allocated_at = self.global_step
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.step(batch, "val")
