@@ -30,15 +30,14 @@ $(STAMP): pyproject.toml constraints.txt
 	else echo "note: the text demo needs the Debian packages wordnet-base and fortunes: sudo apt-get install wordnet-base fortunes"; fi
 	touch $@
 
-demo: setup  ## the embedded end-to-end demo, offline (MODALITY=vision for one section; DEMO_ARGS="--quick")
+demo: setup  ## the embedded end-to-end demo, offline, into outputs/demo/<timestamp> (MODALITY=vision for one section; DEMO_ARGS="--quick")
 	$(OFFLINE) $(BIN)/modalpeft demo $(if $(MODALITY),--modality $(MODALITY)) $(DEMO_ARGS)
 
 test: setup  ## the test suite, offline (PYTEST_ARGS="-k cli -x" to narrow it)
 	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: setup  ## the side-by-side benchmarks: ViT-B/16 (BENCH_ARGS="--model vit_tiny_test" for a quick check), then Point-MAE
-	$(OFFLINE) $(BIN)/python -m benchmarks.run $(BENCH_ARGS)
-	$(OFFLINE) $(BIN)/python -m benchmarks.pointcloud
+bench: setup  ## the side-by-side benchmarks, ViT-B/16 then Point-MAE, into outputs/bench/<timestamp> (BENCH_ARGS="--quick" for a check)
+	$(OFFLINE) $(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 style: setup  ## format and lint (ruff, configured in pyproject.toml)
 	$(BIN)/ruff format .

@@ -28,7 +28,7 @@ from modalpeft.pointcloud import create_backbone
 from modalpeft.pointcloud.methods.pointgst import profile_eigh_share
 
 from .harness import Candidate
-from .run import add_run_arguments, measure_and_report
+from .run import add_run_arguments, measure_and_report, select
 
 NUM_CLASSES = 15
 PB_T50_RS_TRAIN = 11_416
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     records = measure_and_report(
         functools.partial(build_model, args.model),
-        candidates(args.model, args.batch),
+        select(candidates(args.model, args.batch), args.methods, parser),
         functools.partial(synthetic_batch, args.batch, points),
         args,
         run_info,

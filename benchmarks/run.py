@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run                                    # 7-10 min *
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --model vit_tiny_test --threads 1  # ~40 s: a check
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --results-dir benchmarks/results   # the committed files
 
 * measured on a shared 2-core CPU with a 1-minute load average of 2.5-5 (other jobs running); on a quiet
   machine it should take about half that. Under such load the CPU timings of one run can differ several
@@ -14,7 +15,9 @@ defaults). Every candidate trains the new 10-class ``head`` too. Input: one synt
 ``(batch, 3, H, W)`` images and random labels, cross-entropy. Random weights and synthetic data: the run
 measures cost (parameters, file size, memory, time), not quality, so ``metric`` is n/a.
 
-Writes ``<out>/<model>_b<batch>_<device>.json`` and ``.md`` and prints the table; on a GPU it runs unchanged
+Writes ``<results-dir>/<model>_b<batch>_<device>.json`` and ``.md`` (by default a new run folder
+``outputs/bench/<timestamp>``, git-ignored) and prints the table; every random draw is seeded (models, batches,
+SPT's sensitivity batch), so parameter counts and file sizes are the same every run; on a GPU it runs unchanged
 (``--device cuda`` is the default there). Exits with status 1 when a candidate failed (its row says why).
 """
 
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 
 import modalpeft as mp
 from modalpeft.core.layers.kronecker import most_square_factor
+from modalpeft.lightning.demo import run_folder
 
 from .harness import Candidate, default_device, measure
 from .report import render
@@ -79,7 +83,7 @@ def vit_settings(embed_dim: int, input_size: tuple[int, int, int]) -> dict[str, 
         "spt": {
             "budget": max(int(400_000 * (embed_dim / 768) ** 2), 1_000),
             "batches": 1,
-            "sensitivity_data": [synthetic_batch(8, input_size)],
+            "sensitivity_data": [synthetic_batch(8, input_size, seed=1)],
         },
     }
 
@@ -89,9 +93,10 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
 
 
-def synthetic_batch(batch: int, input_size: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
-    """Random images ``(batch, *input_size)`` and random labels."""
-    return torch.randn(batch, *input_size), torch.randint(0, NUM_CLASSES, (batch,))
+def synthetic_batch(batch: int, input_size: tuple[int, int, int], seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Random images ``(batch, *input_size)`` and random labels, drawn from ``seed`` (the same every run)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *input_size, generator=g), torch.randint(0, NUM_CLASSES, (batch,), generator=g)
 
 
 def candidates(embed_dim: int, input_size: tuple[int, int, int]) -> list[Candidate]:
@@ -120,9 +125,28 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (and inference forwards)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--results-dir",
+        "--out",
+        dest="out",
+        type=Path,
+        default=None,
+        help="where the JSON, table and plot go (default: a new outputs/bench/<timestamp>; benchmarks/results "
+        "regenerates the committed files)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when there is one)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    parser.add_argument("--methods", nargs="*", default=None, help="run only these candidates (default: all)")
+
+
+def select(chosen: list[Candidate], methods: list[str] | None, parser: argparse.ArgumentParser) -> list[Candidate]:
+    """The candidates named by ``--methods`` (all without it); an unknown name is a usage error listing the names."""
+    if not methods:
+        return chosen
+    unknown = sorted(set(methods) - {c.name for c in chosen})
+    if unknown:
+        parser.error(f"--methods {unknown} unknown; choose from {[c.name for c in chosen]}")
+    return [c for c in chosen if c.name in methods]
 
 
 def measure_and_report(
@@ -137,6 +161,8 @@ def measure_and_report(
     trained too, failures recorded), then the table printed and written to ``<out>/<model>_b<batch>_<device>.json``
     / ``.md``, followed by ``appendix(records, device)`` when given; returns the records."""
     start = time.perf_counter()
+    if args.out is None:
+        args.out = run_folder("outputs/bench")
     device = args.device or default_device()
     stem = args.out / f"{args.model}_b{args.batch}_{device.replace(':', '')}"
     records = measure(
@@ -165,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_base_patch16_224", help=f"a preset {list(MODELS)} or a timm name")
     add_run_arguments(parser)
-    parser.add_argument("--methods", nargs="*", default=None, help="run only these candidates (default: all)")
     args = parser.parse_args(argv)
 
     preset = MODELS.get(args.model, {"name": args.model})
@@ -178,12 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     embed_dim = probe.embed_dim
     del probe
 
-    chosen = candidates(embed_dim, input_size)
-    if args.methods:
-        unknown = sorted(set(args.methods) - {c.name for c in chosen})
-        if unknown:
-            parser.error(f"--methods {unknown} unknown; choose from {[c.name for c in chosen]}")
-        chosen = [c for c in chosen if c.name in args.methods]
+    chosen = select(candidates(embed_dim, input_size), args.methods, parser)
     run_info = {"model": args.model, "batch": args.batch, "input_size": list(input_size), "metric": None}
     run_info["note"] = "random weights and synthetic data: a cost-only run, metric is n/a"
 

@@ -18,8 +18,9 @@ import sys
 import torch
 
 import modalpeft as mp
-from modalpeft.demo.common import accuracy, batches, logits_of, train
-from modalpeft.demo.vision import MEAN, STD, fresh_model
+from modalpeft.core.compare import logits_of
+from modalpeft.lightning.demo import accuracy, batches, train
+from modalpeft.vision.demo import MEAN, STD, fresh_model
 from modalpeft.vision.minivtab import load_minivtab
 
 KEYS = {"lr", "tokens", "steps", "opt", "wd", "val"}

@@ -76,8 +76,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config = read_config(directory)
     tensors = read_tensors(directory)
     is_peft = "peft_type" in config
-    if not is_peft and "method" not in config:
-        raise ValueError(f"{directory / CONFIG_NAME} has neither 'method' nor 'peft_type'; it is not an adapter.")
+    if not is_peft and "method" not in config and "baseline" not in config:
+        raise ValueError(
+            f"{directory / CONFIG_NAME} has none of 'method', 'peft_type', 'baseline'; it is not an adapter."
+        )
 
     summary = Table(title=f"adapter {directory}", show_header=False)
     summary.add_column("field", style="bold")
@@ -89,6 +91,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         mapping = config.get("auto_mapping") or {}
         if mapping.get("base_model_class"):
             summary.add_row("base model class", f"{mapping.get('parent_library')}.{mapping['base_model_class']}")
+    elif "baseline" in config:
+        summary.add_row("format", "modalpeft baseline (the model's own trained tensors, under its state_dict keys)")
+        summary.add_row("method", f"{config['baseline']} (mp.load_adapter(model, dir) loads them into model)")
+        summary.add_row("modalpeft version", str(config.get("modalpeft_version")))
+        summary.add_row("base model class", str(config.get("base_model_class")))
     else:
         summary.add_row("format", "modalpeft")
         summary.add_row("method", _describe_method(config["method"]))
@@ -100,7 +107,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     summary.add_row("parameters", f"{n_params:,}")
     summary.add_row("files", f"{CONFIG_NAME}, {WEIGHTS_NAME}: {_file_size(directory) / 1024:.1f} KB in all")
 
-    skip = {"method", "modalpeft_version", "base_model_class", "peft_type", "base_model_name_or_path"}
+    skip = {"method", "baseline", "modalpeft_version", "base_model_class", "peft_type", "base_model_name_or_path"}
     fields = Table(title="peft config" if is_peft else "config")
     fields.add_column("field")
     fields.add_column("value", overflow="fold")
@@ -133,7 +140,7 @@ def _describe_method(name: str) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from modalpeft.demo import run_demo
-    from modalpeft.demo.vision import LRS
+    from modalpeft.vision.demo import LRS
 
     unknown = [m for m in args.methods or () if m not in LRS]
     if unknown:
@@ -184,15 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the offline end-to-end demo: each modality's embedded default, adapted with every method",
         description="Adapt each modality's committed pretrained model on offline tasks with linear probing, full "
-        "fine-tuning and the PEFT methods; save, reload and merge each, print tables and write docs/results/. "
+        "fine-tuning and the PEFT methods; save, reload and merge each, print tables and write the reports to a run "
+        "folder (outputs/demo/<timestamp>/, printed at the end; the checkout is left unchanged). "
         "Vision: the Fashion-MNIST ViT on mini-VTAB (digits, LFW faces, counting).",
     )
     p.add_argument("--modality", nargs="+", choices=DEMO_SECTIONS, help="sections to run (default: all of them)")
-    p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    p.add_argument("--out", default=None, help="the run folder (default: a new outputs/demo/<timestamp>)")
     p.add_argument(
         "--results-dir",
-        default="docs/results",
-        help="where the markdown reports go (default: docs/results; '' for none; --quick writes none)",
+        default=None,
+        help="also write the markdown reports there (maintainers: docs/results regenerates the committed pages)",
     )
     p.add_argument("--seeds", type=int, help="seeds per method and task (vision default: 1; docs/results/vision.md: 3)")
     p.add_argument("--steps", type=int, help="training steps per run (vision default: 300, point clouds: 150)")
@@ -213,12 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Bad input (a missing directory, a corrupt adapter file, an unknown option) prints a one-line message and
     returns 2, as argparse does; anything else is a bug and keeps its traceback.
     """
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from modalpeft.lightning import cli_main
 
         import_modalities()
-        cli_main(argv)
+        cli_main(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself (no 'args' warning)
         return 0
     args = build_parser().parse_args(argv)
     try:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -123,3 +124,66 @@ def test_bad_arguments_exit_2(argv, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+DIGITS = Path(__file__).resolve().parents[1] / "recipes" / "digits" / "vit_tiny_adapter_digits.yaml"
+TINY_DIGITS = [
+    "--config",
+    str(DIGITS),
+    "--model.init_args.backbone.init_args.kwargs",
+    '{"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}',
+    "--data.init_args.image_size=8",
+    "--data.init_args.train_per_class=8",
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "cause"),
+    [
+        (["--ckpt_path=missing.ckpt"], "--ckpt_path='missing.ckpt' is not a file; give the .ckpt that fit wrote"),
+        (["--model.init_args.adapter.init_args.bottleneck_dim=0"], "bottleneck_dim=0 must be an integer >= 1"),
+    ],
+)
+def test_fit_with_bad_input_prints_one_line_and_leaves_nothing(extra, cause, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", *TINY_DIGITS, "--trainer.max_epochs=1", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"modalpeft: error: {cause}" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no outputs/lightning_logs/version_0/config.yaml
+
+
+def test_fit_of_a_baseline_exports_what_load_adapter_and_inspect_read(tmp_path, monkeypatch, capsys) -> None:
+    """The console script: no LightningCLI 'args' warning, no Lightning tips, the run folder printed at the end; the
+    linear probe's export loads with mp.load_adapter and reads with modalpeft inspect."""
+    import warnings
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["fit", *TINY_DIGITS, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
+    argv += ["--trainer.limit_val_batches=1", "--model.init_args.adapter=linear"]
+    monkeypatch.setattr(sys, "argv", ["modalpeft", *argv])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main() == 0
+    assert not [w for w in caught if "args parameter" in str(w.message)]
+    out = capsys.readouterr().out
+    folder = "outputs/lightning_logs/version_0"
+    assert f"modalpeft fit: run folder {folder}/" in out and "💡" not in out
+    assert f"checkpoint: {folder}/checkpoints/" in out and f"adapter: {folder}/adapter/" in out
+    config = json.loads((tmp_path / folder / "adapter" / "adapter_config.json").read_text())
+    assert config["baseline"] == "linear"
+    import timm
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    fresh = timm.create_model("vit_tiny_patch16_224", num_classes=10, **kwargs)
+    loaded = mp.load_adapter(fresh, tmp_path / folder / "adapter")
+    saved = mp.core.state.read_tensors(tmp_path / folder / "adapter")
+    assert set(saved) == {"head.weight", "head.bias"}
+    torch.testing.assert_close(loaded.head.weight, saved["head.weight"], rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert main(["inspect", str(tmp_path / folder / "adapter")]) == 0
+    assert "baseline" in capsys.readouterr().out

@@ -3,7 +3,7 @@
 Imports no modality package, ever.
 """
 
-from .api import adapt, load_adapter
+from .api import adapt, load_adapter, save_baseline
 from .config import AdapterConfig
 from .layer import AdapterLayer, AdapterModule
 from .methods import *  # noqa: F403  (registers the generic methods)
@@ -25,5 +25,6 @@ __all__ = [
     "load_adapter",
     "parameter_counts",
     "register_method",
+    "save_baseline",
     *_method_configs,
 ]

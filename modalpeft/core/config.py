@@ -109,6 +109,14 @@ class AdapterConfig:
             )
         return cls(**data)
 
+    @classmethod
+    def missing_fields(cls, data: dict[str, Any]) -> list[str]:
+        """The saved fields (those :meth:`to_dict` writes) that ``data`` lacks: :meth:`from_dict` gives them their
+        defaults (right for a file from an older version, which had no such field)."""
+        return [
+            f.name for f in dataclasses.fields(cls) if f.init and f.metadata.get("save", True) and f.name not in data
+        ]
+
     def to_json_file(self, path: str | os.PathLike[str], **extra: Any) -> None:
         with open(path, "w") as f:
             json.dump({**self.to_dict(), **extra}, f, indent=2, sort_keys=False)

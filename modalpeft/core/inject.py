@@ -125,8 +125,9 @@ def find_targets(
     if not found:
         wanted = "" if types is None else f" of type {' | '.join(t.__name__ for t in types)}"
         candidates = [n for n, m in base_modules(model) if n and (types is None or isinstance(m, types))]
+        asked = f"target_modules={spec!r}" if config.target_modules is not None else "the default placement"
         raise ValueError(
-            f"{config.method or 'adapter'}: target_modules={spec!r} (exclude_modules={config.exclude_modules!r}) "
+            f"{config.method or 'adapter'}: {asked} (exclude_modules={config.exclude_modules!r}) "
             f"matched no module{wanted}. Modules that exist{wanted}: {candidates[:12]}"
             f"{' ...' if len(candidates) > 12 else ''}. Pass names (or dotted suffixes) from that list, or a regex."
         )

@@ -17,7 +17,9 @@ The hooks an adapter module may override, applied by the host in this order::
     out = post(out)                                # transform the output (SSF, sequential adapters)
 
 When the base layer returns a tuple (``nn.MultiheadAttention``, Hugging Face layers), ``parallel`` and
-``post`` act on its first element.
+``post`` act on its first element. An adapter module with ``skips_base = True`` takes the base module out of
+the path while it runs (``out = x``; :class:`~modalpeft.core.layers.Bypass`), for a base module that a
+method's own recipe does not have.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class AdapterModule(nn.Module):
     has_param_deltas: ClassVar[bool] = False
     has_parallel: ClassVar[bool] = False
     has_post: ClassVar[bool] = False
+    skips_base: ClassVar[bool] = False
+    """Set by adapters that replace the base module by the identity while they run (the host returns ``x``)."""
     input_arg: int = 0
     """Which positional input of the host ``pre`` and ``parallel`` act on (0: the first; 1 serves hosts such as
     BERT's ``BertOutput(hidden_states, input_tensor)``, whose second input is the residual stream)."""
@@ -201,7 +205,9 @@ class AdapterLayer(nn.Module):
                 args = (*args[:key], x, *args[key + 1 :])
             else:
                 kwargs = {**kwargs, key: x}
-        if adapter.has_param_deltas:
+        if adapter.skips_base:
+            out = x
+        elif adapter.has_param_deltas:
             deltas = adapter.param_deltas(self.base_layer)
             params = {k: self.base_layer.get_parameter(k) + d for k, d in deltas.items()}
             out = functional_call(self.base_layer, params, args, kwargs, strict=False)

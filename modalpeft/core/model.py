@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -128,6 +129,13 @@ class AdaptedModel(nn.Module):
         self.peft_config[adapter_name] = config
         guard_torch_fastpath(self.base_model, lambda m: isinstance(m, AdapterLayer))
         self.set_adapter(adapter_name)
+        if not any(p.numel() for _, p in adapter_parameters(self.base_model, adapter_name) if p.requires_grad):
+            warnings.warn(
+                f"{config.method}: adapter {adapter_name!r} placed no trainable parameter in this "
+                f"{type(self.base_model).__name__}; only modules_to_save {config.modules_to_save or []} train, as in "
+                "linear probing. Check target_modules against the model's layers (print(model)).",
+                stacklevel=2,
+            )
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the active (and trainable) adapter."""
@@ -146,6 +154,24 @@ class AdaptedModel(nn.Module):
             self._active = None
             if self.peft_config:
                 self.set_adapter(next(iter(self.peft_config)))
+
+    @contextlib.contextmanager
+    def _undone_on_error(self, adapter_name: str) -> Iterator[None]:
+        """Within the block an adapter ``adapter_name`` is added; on any error it is deleted again and the active
+        adapter and every parameter's ``requires_grad`` are put back as they were (a failed ``load_adapter`` into
+        an adapted model leaves it unchanged)."""
+        active = self._active
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        try:
+            yield
+        except BaseException:
+            if adapter_name in self.peft_config:
+                self.delete_adapter(adapter_name)
+            if active is not None:
+                self.set_adapter(active)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
 
     def _drop(self, adapter_name: str) -> None:
         for _, host in list(hosts(self.base_model)):

@@ -4,7 +4,10 @@ Nothing of peft is re-implemented: injection, merging and the file format are pe
 directory loads with ``peft.PeftModel.from_pretrained``. One difference, on purpose: ``modules_to_save``
 train *in place* (peft would keep a frozen copy of each, which costs memory and confuses DDP); they are
 still written under peft's keys (``base_model.model.<name>.<param>``) and listed in the saved config, so
-peft loads them as usual.
+peft loads them as usual. The base model's BatchNorm running statistics are saved the same way (training mode
+updates them in frozen layers; see :func:`~modalpeft.core.inject.running_statistics`), and new peft layers take
+the train/eval mode of the layer they wrap (peft leaves them in training mode, so an adapter loaded into an eval
+model ran its dropout).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .inject import guard_torch_fastpath, modules_to_save_modules, release_fastpath_guards
+from .inject import guard_torch_fastpath, modules_to_save_modules, release_fastpath_guards, running_statistics
 from .model import AdaptedModel
 from .state import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_tensors
 
@@ -41,6 +44,13 @@ def is_peft_config(config: Any) -> bool:
     return isinstance(config, PeftConfig)
 
 
+def _follow_base_mode(model: nn.Module) -> None:
+    """Give every peft layer the train/eval mode of the layer it wraps."""
+    for module in model.modules():
+        if _is_peft_layer(module):
+            module.train(module.get_base_layer().training)
+
+
 def _split_modules_to_save(config: Any, extra: list[str] | None) -> tuple[Any, list[str]]:
     """A copy of the peft config without ``modules_to_save``, and those names (ours to train in place)."""
     names = list(dict.fromkeys([*(config.modules_to_save or []), *(extra or [])]))
@@ -58,6 +68,7 @@ class PeftAdaptedModel(AdaptedModel):
         config, names = _split_modules_to_save(config, modules_to_save)
         modules_to_save_modules(model, names)
         super().__init__(get_peft_model(model, config, adapter_name=adapter_name))
+        _follow_base_mode(self.base_model)
         self._modules_to_save: dict[str, list[str]] = {adapter_name: names}
         self._active = adapter_name
         guard_torch_fastpath(self.base_model, _is_peft_layer)
@@ -101,6 +112,7 @@ class PeftAdaptedModel(AdaptedModel):
         config, names = _split_modules_to_save(config, modules_to_save)
         modules_to_save_modules(self._inner, names)
         self.base_model.add_adapter(adapter_name, config)
+        _follow_base_mode(self.base_model)
         guard_torch_fastpath(self.base_model, _is_peft_layer)
         self._modules_to_save[adapter_name] = names
         self.set_adapter(adapter_name)
@@ -147,9 +159,18 @@ class PeftAdaptedModel(AdaptedModel):
         name = adapter_name or self._active
         self._check_name(name)
         state = dict(get_peft_model_state_dict(self.base_model, adapter_name=name))
-        for mod_name, module in modules_to_save_modules(self._inner, self._modules_to_save.get(name, [])):
+        state.update(self._own_state(name))
+        return state
+
+    def _own_state(self, adapter_name: str) -> dict[str, Tensor]:
+        """What modalpeft saves beside peft's adapter tensors, under peft's keys: the ``modules_to_save`` and the
+        base model's BatchNorm running statistics."""
+        state = {}
+        for mod_name, module in modules_to_save_modules(self._inner, self._modules_to_save.get(adapter_name, [])):
             for k, v in module.state_dict().items():
                 state[f"{_PEFT_PREFIX}{mod_name}.{k}"] = v.detach()
+        for k, v in running_statistics(self._inner.named_modules()):
+            state.setdefault(f"{_PEFT_PREFIX}{k}", v.detach())
         return state
 
     def save_adapter(self, save_directory: str | os.PathLike[str], adapter_name: str | None = None) -> None:
@@ -184,12 +205,10 @@ class PeftAdaptedModel(AdaptedModel):
             )
         from peft import set_peft_model_state_dict
 
-        mts = {
-            k for k in state if any(k.startswith(f"{_PEFT_PREFIX}{m}.") for m in self._modules_to_save[adapter_name])
-        }
-        set_peft_model_state_dict(self.base_model, {k: v for k, v in state.items() if k not in mts}, adapter_name)
+        own = set(self._own_state(adapter_name))
+        set_peft_model_state_dict(self.base_model, {k: v for k, v in state.items() if k not in own}, adapter_name)
         with torch.no_grad():
-            for k in mts:
+            for k in own:
                 expected[k].copy_(state[k])
 
 
@@ -203,12 +222,9 @@ def load_peft_adapter(
     config.inference_mode = False
     state = read_tensors(directory)
     if isinstance(model, PeftAdaptedModel):
-        model.add_adapter(adapter_name, config)
-        try:
+        with model._undone_on_error(adapter_name):
+            model.add_adapter(adapter_name, config)
             model.load_adapter_state(state, adapter_name)
-        except BaseException:
-            model.delete_adapter(adapter_name)
-            raise
         return model
     if isinstance(model, AdaptedModel):
         raise TypeError("a model adapted with native methods cannot also take a peft adapter; use a fresh model")

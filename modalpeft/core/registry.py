@@ -6,6 +6,7 @@ Methods that Hugging Face peft implements are not registered here; :func:`get_co
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -98,5 +99,15 @@ def get_config_cls(name: str) -> type:
 
 
 def create_config(name: str, **kwargs: Any) -> Any:
-    """``get_config_cls(name)(**kwargs)``."""
-    return get_config_cls(name)(**kwargs)
+    """``get_config_cls(name)(**kwargs)``; a keyword the config does not have is a ``TypeError`` that lists the
+    valid fields."""
+    cls = get_config_cls(name)
+    if dataclasses.is_dataclass(cls):
+        valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__} (method {name!r}) has no field(s) {unknown}; valid fields: {valid}. "
+                f"help(modalpeft.get_config_cls({name!r})) describes each."
+            )
+    return cls(**kwargs)

@@ -56,6 +56,13 @@ def read_verified_weights(path: str | os.PathLike[str], sha256: str, owner: str,
     return load_file(str(verify_sha256(path, sha256, owner, hint)))
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(files: Mapping[str, Any], directory: str | os.PathLike[str]) -> None:
     """Write several files into ``directory`` so that either all of them change or none does.
 
@@ -65,10 +72,22 @@ def atomic_write(files: Mapping[str, Any], directory: str | os.PathLike[str]) ->
         directory: created when missing.
 
     Every file is first written under a temporary name in ``directory``; only when all are written are they
-    renamed into place. A failure removes the temporary files and leaves the old files as they were.
+    renamed into place. A failure removes the temporary files and leaves the old files as they were. The files get
+    the permissions the process's umask gives a new file (``0o666 & ~umask``, as ``open`` would), not the
+    owner-only mode of the temporary file.
+
+    Raises:
+        ValueError: ``directory`` (or a folder above it) is an existing file, not a folder.
     """
     directory = Path(directory)
+    blocking = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(
+            f"{str(directory)!r} must be a folder to write {', '.join(files)} into, but {str(blocking)!r} is an "
+            "existing file; give a folder path (it is created when missing), or move the file away."
+        )
     directory.mkdir(parents=True, exist_ok=True)
+    mode = 0o666 & ~current_umask()
     temps: dict[str, str] = {}
     try:
         for name, content in files.items():
@@ -82,6 +101,7 @@ def atomic_write(files: Mapping[str, Any], directory: str | os.PathLike[str]) ->
                 Path(tmp).write_bytes(content)
             else:
                 Path(tmp).write_text(json.dumps(content, indent=2) + "\n")
+            os.chmod(tmp, mode)  # after writing: a writer may replace the file (safetensors does)
         for name, tmp in temps.items():
             os.replace(tmp, directory / name)
         temps.clear()

@@ -1,30 +1,41 @@
 """The embedded end-to-end demo (``make demo``, ``modalpeft demo``): each modality's offline default, in turn.
 
-- ``vision``: the committed Fashion-MNIST ViT adapted on mini-VTAB with linear probing, full fine-tuning, peft's
-  LoRA and every native vision method (one seed; ``docs/results/vision.md`` has three), with save / reload / merge
-  checks
-  (:mod:`modalpeft.demo.vision`); writes ``docs/results/vision.md``.
-- ``deepfake``: that ViT as a frozen face encoder with LayerNorm tuning, against linear probing and full
-  fine-tuning, on LFW faces with spliced eyes / nose / mouth regions grouped into pseudo-videos, including a
-  held-out manipulation (:mod:`modalpeft.vision.deepfake.demo`); writes ``docs/results/deepfake.md``.
-- ``pointcloud``: a small Point-MAE pretrained by masked point modelling on offline meshes (committed), adapted
-  with PointGST, Point-PEFT, full fine-tuning and linear probing on ScanObjectNN-like clouds (noise, occlusion,
-  background points) from those meshes (:mod:`modalpeft.pointcloud.demo`); writes ``docs/results/pointcloud.md``.
+This package only orchestrates; each section lives beside its modality package (``<modality>/demo.py``) and
+shares :mod:`modalpeft.lightning.demo`:
 
-Sections run in the order of :data:`SECTIONS`; ``--modality`` picks some. Vision trains in two worker processes;
-the deepfake and point-cloud sections each train in one process, so they run side by side (:data:`SIDE_BY_SIDE`),
-each printing its log when it ends. Nothing is downloaded: every
-backbone is pretrained by a committed recipe and ships with the package, and every dataset is built from real
-images and meshes that install with pip. The whole demo stays within 20 minutes on 2 CPU cores; ``--quick``
-runs the same pipelines with almost no training in seconds (the tests do).
+- ``vision`` (:mod:`modalpeft.vision.demo`): the committed Fashion-MNIST ViT adapted on mini-VTAB with linear
+  probing, full fine-tuning, peft's LoRA and every native vision method (one seed; the committed
+  ``docs/results/vision.md`` has three), with save / reload / merge checks.
+- ``deepfake`` (:mod:`modalpeft.vision.deepfake.demo`): that ViT as a frozen face encoder with LayerNorm tuning,
+  against linear probing and full fine-tuning, on LFW faces with spliced eyes / nose / mouth regions grouped into
+  pseudo-videos, including a held-out manipulation.
+- ``pointcloud`` (:mod:`modalpeft.pointcloud.demo`): a small Point-MAE pretrained by masked point modelling on
+  offline meshes (committed), adapted with PointGST, Point-PEFT, full fine-tuning and linear probing on
+  ScanObjectNN-like clouds from those meshes.
+
+A run writes everything (``results.json``, the markdown reports, saved adapters) to its run folder,
+``outputs/demo/<timestamp>/`` by default (git-ignored), and prints it at the end; nothing in the checkout changes.
+``results_dir="docs/results"`` (``--results-dir docs/results``) also writes the reports there: that is how the
+maintainers regenerate the committed pages.
+
+Every section runs in a fresh spawned process started with :data:`~modalpeft.lightning.demo.NUMERIC_ENVIRONMENT`
+(one thread, the AVX2 CPU kernels), so that its figures do not depend on what ran before it in the process or on
+the CPU's kernel family; each report records its environment. Sections run in the order of :data:`SECTIONS`;
+``--modality`` picks some. The deepfake and point-cloud sections each train in one process, so they run side by
+side (:data:`SIDE_BY_SIDE`), each printing its log when it ends. Nothing is downloaded: every backbone is
+pretrained by a committed recipe and ships with the package, and every dataset is built from real images and meshes
+that install with pip. The whole demo stays within 20 minutes on 2 CPU cores; ``--quick`` runs the same pipelines
+with almost no training in seconds (the tests do).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import fields
 from pathlib import Path
@@ -32,13 +43,13 @@ from typing import Any
 
 from rich.console import Console
 
-from .vision import VisionSettings, run_vision
-
 
 def _vision(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
+    from modalpeft.vision.demo import VisionSettings, run_vision
+
     known = {f.name for f in fields(VisionSettings)}
     options = {k: v for k, v in overrides.items() if k in known and v is not None}
-    options.update(out=str(out / "vision"), results_dir=None if quick else results_dir)
+    options.update(out=str(out / "vision"), results_dir=results_dir)
     settings = VisionSettings.quick(**options) if quick else VisionSettings(**options)
     rows, report = run_vision(settings, console)
     failed = [r.method for r in rows if not r.ok]
@@ -50,7 +61,7 @@ def _vision(quick: bool, out: Path, results_dir: str | None, console: Console, *
 def _deepfake(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
     from modalpeft.vision.deepfake import demo
 
-    report = None if quick or not results_dir else Path(results_dir) / "deepfake.md"
+    report = Path(results_dir) / "deepfake.md" if results_dir else None
     demo.run(quick, out / "deepfake", report_path=report, console=console)
     return True
 
@@ -58,7 +69,7 @@ def _deepfake(quick: bool, out: Path, results_dir: str | None, console: Console,
 def _pointcloud(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
     from modalpeft.pointcloud import demo
 
-    report = None if quick or not results_dir else Path(results_dir) / "pointcloud.md"
+    report = Path(results_dir) / "pointcloud.md" if results_dir else None
     options = {k: overrides[k] for k in ("steps",) if overrides.get(k) is not None}
     demo.run(quick, out / "pointcloud", report_path=report, console=console, **options)
     return True
@@ -73,63 +84,95 @@ is selected: on 2 CPU cores this saves the shorter one's time."""
 
 
 def _section_in_worker(
-    name: str, quick: bool, out: Path, results_dir: str | None, width: int, overrides: dict[str, Any]
+    name: str, quick: bool, out: Path, results_dir: str | None, width: int, live: bool, overrides: dict[str, Any]
 ) -> tuple[bool, str, float]:
-    """Run section ``name`` in a worker process; returns (checks passed, its console log, seconds)."""
-    console = Console(file=io.StringIO(), record=True, width=width, force_terminal=False)
+    """Run section ``name`` in a worker process; returns (checks passed, its console log, seconds). ``live``: the log
+    goes to the terminal as it comes (one section at a time), else it is returned to be printed at the end."""
+    console = Console(width=width, record=True) if live else Console(file=io.StringIO(), record=True, width=width)
     start = time.perf_counter()
     ok = SECTIONS[name](quick, out, results_dir, console, **overrides)
     return ok, console.export_text(), time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def numeric_environment() -> Iterator[dict[str, str]]:
+    """Within the block, the process environment has :data:`NUMERIC_ENVIRONMENT` (values the user set are kept), so
+    that processes spawned meanwhile start with it; yields the values in force."""
+    from modalpeft.lightning.demo import NUMERIC_ENVIRONMENT
+
+    saved = {k: os.environ.get(k) for k in NUMERIC_ENVIRONMENT}
+    for key, value in NUMERIC_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield {k: os.environ[k] for k in NUMERIC_ENVIRONMENT}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def run_demo(
     modalities: Sequence[str] | None = None,
     *,
     quick: bool = False,
-    out: str = "outputs/demo",
-    results_dir: str | None = "docs/results",
+    out: str | os.PathLike[str] | None = None,
+    results_dir: str | None = None,
     console: Console | None = None,
     **overrides: Any,
 ) -> int:
     """Run the sections ``modalities`` (default: all); returns 0 when every check passed, else 1.
 
-    ``overrides`` go to the sections that take them (for vision: ``seeds``, ``steps``, ``batch_size``,
-    ``lr_grid``, ``threads``, ``tasks``, ``methods``; for point clouds: ``steps``).
+    Args:
+        out: the run folder (default: a new ``outputs/demo/<timestamp>``).
+        results_dir: also write each section's markdown report there (``"docs/results"`` regenerates the
+            committed pages; ``None``: only the run folder); never with ``quick``.
+        overrides: go to the sections that take them (for vision: ``seeds``, ``steps``, ``batch_size``,
+            ``lr_grid``, ``threads``, ``tasks``, ``methods``; for point clouds: ``steps``).
     """
+    from modalpeft.lightning.demo import run_folder
+
     console = console or Console()
     names = list(SECTIONS) if not modalities else list(modalities)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown demo modality {unknown}; choose from {list(SECTIONS)}.")
+    folder = Path(out) if out is not None else run_folder()
+    if quick and results_dir:
+        console.print(f"[yellow]--quick figures are not results: nothing is written to {results_dir}/[/]")
+        results_dir = None
     start = time.perf_counter()
     failed = []
     side = [n for n in names if n in SIDE_BY_SIDE]
-    if len(side) < 2:
-        side = []
-    for name in (n for n in names if n not in side):
-        section_start = time.perf_counter()
-        if not SECTIONS[name](quick, Path(out), results_dir, console, **overrides):
-            failed.append(name)
-        console.print(f"[dim]{name}: {time.perf_counter() - section_start:.0f} s[/]")
-    if side:
-        console.print(f"{' and '.join(side)}: running side by side (each prints its log when it ends)")
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(len(side), mp_context=context) as pool:
-            jobs = {
-                name: pool.submit(_section_in_worker, name, quick, Path(out), results_dir, console.width, overrides)
-                for name in side
-            }
-            for name, job in jobs.items():
-                ok, log, seconds = job.result()
-                console.print(log, end="", markup=False, highlight=False)
-                if not ok:
-                    failed.append(name)
-                console.print(f"[dim]{name}: {seconds:.0f} s[/]")
-    console.print(f"demo: {', '.join(names)} in {time.perf_counter() - start:.0f} s; outputs in {out}/")
+    groups = [[n] for n in names if n not in side or len(side) < 2] + ([side] if len(side) >= 2 else [])
+    context = multiprocessing.get_context("spawn")  # a fresh process per section: no state carried between them
+    with numeric_environment() as pinned:
+        console.print(f"demo: {', '.join(names)}; each section in a fresh process with {pinned}")
+        for group in groups:
+            if len(group) > 1:
+                console.print(f"{' and '.join(group)}: running side by side (each prints its log when it ends)")
+            live = len(group) == 1 and console.is_terminal  # else the log is printed when the section ends
+            with ProcessPoolExecutor(len(group), mp_context=context) as pool:
+                jobs = {
+                    name: pool.submit(
+                        _section_in_worker, name, quick, folder, results_dir, console.width, live, overrides
+                    )
+                    for name in group
+                }
+                for name, job in jobs.items():
+                    ok, log, seconds = job.result()
+                    if not live:
+                        console.print(log, end="", markup=False, highlight=False)
+                    if not ok:
+                        failed.append(name)
+                    console.print(f"[dim]{name}: {seconds:.0f} s[/]")
+    reports = f"; reports also in {results_dir}/" if results_dir else ""
+    console.print(f"demo: {', '.join(names)} in {time.perf_counter() - start:.0f} s; run folder {folder}/{reports}")
     if failed:
         console.print(f"[bold red]checks failed in: {', '.join(failed)}[/]")
         return 1
     return 0
 
 
-__all__ = ["SECTIONS", "VisionSettings", "run_demo"]
+__all__ = ["SECTIONS", "numeric_environment", "run_demo"]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from torch import nn
 
 from ..core.inject import running_statistics
@@ -53,6 +56,58 @@ def check_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
             f"\n  missing keys ({len(missing)}): {missing[:10]}\n  unexpected keys ({len(unexpected)}): "
             f"{unexpected[:10]}\nResume with the same recipe that wrote it."
         )
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states (Python, NumPy, torch CPU and CUDA) as tensors and plain values, so that a checkpoint
+    holding them still loads with ``weights_only=True``. A resumed run needs them for everything that draws from the
+    global RNG while training: dropout (LoRA's, VPT's prompt dropout, drop-path), a DataLoader's base seed."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position, "gauss": (has_gauss, gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` saved (CUDA states only where as many devices are visible)."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = states["numpy"]
+    has_gauss, cached = numpy["gauss"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"], has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RandomStateCheckpoint(pl.Callback):
+    """Keep the global random states in every checkpoint and restore them on resume, so that a resumed run draws
+    what the uninterrupted one drew (dropout masks, drop-path, DataLoader base seeds).
+
+    The states are those of the moment the checkpoint was written. They are restored when the checkpoint is loaded
+    (after a data-dependent method has been re-scored on the training data) and again after the sanity check's
+    validation batches, which an uninterrupted run does not draw at that point.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_states()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+        set_rng_states(state_dict)
+
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is not None:
+            set_rng_states(self._pending)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pending = None
 
 
 class AdapterExport(pl.Callback):

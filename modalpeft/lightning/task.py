@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import enum
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -15,13 +14,12 @@ from peft import PeftConfig
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from ..core.api import adapt
+from ..core.api import adapt, save_baseline
 from ..core.config import AdapterConfig
-from ..core.inject import modules_to_save_modules, running_statistics, saved_keys
+from ..core.inject import modules_to_save_modules, saved_keys
 from ..core.model import AdaptedModel
 from ..core.peft_bridge import adalora_orthogonal_penalty, adalora_tuner
-from ..core.state import atomic_write
-from .checkpoint import AdapterExport, check_checkpoint, filter_checkpoint
+from .checkpoint import AdapterExport, RandomStateCheckpoint, check_checkpoint, filter_checkpoint
 from .optim import OptimizerName, SchedulerName, build_optimizer, param_groups, warmup_cosine
 
 ADAPTER_NAME = "default"
@@ -214,7 +212,7 @@ class AdapterTask(pl.LightningModule):
 
     # -- checkpoints and export ------------------------------------------------------------------------
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [AdapterExport()]
+        return [AdapterExport(), RandomStateCheckpoint()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.baseline != "full":
@@ -256,13 +254,12 @@ class AdapterTask(pl.LightningModule):
         self._require_adapted()
 
     def export_adapter(self, directory: str | os.PathLike[str]) -> None:
-        """Write the trained adapter: ``save_adapter`` files, or for a baseline the trainable tensors."""
+        """Write the trained adapter: ``save_adapter`` files, or for a baseline (``"linear"``, ``"full"``) what it
+        trained (:func:`~modalpeft.core.api.save_baseline`); ``mp.load_adapter`` reads either."""
         if isinstance(self.model, AdaptedModel):
             self.model.save_adapter(directory)
             return
-        state = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
-        state |= {n: b.detach() for n, b in running_statistics(self.model.named_modules())}
-        atomic_write({"model.safetensors": state}, Path(directory))
+        save_baseline(self.model, directory, self.baseline or "full")
 
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:

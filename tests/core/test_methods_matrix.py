@@ -1,131 +1,55 @@
 """Every method x every toy model x every lifecycle invariant of DESIGN.md.
 
-A method joins by registering (``list_methods()`` drives the matrix) and by one entry in ``CASES``: how to
-build its config on each toy model (``None``: the method does not apply there) and its parameter-count
-formula. No test below knows about any particular method.
+A method joins by registering (``list_methods()`` drives the matrix, and its registry flags ``mergeable`` and
+``modality`` are checked against what it does) and by one entry in ``CASES``, a :class:`Case`:
+
+- ``build(toy, init)``: its config on each toy model of ``TOY_MODELS`` (``None``: it does not apply there). Give
+  non-trivial settings: a scale other than 1, a rank other than the default, dropout on where the method has them
+  (training runs in train mode, so dropout and BatchNorm statistics are exercised; exactness checks run in eval
+  mode).
+- ``count(reference, adapted, config)``: its trainable-parameter count, head excluded, written from the shapes
+  in the spec and never by calling the method's own code (the formulas live in ``matrix_counts.py``).
+  ``reference`` is the unadapted toy; ``adapted`` serves data-dependent methods (SPT), whose count is read from
+  the structure the adapter recorded.
+- ``identity`` / ``random``: the ``init_weights`` values that leave the outputs unchanged (``None``: none does) /
+  that give random non-zero adapters.
+- ``peft=True`` for peft's methods, which are not in the registry; they alone say ``mergeable`` here.
+
+No test below knows about any particular method.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import peft
 import pytest
 import torch
-from peft.tuners.lokr.layer import factorization
 from torch import nn
 
 import modalpeft as mp
-from modalpeft.core.inject import attention_children, base_modules
-from modalpeft.pointcloud.methods.point_peft import point_peft_parameters
-from modalpeft.pointcloud.methods.pointgst import pcsa_parameters
-from modalpeft.vision.methods.spt import compute_sensitivity, select
+from modalpeft.core.registry import get_method
 
-from .toy_models import TOY_MODELS, make
+from . import matrix_counts as counts
+from .toy_models import MODALITY, TOY_MODELS, make
 
 ATOL = 1e-5
 
 
-def _targets(model: nn.Module, names: list[str]) -> list[nn.Module]:
-    return [m for n, m in base_modules(model) if any(n == t or n.endswith("." + t) for t in names)]
-
-
-def bitfit_count(model: nn.Module, cfg: Any) -> int:
-    return sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if n.rsplit(".", 1)[-1] in ("bias", "in_proj_bias") and not n.startswith("head.")
-    )
-
-
-def adapter_count(model: nn.Module, cfg: Any) -> int:
-    m = cfg.bottleneck_dim
-    return sum(2 * t.out_features * m + m + t.out_features for t in _targets(model, cfg.target_modules))
-
-
-def krona_count(model: nn.Module, cfg: Any) -> int:
-    return sum(
-        cfg.a1 * cfg.a2 + (t.out_features // cfg.a1) * (t.in_features // cfg.a2)
-        for t in _targets(model, cfg.target_modules)
-    )
-
-
-def lora_count(model: nn.Module, cfg: Any) -> int:
-    total = 0
-    for t in _targets(model, cfg.target_modules):
-        if isinstance(t, nn.Conv2d):
-            total += cfg.r * t.in_channels * t.kernel_size[0] * t.kernel_size[1] + t.out_channels * cfg.r
-        else:
-            total += cfg.r * (t.in_features + t.out_features)
-    return total
-
-
-def lokr_count(model: nn.Module, cfg: Any) -> int:
-    total = 0
-    for t in _targets(model, cfg.target_modules):
-        out_l, out_k = factorization(t.out_features, cfg.decompose_factor)
-        in_m, in_n = factorization(t.in_features, cfg.decompose_factor)
-        w2 = cfg.r * (out_k + in_n) if cfg.r < max(out_k, in_n) / 2 else out_k * in_n
-        total += out_l * in_m + w2
-    return total
-
-
-def ln_count(model: nn.Module, cfg: Any) -> int:
-    return sum(p.numel() for t in _targets(model, cfg.target_modules) for p in t.parameters())
-
-
-def vpt_count(model: nn.Module, cfg: Any) -> int:
-    return (len(model.blocks) if cfg.deep else 1) * cfg.num_tokens * model.embed_dim
-
-
-def ssf_count(model: nn.Module, cfg: Any) -> int:
-    """2 x the output channels of every Linear/Conv with a bias and every affine norm; the head and MHA internals
-    are left out."""
-    skip = attention_children(model)
-    total = 0
-    for n, m in base_modules(model):
-        if n in skip or n == "head" or n.startswith("head.") or getattr(m, "bias", None) is None:
-            continue
-        if isinstance(m, nn.Linear):
-            total += m.out_features
-        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            total += m.out_channels
-        elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-            total += m.weight.numel()
-    return 2 * total
-
-
-_SPT = {"mlp": ((4, 16), 300), "vit": ((2, 3, 16, 16), 2000), "mha": ((2, 5, 16), 300)}  # input shape, budget
-
-
-def spt_build(model: str, init: Any) -> Any:
-    if model not in _SPT:
-        return None  # conv: SPT tunes Linear weights/biases and LayerNorm vectors only
-    shape, budget = _SPT[model]
-    g = torch.Generator().manual_seed(0)  # the toy heads have 4 classes
-    data = [(torch.randn(shape, generator=g), torch.randint(0, 4, shape[:1], generator=g)) for _ in range(2)]
-    return mp.create_config("spt", init_weights=init, budget=budget, rank=4, batches=2, sensitivity_data=data)
-
-
-def spt_count(model: nn.Module, cfg: Any) -> int:
-    """The selection recomputed on the unadapted reference (same weights, same data, deterministic)."""
-    return select(compute_sensitivity(model, cfg.sensitivity_data, cfg.batches), model, cfg).num_params
-
-
 @dataclass
 class Case:
-    """How one method is built on each toy model, and its trainable-parameter formula (head excluded)."""
+    """One method's row (see the module docstring)."""
 
-    build: Callable[[str, Any], Any]  # (toy model name, init) -> config, or None where it does not apply
-    count: Callable[[nn.Module, Any], int]
-    identity: Any = "identity"  # the init value that must leave outputs unchanged (None: no such init)
-    random: Any = False  # the init value giving random non-zero adapters
-    mergeable: bool = True
-    peft: bool = False
-    skip: set[str] = field(default_factory=set)
+    build: Callable[[str, Any], Any]  # (toy name, init) -> config, or None where the method does not apply
+    count: Callable[[nn.Module, nn.Module, Any], int]  # (reference, adapted, config) -> trainable count, no head
+    identity: Any = "identity"  # the init leaving outputs unchanged (None: none does)
+    random: Any = False  # the init giving random non-zero adapters
+    peft: bool = False  # a peft method (not in the registry)
+    mergeable: bool | None = None  # peft methods only; native methods' flag is the registry's
 
 
 def native(name: str, per_model: dict[str, dict | None]) -> Callable[[str, Any], Any]:
@@ -148,18 +72,26 @@ def via_peft(cls: type, init_field: str | None, per_model: dict[str, dict | None
 
 # the text toy (bert) joins only the text methods' cases: BitFit's key bias never changes under softmax there
 ALL = {m: {} for m in TOY_MODELS if m != "bert"}
+_SPT = {"mlp": ((4, 16), 300), "vit": ((2, 3, 16, 16), 2000), "mha": ((2, 5, 16), 300)}  # input shape, budget
 
 
-def pointgst_count(model: nn.Module, cfg: Any) -> int:
-    """One PCSA per block, plus the class token and its position."""
-    return len(model.blocks) * pcsa_parameters(model.embed_dim, cfg.rank) + 2 * model.embed_dim
+def spt_build(model: str, init: Any) -> Any:
+    if model not in _SPT:
+        return None  # conv: SPT tunes Linear weights/biases and LayerNorm vectors only
+    shape, budget = _SPT[model]
+    g = torch.Generator().manual_seed(0)  # the toy heads have 4 classes
+    data = [(torch.randn(shape, generator=g), torch.randint(0, 4, shape[:1], generator=g)) for _ in range(2)]
+    return mp.create_config(
+        "spt", init_weights=init, budget=budget, rank=3, batches=2, dropout=0.2, drop_path=0.2, sensitivity_data=data
+    )
 
 
-POINT_PEFT = {"top_k": 3, "prompt_blocks": 1, "num_anchors": 8, "num_neighbors": 4}
+POINT_PEFT = dict(top_k=3, prompt_blocks=1, num_anchors=8, num_neighbors=4, bottleneck_dim=6, cache_bottleneck_dim=3)
+POINT_PEFT.update(local_heads=2, local_head_dim=5, adapter_scaling=1.5, geo_scaling=0.6)
 
 
 def point_peft_build(model: str, init: Any) -> Any:
-    """Point-PEFT on the point transformer, its memory bank from two batches of random clouds."""
+    """Point-PEFT on the point transformer (one of its two blocks prompted), its memory bank from random clouds."""
     if model != "points":
         return None
     g = torch.Generator().manual_seed(1)
@@ -167,159 +99,141 @@ def point_peft_build(model: str, init: Any) -> Any:
     return mp.create_config("point_peft", init_weights=init, memory_data=memory, **POINT_PEFT)
 
 
-def point_peft_count(model: nn.Module, cfg: Any) -> int:
-    return point_peft_parameters(model.embed_dim, len(model.blocks), cfg)
-
-
-def text_bottleneck_count(model: nn.Module, cfg: Any) -> int:
-    """Per block of the tiny BERT (d = 32): dense adapters 2·d·r + r + d, PHM adapters (rank 1)
-    (d + r + r) + (r + d + d) and one n³ rule; plus every LayerNorm (weight + bias) when they train."""
-    d, layers = 32, 2
-    per_block = {"houlsby": 2, "pfeiffer": 1, "parallel_adapter": 1, "compacter": 2}[cfg.method]
-    if cfg.method == "compacter":
-        r = d // cfg.reduction_factor
-        adapters = per_block * layers * ((d + r + r) + (r + d + d)) + cfg.phm_n**3
-    else:
-        r = cfg.bottleneck_dim
-        adapters = per_block * layers * (2 * d * r + r + d)
-    norms = sum(2 * m.normalized_shape[0] for _, m in base_modules(model) if isinstance(m, nn.LayerNorm))
-    return adapters + (norms if cfg.train_layer_norms else 0)
-
-
-def llm_adapters_count(model: nn.Module, cfg: Any) -> int:
-    """No biases: mh_adapter on an expanding Linear 2·d_in·r, output_adapter 2·d_out·r (series)."""
-    total = 0
-    for t in _targets(model, cfg.target_modules):
-        total += 2 * (t.in_features if t.out_features > t.in_features else t.out_features) * cfg.bottleneck_dim
-    return total
-
-
-def sora_count(model: nn.Module, cfg: Any) -> int:
-    """r·(d_in + d_out) + r gate entries on every Linear inside the encoder's blocks."""
-    return sum(
-        cfg.rank * (m.in_features + m.out_features + 1)
-        for n, m in base_modules(model)
-        if n.startswith("encoder.encoder.layer.") and isinstance(m, nn.Linear)
-    )
-
-
-def lofit_count(model: nn.Module, cfg: Any) -> int:
-    return len(cfg.heads) * 32 // 4
-
-
 CASES: dict[str, Case] = {
-    "bitfit": Case(native("bitfit", ALL), bitfit_count),
+    "bitfit": Case(native("bitfit", ALL), counts.bitfit),
     "adapter": Case(
         native(
             "adapter",
             {
-                "mlp": {"style": "houlsby", "bottleneck_dim": 4, "target_modules": ["fc2"]},
-                "vit": {"style": "houlsby", "bottleneck_dim": 4, "target_modules": ["attn.proj", "mlp.fc2"]},
-                "mha": {"style": "pfeiffer", "bottleneck_dim": 4, "target_modules": ["linear2"]},
-                "conv": None,
+                "mlp": {
+                    "style": "houlsby",
+                    "bottleneck_dim": 4,
+                    "target_modules": ["fc2"],
+                    "scaling": 0.5,
+                    "dropout": 0.2,
+                },
+                "vit": {
+                    "style": "houlsby",
+                    "bottleneck_dim": 3,
+                    "target_modules": ["attn.proj", "mlp.fc2"],
+                    "scaling": "learnable",
+                    "layer_norm": "in",
+                },
+                "mha": {
+                    "style": "pfeiffer",
+                    "bottleneck_dim": 5,
+                    "target_modules": ["linear2"],
+                    "scaling": 2.0,
+                    "layer_norm": "out",
+                },
             },
         ),
-        adapter_count,
-        mergeable=False,
+        counts.adapter,
     ),
     "krona": Case(
         native(
             "krona",
             {
-                "mlp": {"a1": 4, "a2": 4, "target_modules": ["fc1", "fc2"]},
-                "vit": {"a1": 4, "a2": 4, "target_modules": ["qkv", "fc1"]},
-                "mha": {"a1": 4, "a2": 4, "target_modules": ["linear1", "linear2"]},
-                "conv": None,
+                "mlp": {"a1": 4, "a2": 4, "target_modules": ["fc1", "fc2"], "scaling": 0.5, "dropout": 0.2},
+                "vit": {"a1": 2, "a2": 8, "target_modules": ["qkv", "fc1"], "scaling": 2.0},
+                "mha": {"a1": 8, "a2": 2, "target_modules": ["linear1", "linear2"], "scaling": 3.0},
             },
         ),
-        krona_count,
+        counts.krona,
     ),
-    "vpt": Case(
-        native("vpt", {"vit": {"num_tokens": 3, "deep": True}, "mlp": None, "conv": None, "mha": None}),
-        vpt_count,
-        identity=None,
-        mergeable=False,
-    ),
-    "ssf": Case(native("ssf", ALL), ssf_count),
-    "spt": Case(spt_build, spt_count),
+    "vpt": Case(native("vpt", {"vit": {"num_tokens": 3, "deep": True, "dropout": 0.2}}), counts.vpt, identity=None),
+    "ssf": Case(native("ssf", ALL), counts.ssf),
+    "spt": Case(spt_build, counts.spt),
     "peft:lora": Case(
         via_peft(
             peft.LoraConfig,
             "init_lora_weights",
             {
-                "mlp": {"r": 2, "target_modules": ["fc1", "fc2"]},
-                "vit": {"r": 2, "target_modules": ["qkv"]},
-                "mha": {"r": 2, "target_modules": ["linear1"]},
-                "conv": {"r": 2, "target_modules": ["conv1", "conv2"]},
+                "mlp": {"r": 2, "lora_alpha": 5, "lora_dropout": 0.2, "target_modules": ["fc1", "fc2"]},
+                "vit": {"r": 3, "lora_alpha": 1, "target_modules": ["qkv"]},
+                "mha": {"r": 2, "lora_alpha": 6, "target_modules": ["linear1"]},
+                "conv": {"r": 2, "lora_alpha": 3, "target_modules": ["conv1", "conv2"]},
             },
         ),
-        lora_count,
+        counts.lora,
         identity=True,
         peft=True,
+        mergeable=True,
     ),
     "peft:lokr": Case(
         via_peft(
             peft.LoKrConfig,
             "init_weights",
             {
-                "mlp": {"r": 2, "target_modules": ["fc1", "fc2"]},
-                "vit": {"r": 2, "target_modules": ["qkv"]},
-                "mha": {"r": 2, "target_modules": ["linear1"]},
-                "conv": None,
+                "mlp": {"r": 2, "alpha": 5, "rank_dropout": 0.2, "target_modules": ["fc1", "fc2"]},
+                "vit": {"r": 3, "alpha": 1, "decompose_factor": 4, "target_modules": ["qkv"]},
+                "mha": {"r": 2, "alpha": 6, "target_modules": ["linear1"]},
             },
         ),
-        lokr_count,
+        counts.lokr,
         identity=True,
         peft=True,
+        mergeable=True,
     ),
     "peft:ln_tuning": Case(
         via_peft(
             peft.LNTuningConfig,
             None,
-            {
-                "mlp": {"target_modules": ["norm"]},
-                "vit": {"target_modules": ["norm1", "norm2"]},
-                # peft's LNTuningLayer hides LayerNorm attributes (eps) that nn.TransformerEncoderLayer reads
-                "mha": None,
-                "conv": None,
-            },
+            # mha: peft's LNTuningLayer hides LayerNorm attributes (eps) that nn.TransformerEncoderLayer reads
+            {"mlp": {"target_modules": ["norm"]}, "vit": {"target_modules": ["norm1", "norm2"]}},
         ),
-        ln_count,
+        counts.ln_tuning,
         identity=True,
         random=True,
         peft=True,
+        mergeable=True,
     ),
     # point-transformer methods: PointGST's spectral bases need group centres, Point-PEFT a memory bank
-    "pointgst": Case(native("pointgst", {"points": {"rank": 4, "local_size": 4}}), pointgst_count, mergeable=False),
-    "point_peft": Case(point_peft_build, point_peft_count, identity=None, mergeable=False),
-    # text methods on the tiny transformers BERT (blocks found by structure); counts from the spec's shapes (§9f)
-    "houlsby": Case(native("houlsby", {"bert": {"bottleneck_dim": 4}}), text_bottleneck_count, mergeable=False),
-    "pfeiffer": Case(native("pfeiffer", {"bert": {"bottleneck_dim": 4}}), text_bottleneck_count, mergeable=False),
+    "pointgst": Case(native("pointgst", {"points": {"rank": 5, "local_size": 4, "scaling": 0.5}}), counts.pointgst),
+    "point_peft": Case(point_peft_build, counts.point_peft, identity=None),
+    # text methods on the tiny transformers BERT (blocks found by structure); counts from the spec's shapes
+    "houlsby": Case(native("houlsby", {"bert": {"bottleneck_dim": 4, "scaling": 0.5, "dropout": 0.1}}), counts.text),
+    "pfeiffer": Case(native("pfeiffer", {"bert": {"bottleneck_dim": 3, "scaling": 1.5, "dropout": 0.1}}), counts.text),
     "parallel_adapter": Case(
-        native("parallel_adapter", {"bert": {"bottleneck_dim": 4, "scaling": 2.0}}),
-        text_bottleneck_count,
-        mergeable=False,
+        native("parallel_adapter", {"bert": {"bottleneck_dim": 4, "scaling": 2.0, "dropout": 0.1}}), counts.text
     ),
     "compacter": Case(
-        native("compacter", {"bert": {"reduction_factor": 4, "phm_n": 4}}), text_bottleneck_count, mergeable=False
+        native("compacter", {"bert": {"reduction_factor": 4, "phm_n": 4, "scaling": 0.7, "dropout": 0.1}}),
+        counts.text,
     ),
     "llm_adapters": Case(
         native(
-            "llm_adapters", {"bert": {"bottleneck_dim": 4, "target_modules": ["intermediate.dense", "output.dense"]}}
+            "llm_adapters",
+            {"bert": {"bottleneck_dim": 5, "scaling": 1.5, "dropout": 0.1, "target_modules": ["intermediate.dense"]}},
         ),
-        llm_adapters_count,
+        counts.llm_adapters,
         identity=None,
-        mergeable=False,
     ),
-    "sora": Case(native("sora", {"bert": {"rank": 2}}), sora_count),
-    # LoFiT's bias stage on heads of both layers: K·d_h with d_h = 32 / 4
-    "lofit": Case(native("lofit", {"bert": {"stage": "bias", "heads": [[0, 1], [1, 0], [1, 3]]}}), lofit_count),
+    "sora": Case(native("sora", {"bert": {"rank": 3, "alpha": 5.0, "dropout": 0.1}}), counts.sora),
+    "lofit": Case(native("lofit", {"bert": {"stage": "bias", "heads": [[0, 1], [1, 0], [1, 3]]}}), counts.lofit),
 }
+
+
+def mergeable(method: str) -> bool:
+    """The registry's flag for a native method; the table's for a peft one."""
+    return bool(CASES[method].mergeable) if CASES[method].peft else get_method(method).mergeable
 
 
 def test_every_registered_method_has_a_case() -> None:
     missing = sorted(set(mp.list_methods()) - set(CASES))
     assert not missing, f"add these methods to CASES in {__file__}: {missing}"
+    copies = sorted(m for m, case in CASES.items() if not case.peft and case.mergeable is not None)
+    assert not copies, f"native methods take `mergeable` from the registry, not from CASES: {copies}"
+
+
+@pytest.mark.parametrize("method", mp.list_methods())
+def test_registry_modality_is_where_the_method_lives_and_what_it_runs_on(method: str) -> None:
+    info = get_method(method)
+    assert info.apply.__module__.startswith(f"modalpeft.{info.modality}."), (info.modality, info.apply.__module__)
+    importlib.import_module(f"modalpeft.{info.modality}")
+    case = CASES[method]
+    toys = [t for t in TOY_MODELS if case.build(t, case.random) is not None]
+    assert any(info.modality in ("core", MODALITY[t]) for t in toys), f"{method} runs on no {info.modality} toy"
 
 
 PARAMS = [
@@ -339,17 +253,29 @@ def adapted(method: str, model_name: str, init: Any, save_head: bool = True) -> 
 
 
 def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
+    """A few AdamW steps in train mode (dropout on, BatchNorm statistics updated); the model ends in eval mode."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     target = torch.randn_like(model(x))
+    model.train()
     for _ in range(steps):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), target).backward()
         opt.step()
+    model.eval()
 
 
 def module_types(model: nn.Module) -> list[str]:
     return [f"{n}:{type(m).__name__}" for n, m in model.named_modules()]
+
+
+def batch_norm_statistics(model: nn.Module) -> list[torch.Tensor]:
+    return [
+        t.detach().clone()
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        for t in (m.running_mean, m.running_var)
+    ]
 
 
 @pytest.mark.parametrize(("method", "model_name"), PARAMS)
@@ -368,7 +294,7 @@ def test_trainable_count_matches_formula(method: str, model_name: str) -> None:
     reference, model = adapted(method, model_name, case.random)
     config = case.build(model_name, case.random)
     head = sum(p.numel() for p in reference.head.parameters())
-    assert model.trainable_summary()["trainable"] == case.count(reference, config) + head
+    assert model.trainable_summary()["trainable"] == case.count(reference, model, config) + head
 
 
 @pytest.mark.parametrize(("method", "model_name"), PARAMS)
@@ -396,16 +322,20 @@ def test_disable_adapters_gives_base_output(method: str, model_name: str) -> Non
     reference, model = adapted(method, model_name, CASES[method].random, save_head=False)
     x = reference.make_input()
     train_steps(model, x)
-    assert not torch.allclose(model(x), reference(x), atol=ATOL), "the trained adapter should change the output"
+    base = copy.deepcopy(model).unload()  # the base as training left it (train mode updates BatchNorm statistics)
+    assert not torch.allclose(model(x), base(x), atol=ATOL), "the trained adapter should change the output"
     with model.disable_adapters():
-        torch.testing.assert_close(model(x), reference(x), atol=ATOL, rtol=0)
-    assert not torch.allclose(model(x), reference(x), atol=ATOL)
+        torch.testing.assert_close(model(x), base(x), atol=ATOL, rtol=0)
+    assert not torch.allclose(model(x), base(x), atol=ATOL)
 
 
 @pytest.mark.parametrize(("method", "model_name"), PARAMS)
 def test_save_then_load_gives_identical_outputs(method: str, model_name: str, tmp_path) -> None:
     reference, model = adapted(method, model_name, CASES[method].random)
     train_steps(model, reference.make_input())
+    trained_base = copy.deepcopy(model).unload()
+    for trained, start in zip(batch_norm_statistics(trained_base), batch_norm_statistics(reference), strict=True):
+        assert not torch.equal(trained, start), "training in train mode should update every BatchNorm's statistics"
     x = reference.make_input()
     expected = model(x)
     model.save_adapter(tmp_path / "adapter")
@@ -418,14 +348,17 @@ def test_save_then_load_gives_identical_outputs(method: str, model_name: str, tm
 
 @pytest.mark.parametrize(("method", "model_name"), PARAMS)
 def test_merge_is_exact_and_unmerge_restores(method: str, model_name: str) -> None:
-    case = CASES[method]
-    reference, model = adapted(method, model_name, case.random)
+    reference, model = adapted(method, model_name, CASES[method].random)
     x = reference.make_input()
     expected = model(x)
-    if not case.mergeable:
-        with pytest.raises(ValueError, match="cannot be merged"):
-            model.merge_and_unload()
-        torch.testing.assert_close(model(x), expected, atol=0, rtol=0)  # left as it was
+    if not mergeable(method):
+        types, state = module_types(model), {k: v.clone() for k, v in model.state_dict().items()}
+        for merge in (model.merge_and_unload, model.merge_adapter):
+            with pytest.raises(ValueError, match=r"cannot be merged: .* Keep the model unmerged, or call unload\(\)"):
+                merge()
+            assert module_types(model) == types  # left as it was
+            assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+            torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
         return
     model.merge_adapter()
     torch.testing.assert_close(model(x), expected, atol=ATOL, rtol=1e-5)
@@ -437,7 +370,7 @@ def test_merge_is_exact_and_unmerge_restores(method: str, model_name: str) -> No
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in reference.parameters())
 
 
-@pytest.mark.parametrize(("method", "model_name"), [p for p in PARAMS if CASES[p.values[0]].mergeable])
+@pytest.mark.parametrize(("method", "model_name"), [p for p in PARAMS if mergeable(p.values[0])])
 def test_unmerge_restores_base_weights(method: str, model_name: str) -> None:
     reference, model = adapted(method, model_name, CASES[method].random)
     inner = model.base_model

@@ -182,3 +182,15 @@ def test_running_statistics_updated_in_training_are_saved_and_loaded(tmp_path) -
     loaded = mp.load_adapter(convnet(), tmp_path / "a").eval()
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert not torch.equal(convnet().eval()(x), model(x))
+
+
+def test_a_method_that_places_no_trainable_parameter_says_so(monkeypatch) -> None:
+    """Adapting nothing but modules_to_save is linear probing: never in silence."""
+    import dataclasses
+
+    from modalpeft.core import registry
+
+    info = registry.get_method("bitfit")
+    monkeypatch.setitem(registry._REGISTRY, "bitfit", dataclasses.replace(info, apply=lambda *args: None))
+    with pytest.warns(UserWarning, match=r"bitfit: adapter 'default' placed no trainable parameter.*\['head'\]"):
+        mp.adapt(make("mlp"), mp.BitFitConfig(), modules_to_save=["head"])

@@ -72,3 +72,36 @@ def test_peft_adapter_for_another_model_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="shape mismatches"):
         mp.load_adapter(other, tmp_path)
     assert type(other.fc1) is torch.nn.Linear
+
+
+PEFT_FORMATS = {
+    "lora-conv-batchnorm": (
+        "conv",
+        peft.LoraConfig(r=2, lora_alpha=3, target_modules=["conv1"], init_lora_weights=False),
+    ),
+    "lokr": ("mlp", peft.LoKrConfig(r=2, alpha=5, target_modules=["fc1", "fc2"], init_weights=False)),
+    "ln_tuning": ("mlp", peft.LNTuningConfig(target_modules=["norm"])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_FORMATS))
+def test_peft_loads_our_trained_adapters(name: str, tmp_path) -> None:
+    """peft's own loader reads what we save (after training in train mode: LN tuning's norm and the BatchNorm
+    statistics move too), with the head."""
+    toy, config = PEFT_FORMATS[name]
+    model = mp.adapt(make(toy), config, modules_to_save=["head"])
+    x = make(toy).make_input()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    model.eval()
+    expected = model(x)
+    assert not torch.allclose(expected, make(toy)(x), atol=1e-4)
+    model.save_adapter(tmp_path)
+    in_peft = peft.PeftModel.from_pretrained(make(toy), tmp_path).eval()
+    torch.testing.assert_close(in_peft(x), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(mp.load_adapter(make(toy), tmp_path)(x), expected, atol=1e-6, rtol=1e-6)

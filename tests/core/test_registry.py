@@ -46,3 +46,12 @@ def test_callable_targets_cannot_be_saved() -> None:
     config = mp.BitFitConfig(target_modules=lambda name, module: name == "fc1")
     with pytest.raises(ValueError, match="cannot be saved to JSON"):
         config.to_dict()
+
+
+def test_create_config_with_an_unknown_field_lists_the_valid_ones() -> None:
+    with pytest.raises(
+        TypeError, match=r"BitFitConfig \(method 'bitfit'\) has no field\(s\) \['rank'\]; valid fields: "
+    ):
+        mp.create_config("bitfit", rank=4)
+    with pytest.raises(TypeError, match=r"has no field\(s\) \['rnk'\]; valid fields: .*'r'"):
+        mp.create_config("lora", rnk=4)

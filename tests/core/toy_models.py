@@ -1,4 +1,9 @@
-"""Small models that every method is tested on: each has a ``head`` to save and a ``make_input``."""
+"""Small models that every method is tested on: each has a ``head`` to save and a ``make_input``.
+
+:func:`make` gives them random biases, norm affines and BatchNorm running statistics (:func:`perturb`): PyTorch's
+default init leaves many biases at 0 and every norm weight at 1, under which a merge that forgets to scale a
+bias, or drops a norm weight, still looks exact.
+"""
 
 from __future__ import annotations
 
@@ -29,10 +34,11 @@ class ConvNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.norm = nn.GroupNorm(2, 8)
         self.conv2 = nn.Conv2d(8, 16, 3, padding=1, stride=2)
+        self.bn = nn.BatchNorm2d(16)
         self.head = nn.Linear(16, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2(torch.relu(self.norm(self.conv1(x))))
+        x = self.bn(self.conv2(torch.relu(self.norm(self.conv1(x)))))
         return self.head(x.mean(dim=(2, 3)))
 
     @staticmethod
@@ -107,9 +113,36 @@ TOY_MODELS = {
     "points": tiny_point_transformer,
     "bert": TinyBert,
 }
+MODALITY = {"mlp": "core", "conv": "vision", "vit": "vision", "mha": "core", "points": "pointcloud", "bert": "text"}
+"""The modality each toy model stands for: a method registered for a modality must apply to one of its toys."""
+
+
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give ``model`` (in place) random biases (``N(0, 0.2²)``), norm weights (``U(0.5, 1.5)``) and BatchNorm
+    running statistics (mean ``N(0, 0.3²)``, variance ``U(0.5, 2)``), drawn from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(like: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return (low + (high - low) * torch.rand(like.shape, generator=g)).to(like.dtype)
+
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name.endswith("bias"):  # bias, nn.MultiheadAttention's in_proj_bias
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        if isinstance(module, NORMS) and getattr(module, "weight", None) is not None:
+            module.weight.copy_(draw(module.weight, 0.5, 1.5))
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            module.running_mean.copy_(0.3 * torch.randn(module.running_mean.shape, generator=g))
+            module.running_var.copy_(draw(module.running_var, 0.5, 2.0))
+            module.num_batches_tracked.fill_(10)
+    return model
 
 
 def make(name: str, seed: int = 0) -> nn.Module:
-    """A fresh toy model with deterministic weights, in eval mode."""
+    r"""A fresh toy model with deterministic weights (:func:`perturb`\ ed), in eval mode."""
     torch.manual_seed(seed)
-    return TOY_MODELS[name]().eval()
+    return perturb(TOY_MODELS[name](), seed).eval()

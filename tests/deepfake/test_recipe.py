@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from modalpeft.lightning import cli_main
 from modalpeft.vision.deepfake.data import VideoFramesDataModule
-from modalpeft.vision.deepfake.detector import DeepfakeDetector
+from modalpeft.vision.deepfake.detector import DeepfakeDetector, open_clip_visual
 from modalpeft.vision.deepfake.predict import decode_video, write_video
 
 from .test_data import write_frames, write_real_fake
@@ -126,3 +127,30 @@ def test_quick_demo_runs_and_reports_every_contender(tmp_path) -> None:
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved["results"] == report["results"]
     assert "| held-out region | LN tuning (peft) |" in (tmp_path / "demo" / "deepfake.md").read_text()
+
+
+def _quick_gelu_reference(x):
+    """The activation the OpenAI CLIP weights were trained with (and transformers' ``quick_gelu``)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+@pytest.mark.slow
+def test_recipe_encoder_is_the_quickgelu_architecture_of_the_openai_weights() -> None:
+    import yaml
+
+    backbone = yaml.safe_load(RECIPE.read_text())["model"]["init_args"]["backbone"]
+    assert backbone["class_path"] == "modalpeft.vision.deepfake.open_clip_visual"
+    args = backbone["init_args"]
+    assert args["pretrained"] == "openai" and args["name"] == "ViT-L-14-quickgelu"
+    tiny_text = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
+    visual = open_clip_visual(args["name"], pretrained=None, text_cfg=tiny_text)  # the real ViT-L/14 tower, offline
+    assert len(visual.transformer.resblocks) == 24 and visual.transformer.width == 1024
+    x = torch.linspace(-6, 6, 101)
+    for block in visual.transformer.resblocks:
+        torch.testing.assert_close(block.mlp.gelu(x), _quick_gelu_reference(x), rtol=0, atol=1e-6)
+    assert open_clip_visual.__defaults__[0] == "ViT-L-14-quickgelu"
+
+
+def test_openai_weights_on_a_gelu_config_are_refused() -> None:
+    with pytest.raises(ValueError, match="ViT-L-14-quickgelu"):
+        open_clip_visual("ViT-L-14", pretrained="openai")

@@ -15,6 +15,8 @@ import yaml
 import modalpeft as mp
 from modalpeft.lightning import cli_main
 
+from .recipe_checks import SHORT_FIT, check_fit_outputs
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "digits" / "vit_tiny_adapter_digits.yaml"
 TINY = [
@@ -62,9 +64,10 @@ def test_baseline_string_from_yaml(tmp_path) -> None:
     assert trainable == {"head.weight", "head.bias"}
 
 
-def test_recipe_runs_two_steps_in_process(tmp_path) -> None:
-    cli_main(
-        ["fit", "--config", str(RECIPE), *TINY, "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}"]
+def test_recipe_runs_two_steps_in_process(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default loggers write to ./outputs
+    check_fit_outputs(
+        cli_main(["fit", "--config", str(RECIPE), *TINY, *SHORT_FIT, f"--trainer.default_root_dir={tmp_path}"])
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import numpy as np
 import peft
 import pytest
 import pytorch_lightning as pl
@@ -13,6 +14,10 @@ import torch
 import modalpeft as mp
 from modalpeft.lightning import ClassificationTask, DigitsDataModule, timm_backbone
 from modalpeft.lightning.optim import param_groups
+from modalpeft.pointcloud import PointGSTConfig, PointPEFTConfig, create_backbone
+from modalpeft.pointcloud.data import PointCloudDataModule
+from modalpeft.pointcloud.tasks import PointCloudClassificationTask
+from modalpeft.vision import SPTConfig, VPTConfig
 
 
 def backbone() -> torch.nn.Module:
@@ -24,9 +29,9 @@ def backbone() -> torch.nn.Module:
     )
 
 
-def task(adapter=None, **kwargs) -> ClassificationTask:
+def task(adapter=None, lr: float = 1e-2, **kwargs) -> ClassificationTask:
     adapter = mp.BitFitConfig() if adapter is None else adapter
-    return ClassificationTask(backbone(), num_classes=10, adapter=adapter, modules_to_save=["head"], lr=1e-2, **kwargs)
+    return ClassificationTask(backbone(), num_classes=10, adapter=adapter, modules_to_save=["head"], lr=lr, **kwargs)
 
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:
@@ -75,27 +80,82 @@ class StopAfter(pl.Callback):
             trainer.should_stop = True
 
 
-def test_checkpoint_holds_only_what_trains_and_resume_is_exact(tmp_path) -> None:
-    pl.seed_everything(0)
-    straight = task()
-    trainer(tmp_path / "a", max_epochs=4).fit(straight, datamodule=data())
-
+def test_checkpoint_holds_only_what_trains(tmp_path) -> None:
     pl.seed_everything(0)
     first = task()
-    trainer(tmp_path / "b", max_epochs=4, callbacks=[StopAfter(epochs=2)]).fit(first, datamodule=data())
-    ckpt = next((tmp_path / "b").rglob("*.ckpt"))
-    saved = torch.load(ckpt, weights_only=True)
+    trainer(tmp_path, max_epochs=4, callbacks=[StopAfter(epochs=2)]).fit(first, datamodule=data())
+    saved = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
     trainable = {f"model.{n}" for n, p in first.model.named_parameters() if p.requires_grad}
     assert set(saved["state_dict"]) == trainable
     assert saved["optimizer_states"] and saved["lr_schedulers"]
     full_size = sum(v.numel() for v in first.state_dict().values())
     assert sum(v.numel() for v in saved["state_dict"].values()) < full_size / 20
 
+
+class RandomClouds(PointCloudDataModule):
+    """Seeded random clouds of 160 points in 3 classes (resampled to the tiny backbone's 128 by the base class)."""
+
+    classes = ["a", "b", "c"]
+
+    def load_split(self, split):
+        rng = np.random.default_rng(0 if split == "train" else 1)
+        count = 12 if split == "train" else 6
+        return rng.standard_normal((count, 160, 3)).astype(np.float32), np.arange(count) % 3, [""] * count
+
+
+def point_task(adapter) -> PointCloudClassificationTask:
+    torch.manual_seed(0)
+    backbone = create_backbone("point_mae_test", num_classes=3)
+    return PointCloudClassificationTask(backbone, 3, adapter, ["head"], lr=1e-2, warmup_epochs=1)
+
+
+RESUME_CASES = {
+    # methods whose resume needs more than their trainable parameters: dropout draws from the global RNG (LoRA,
+    # VPT's prompt dropout), a selection or a memory bank made from training data and held in buffers (SPT,
+    # Point-PEFT), frozen BatchNorm statistics that training updates (the point transformer's)
+    "bitfit": (lambda: task(), data),
+    "peft_lora_dropout": (lambda: task(peft.LoraConfig(r=2, target_modules=["qkv"], lora_dropout=0.5)), data),
+    "spt": (lambda: task(SPTConfig(budget=400, batches=1)), data),
+    "vpt_deep": (lambda: task(VPTConfig(num_tokens=2, deep=True, dropout=0.5)), data),
+    "pointgst": (lambda: point_task(PointGSTConfig(local_size=8)), lambda: RandomClouds(num_points=128, batch_size=4)),
+    "point_peft": (
+        lambda: point_task(PointPEFTConfig(num_anchors=8, num_neighbors=4, top_k=4)),
+        lambda: RandomClouds(num_points=128, batch_size=4),
+    ),
+}
+
+
+@pytest.mark.parametrize("method", RESUME_CASES)
+def test_resume_is_exact(method, tmp_path) -> None:
+    """A run interrupted after one epoch and resumed from its checkpoint ends with the same state (weights,
+    buffers, BatchNorm statistics) and the same logged metrics as an uninterrupted one."""
+    make_task, make_data = RESUME_CASES[method]
     pl.seed_everything(0)
-    resumed = task()
-    trainer(tmp_path / "c", max_epochs=4).fit(resumed, datamodule=data(), ckpt_path=ckpt)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"{name} differs after resume")
+    straight = make_task()
+    trainer(tmp_path / "a", max_epochs=3, limit_val_batches=2).fit(straight, datamodule=make_data())
+    expected = dict(straight.trainer.callback_metrics)
+
+    pl.seed_everything(0)
+    first = make_task()
+    interrupted = trainer(tmp_path / "b", max_epochs=3, limit_val_batches=2, callbacks=[StopAfter(epochs=1)])
+    interrupted.fit(first, datamodule=make_data())
+    assert first.trainer.current_epoch == 1
+    changed = [n for n, v in first.state_dict().items() if not torch.equal(v, straight.state_dict()[n])]
+    assert changed  # the interrupted run is not already the final state
+
+    pl.seed_everything(1)  # the resumed run's RNG must come from the checkpoint, not from its seed
+    resumed = make_task()
+    trainer(tmp_path / "c", max_epochs=3, limit_val_batches=2).fit(
+        resumed, datamodule=make_data(), ckpt_path=next((tmp_path / "b").rglob("*.ckpt"))
+    )
+    assert straight.state_dict().keys() == resumed.state_dict().keys()
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(
+            resumed.state_dict()[name], value, atol=0, rtol=0, msg=f"{name} differs after resume"
+        )
+    assert {k: v.item() for k, v in resumed.trainer.callback_metrics.items()} == {
+        k: v.item() for k, v in expected.items()
+    }
 
 
 def test_resume_from_another_configuration_is_refused(tmp_path) -> None:

@@ -12,12 +12,14 @@ from modalpeft.core.layers import PromptTokens
 from modalpeft.pointcloud import create_backbone
 from modalpeft.vision import VPTConfig
 
+from ..core.toy_models import perturb
+
 C, DEPTH, G = 32, 2, 16  # point_mae_test
 
 
 def tiny():
     torch.manual_seed(0)
-    return create_backbone("point_mae_test", num_classes=5)
+    return perturb(create_backbone("point_mae_test", num_classes=5))
 
 
 def _train_step(model, clouds):

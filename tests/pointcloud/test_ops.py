@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from modalpeft.pointcloud import farthest_point_sample, group_points, knn, ops
-from modalpeft.pointcloud.ops import check_points, gather_points, z_order_key
+from modalpeft.pointcloud import create_backbone, farthest_point_sample, group_points, knn, ops
+from modalpeft.pointcloud.ops import OFFICIAL_MIN_SQ_NORM, check_points, fps_start, gather_points, z_order_key
 
 
 def brute_fps(xyz: torch.Tensor, n: int) -> list[int]:
@@ -112,3 +112,41 @@ def test_check_points_errors_name_the_sample(clouds):
         check_points(torch.randn(4, 128, 6))
     with pytest.raises(ValueError, match="channels-first"):
         check_points(clouds.transpose(1, 2))
+
+
+def _official_fps(points: torch.Tensor, m: int) -> list[int]:
+    """pointnet2's furthest_point_sampling_kernel, transcribed for one cloud: start at index 0, temp = 1e10, skip
+    points with |p|² <= 1e-3 (no distance update, never picked), strict > keeps the first best index."""
+    n = points.shape[0]
+    temp = [1e10] * n
+    idxs, old = [0], 0
+    for _ in range(1, m):
+        best, besti = -1.0, 0
+        for k in range(n):
+            x2, y2, z2 = points[k].tolist()
+            if x2 * x2 + y2 * y2 + z2 * z2 <= 1e-3:
+                continue
+            d = float((points[k] - points[old]).square().sum())
+            temp[k] = min(d, temp[k])
+            if temp[k] > best:
+                best, besti = temp[k], k
+        old = besti
+        idxs.append(old)
+    return idxs
+
+
+def test_fps_follows_the_official_origin_rule_only_when_asked():
+    g = torch.Generator().manual_seed(3)
+    cloud = torch.nn.functional.normalize(torch.randn(60, 3, generator=g), dim=-1)  # a shell: the centre is empty
+    cloud[5] = torch.tensor([0.01, -0.02, 0.0])  # |p|² = 5e-4: the official kernel never picks it
+    cloud[9] = torch.tensor([0.0, 0.0, 0.0])
+    cloud[0] = torch.tensor([2.0, 2.0, 2.0])  # the start of both (index 0 official, farthest from centroid ours)
+    cloud = cloud.double()
+    assert int(fps_start(cloud[None])) == 0
+    official = _official_fps(cloud, 40)
+    ours = farthest_point_sample(cloud, 40, min_sq_norm=OFFICIAL_MIN_SQ_NORM)
+    assert ours.tolist() == official and 5 not in official and 9 not in official
+    default = farthest_point_sample(cloud, 40, use_extension=False)
+    assert 5 in default.tolist() or 9 in default.tolist()  # by default the origin is no special place
+    model = create_backbone("point_mae_test", num_classes=2, fps_min_sq_norm=OFFICIAL_MIN_SQ_NORM)
+    assert model.group_divider.fps_min_sq_norm == OFFICIAL_MIN_SQ_NORM

@@ -20,13 +20,15 @@ from modalpeft.pointcloud.methods.point_peft import (
     save_memory_bank,
 )
 
+from ..core.toy_models import perturb
+
 C, DEPTH, G = 32, 2, 16  # point_mae_test
 CFG = {"top_k": 3, "prompt_blocks": 1, "num_anchors": 8, "num_neighbors": 4}
 
 
 def tiny(seed: int = 0):
     torch.manual_seed(seed)
-    return create_backbone("point_mae_test", num_classes=5).eval()
+    return perturb(create_backbone("point_mae_test", num_classes=5), seed).eval()
 
 
 def train_batches(n: int = 3, batch: int = 4):
@@ -68,7 +70,8 @@ def test_tiny_count_and_placement():
     assert model.trainable_summary()["trainable"] == point_peft_parameters(C, DEPTH, PointPEFTConfig(**CFG), head=head)
     kinds = {name: type(h.adapters["default"]).__name__ for name, h in hosts(model.base_model)}
     assert kinds["group_divider"] == "PointPEFTContext" and kinds["blocks.1"] == "PointPEFTBlock"
-    assert kinds["blocks.0.mlp_residual.mlp"] == "Bottleneck" and kinds["blocks.0.attn.proj"] == "ParamDelta"
+    assert kinds["blocks.0.mlp_residual.drop_path"] == "Bottleneck" and kinds["blocks.0.attn.proj"] == "ParamDelta"
+    assert kinds["blocks.0.drop_path"] == "Bypass"  # no drop-path on the attention branch
     assert kinds["norm"] == "ParamDelta" and kinds["class_token"] == "ParamDelta"
     assert [b.adapters["default"].prompted for b in model.blocks] == [True, False]
 
@@ -79,7 +82,7 @@ def test_memory_bank_build_save_load(tmp_path):
     bank = build_memory_bank(base, batches)
     assert bank.shape == (12, C)
     torch.testing.assert_close(bank.norm(dim=-1), torch.ones(12))
-    torch.testing.assert_close(bank[4:8], F.normalize(pooled_features(base, batches[1][0]), dim=-1))
+    torch.testing.assert_close(bank[4:8], F.normalize(pooled_features(base, batches[1][0])[0], dim=-1))
     assert build_memory_bank(base, batches, max_batches=1).shape == (4, C)
     save_memory_bank(tmp_path / "bank.safetensors", bank)
     torch.testing.assert_close(load_memory_bank(tmp_path / "bank.safetensors"), bank)
@@ -108,7 +111,7 @@ def test_cache_prompts_come_from_the_frozen_backbone(clouds):
     context = model.group_divider.adapters["default"]
     running = model.encoder.first_conv[1].running_mean.clone()
     model(clouds)
-    feature = pooled_features(tiny(), clouds)  # the backbone without the adapter, in eval mode
+    feature = pooled_features(tiny(), clouds)[0]  # the backbone without the adapter, in eval mode
     torch.testing.assert_close(context.shared.cache, retrieve(feature, context.bank, 3))
     assert model.training and all(m.training for m in model.modules())  # modes restored after the frozen pass
     # one BatchNorm update of the encoder (the main pass), none from the frozen pass: compare with a single pass
@@ -127,7 +130,7 @@ def test_prompts_live_for_one_block(clouds):
         block.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
     model(clouds)
     p = CFG["top_k"] + 2
-    frozen = [(1 + G, 1 + G), 1 + G] * DEPTH  # the retrieval query's pass, without the adapter
+    frozen = [(G, G), G] * DEPTH  # the retrieval query's pass: the patch tokens alone, without the adapter
     assert seen == [*frozen, (1 + p + G, 1 + p + G), 1 + G, (1 + G, 1 + G), 1 + G]
 
 
@@ -144,6 +147,31 @@ def test_behaviour_at_init(clouds):
     perm = torch.randperm(128, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model(clouds[:, perm]), model(clouds), atol=1e-4, rtol=1e-4)
+
+
+def test_geometry_adapter_math(clouds):
+    """An unprompted block's geometry adapter against METHODS.md §5 step 3, one cloud at a time, at geo_scaling 0.6
+    and random BatchNorm statistics (eval mode)."""
+    model = adapted(init_weights=False, geo_scaling=0.6).eval()
+    layer = model.blocks[1].adapters["default"]
+    perturb(layer.out_norm, seed=3)
+    with torch.no_grad():
+        model(clouds)  # the context computes this batch's anchors, neighbours and interpolation weights
+    shared, norm = layer.shared, layer.out_norm
+    assert torch.all(shared.interp >= 0)
+    torch.testing.assert_close(shared.interp.sum(-1), torch.ones(4, G))  # a weighted mean of all anchors
+    out = torch.randn(4, 1 + G, C, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        actual = layer.post(out)
+        for i in range(4):
+            tokens = out[i, 1:]  # (G, C)
+            hood = tokens[shared.neighbor_idx[i]]  # (A, K, C)
+            pooled = (hood + shared.local_attn(hood)).max(dim=1).values  # (A, C); drop-path is off in eval
+            pooled = (pooled - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+            pooled = F.gelu(pooled) + 0.6 * tokens[shared.anchor_idx[i]]
+            tokens = tokens + 0.6 * shared.interp[i] @ pooled
+            expected = layer.adapter1.post(torch.cat([out[i, :1], tokens])[None])[0]
+            torch.testing.assert_close(actual[i], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_reach_only_trainable_parameters(clouds):

@@ -16,6 +16,9 @@ from modalpeft.pointcloud.methods.pointgst import (
     pcsa_parameters,
     profile_eigh_share,
 )
+from modalpeft.pointcloud.ops import z_order_key
+
+from ..core.toy_models import perturb
 
 C, DEPTH, G = 32, 2, 16  # point_mae_test
 CFG = {"rank": 4, "local_size": 8}
@@ -23,7 +26,7 @@ CFG = {"rank": 4, "local_size": 8}
 
 def tiny(num_classes: int = 5, seed: int = 0):
     torch.manual_seed(seed)
-    return create_backbone("point_mae_test", num_classes=num_classes).eval()
+    return perturb(create_backbone("point_mae_test", num_classes=num_classes), seed).eval()
 
 
 def adapted(init_weights=True, **kwargs):
@@ -86,9 +89,11 @@ def test_bases_computed_once_per_forward_and_shared(clouds, monkeypatch):
 
 
 def _laplacian_reference(center: torch.Tensor) -> torch.Tensor:
-    """One graph per cloud, written out with loops; d_min over the whole batch as the official code."""
+    """The intended graph, one per cloud, written out with loops: exact distances, d_min over distinct centres of
+    the whole batch (as the official code), self-loops 1."""
     b, n, _ = center.shape
-    dist = torch.cdist(center.double(), center.double())
+    c = center.double()
+    dist = (c[:, :, None] - c[:, None]).square().sum(-1).sqrt()
     d_min = dist[dist > 0].min()
     laps = []
     for i in range(b):
@@ -122,8 +127,9 @@ def test_laplacian_basis_matches_formula():
     )
 
 
-def test_pcsa_math(clouds):
-    model = adapted(init_weights=False)
+@pytest.mark.parametrize("scaling", [1.0, 0.5])
+def test_pcsa_math(clouds, scaling):
+    model = adapted(init_weights=False, scaling=scaling)
     model(clouds)
     pcsa = model.blocks[0].mlp_residual.adapters["default"]
     bases = pcsa.bases
@@ -140,7 +146,7 @@ def test_pcsa_math(clouds):
             S = bases.local_U[i] @ s
             loc = (bases.local_U[i].transpose(1, 2) @ (S + F.silu(pcsa.adapt(pcsa.norm_local(S))))).reshape(G, -1)
             loc = loc[bases.inverse[i]]
-            expected = pcsa.up(torch.cat([h[:1], h[1:] + g + loc]))
+            expected = scaling * pcsa.up(torch.cat([h[:1], h[1:] + g + loc]))
             torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=1e-5)
         # the order groups z-sorted centres, and inverse undoes it
         assert torch.equal(bases.order.gather(1, bases.inverse), torch.arange(G).expand(4, -1))
@@ -195,3 +201,95 @@ def test_profile_eigh_share(clouds):
     model = adapted()
     stats = profile_eigh_share(model, (clouds, torch.tensor([0, 1, 2, 3])), steps=2, warmup=1)
     assert stats["eigh_calls"] == 2 and 0 < stats["eigh_share"] < 1 and stats["step_time"] > stats["eigh_time"] > 0
+
+
+def _official_get_basis(center: torch.Tensor) -> torch.Tensor:
+    """PointGST's models/PGST.py get_basis + get_laplacian, transcribed (torch.cdist in its default mode)."""
+    L = torch.cdist(center, center)
+    L = 1 / (L / torch.min(L[L > 0], dim=-1, keepdim=True).values + torch.eye(L.size(-1)).unsqueeze(0))
+    d_inv_sqrt = torch.diag_embed(torch.rsqrt(L.sum(-1) + 1e-6))
+    L = torch.eye(L.size(-1)) - d_inv_sqrt @ L @ d_inv_sqrt
+    return torch.linalg.eigh(L).eigenvectors
+
+
+def test_graph_is_the_intended_math_not_cdists_rounding_noise():
+    """Over 25 centres the official cdist multiplies matrices: its diagonal is noise, d_min comes from the noise
+    and self-loops fall below 1. Ours: exact distances, d_min over distinct centres, self-loops 1."""
+    center = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    noisy = torch.cdist(center, center)
+    diagonal = noisy.diagonal(dim1=1, dim2=2)
+    assert diagonal.max() > 0  # the official path: rounding noise where 0 is meant
+    true_min = (noisy + torch.eye(64) * 10).min()
+    assert noisy[noisy > 0].min() < 1e-2 * true_min  # the official d_min is that noise
+    U = laplacian_eigenvectors(center).double()
+    lap = _laplacian_reference(center)
+    torch.testing.assert_close(
+        U.transpose(1, 2) @ lap @ U, torch.diag_embed(torch.linalg.eigvalsh(lap)), atol=1e-5, rtol=0
+    )
+    official = _official_get_basis(center).double()
+    off_diagonal = (official.transpose(1, 2) @ lap @ official) * (1 - torch.eye(64, dtype=torch.float64))
+    assert off_diagonal.abs().max() > 1e-2  # the official basis does not diagonalise the intended Laplacian
+    # with up to 25 centres cdist is exact, and the official basis is the intended one (up to eigenvector signs)
+    small = center[:, :20]
+    torch.testing.assert_close(_official_get_basis(small).abs(), laplacian_eigenvectors(small).abs(), atol=1e-4, rtol=0)
+
+
+def _official_xyz2key(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, depth: int = 16) -> torch.Tensor:
+    """PointGST's models/z_order.py xyz2key (O-CNN), transcribed: 8-bit lookup tables, the high byte shifted by 24."""
+
+    def spread(v, d):
+        key = torch.zeros_like(v)
+        for i in range(d):
+            key = key | ((v & (1 << i)) << (2 * i))
+        return key
+
+    r256 = torch.arange(256, dtype=torch.int64)
+    EX, EY, EZ = spread(r256, 8) << 2, spread(r256, 8) << 1, spread(r256, 8)
+    x, y, z = x.long(), y.long(), z.long()
+    key = EX[x & 255] | EY[y & 255] | EZ[z & 255]
+    mask = (1 << (depth - 8)) - 1
+    key16 = EX[(x >> 8) & mask] | EY[(y >> 8) & mask] | EZ[(z >> 8) & mask]
+    return key16 << 24 | key
+
+
+def test_z_order_default_is_the_official_key(clouds):
+    center = torch.rand(3, 64, 3, generator=torch.Generator().manual_seed(4)) * 2 - 1  # both signs on every axis
+    c = center * 100
+    official = _official_xyz2key(c[:, :, 1], c[:, :, 0], c[:, :, 2])
+    assert torch.equal(z_order_key(center), official)
+    assert torch.equal(z_order_key(center, mode="official"), official)
+    shifted = z_order_key(center, mode="shifted")
+    assert not torch.equal(shifted.argsort(dim=1), official.argsort(dim=1))
+    assert PointGSTConfig().z_order == "official"
+    for mode in ("official", "shifted"):
+        model = adapted(z_order=mode)
+        model(clouds)
+        bases = model.pos_embed.adapters["default"].bases
+        with torch.no_grad():
+            _, _, centres = model.base_model.embed(clouds)
+        expected = torch.sort(z_order_key(centres, mode=mode), dim=1, stable=True).indices
+        assert torch.equal(bases.order, expected)
+    with pytest.raises(ValueError, match="z_order='morton'"):
+        PointGSTConfig(z_order="morton")
+
+
+def test_adapter_config_records_z_order_and_older_files_load_shifted(clouds, tmp_path):
+    import json
+
+    model = adapted(init_weights=False, z_order="official").eval()
+    model.save_adapter(tmp_path / "gst")
+    path = tmp_path / "gst" / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    assert saved["z_order"] == "official"
+    with torch.no_grad():
+        expected = model(clouds)
+    loaded = mp.load_adapter(tiny(), tmp_path / "gst").eval()
+    assert loaded.peft_config["default"].z_order == "official"
+    del saved["z_order"]  # as written before the field existed
+    path.write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match="z_order='shifted'"):
+        old = mp.load_adapter(tiny(), tmp_path / "gst").eval()
+    assert old.peft_config["default"].z_order == "shifted"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(clouds), expected)
+        assert old.pos_embed.adapters["default"].z_order == "shifted"

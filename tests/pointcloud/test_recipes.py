@@ -12,17 +12,19 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI
 
+import modalpeft as mp
 from modalpeft.lightning import cli_main
 from modalpeft.pointcloud.pretrain import MaskedPointModel
 from modalpeft.pointcloud.tasks import PointCloudClassificationTask
 
+from ..lightning.recipe_checks import SHORT_FIT, check_fit_outputs
 from .test_data import write_modelnet_text, write_scanobjectnn
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes" / "pointcloud").glob("point_mae_*_*.yaml"))
 ADAPTATION = [p for p in RECIPES if "pretrain" not in p.name]
 PRETRAIN = ROOT / "recipes" / "pointcloud" / "point_mae_pretrain_meshes.yaml"
-METHODS = ("pointgst", "point_peft", "full", "linear")
+METHODS = (*mp.list_methods("pointcloud"), "full", "linear")  # every registered point-cloud method, two baselines
 DATASETS = ("modelnet40", "scanobjectnn_pb_t50_rs")
 TINY = [
     "--model.init_args.backbone.init_args.name=point_mae_test",
@@ -31,7 +33,6 @@ TINY = [
     "--data.init_args.num_workers=0",
     "--data.init_args.batch_size=4",
     "--trainer.accelerator=cpu",
-    "--trainer.fast_dev_run=2",
 ]
 TINY_ADAPTER = {
     # the tiny backbone has 16 groups: PointGST's local chunks and Point-PEFT's anchors must fit in them
@@ -77,10 +78,10 @@ def test_recipe_trains_two_steps_with_the_tiny_backbone(recipe, roots, tmp_path)
     method = next(m for m in METHODS if f"point_mae_{m}_" in recipe.name)
     dataset = next(d for d in DATASETS if recipe.stem.endswith(d))
     extra = ["--data.init_args.cache_points=160"] if dataset == "modelnet40" else []
-    args = ["fit", "--config", str(recipe), *TINY, *TINY_ADAPTER.get(method, []), *extra]
+    args = ["fit", "--config", str(recipe), *TINY, *SHORT_FIT, *TINY_ADAPTER.get(method, []), *extra]
     args += [f"--data.init_args.root={roots[dataset]}", f"--trainer.default_root_dir={tmp_path}"]
     cli = cli_main(args, model_class=pl.LightningModule, datamodule_class=pl.LightningDataModule)
-    assert cli.trainer.global_step == 2
+    check_fit_outputs(cli)
     task = cli.model
     assert isinstance(task, PointCloudClassificationTask)
     assert task.hparams.num_classes == (40 if dataset == "modelnet40" else 15)
@@ -98,7 +99,7 @@ def test_recipe_trains_two_steps_with_the_tiny_backbone(recipe, roots, tmp_path)
 
 def test_recipe_script_runs_in_process(roots, tmp_path, monkeypatch) -> None:
     recipe = ROOT / "recipes" / "pointcloud" / "point_mae_linear_scanobjectnn_pb_t50_rs.yaml"
-    argv = ["pointcloud.py", "fit", "--config", str(recipe), *TINY]
+    argv = ["pointcloud.py", "fit", "--config", str(recipe), *TINY, "--trainer.fast_dev_run=2"]
     argv += [f"--data.init_args.root={roots['scanobjectnn_pb_t50_rs']}"]
     monkeypatch.setattr(sys, "argv", [*argv, f"--trainer.default_root_dir={tmp_path}"])
     runpy.run_path(str(ROOT / "recipes" / "pointcloud.py"), run_name="__main__")
@@ -111,7 +112,7 @@ def fit_one_epoch(method: str, roots, tmp_path) -> tuple[LightningCLI, list[str]
     """Fit the PB_T50_RS recipe of ``method`` for one tiny epoch; returns the CLI and the arguments a ``test``
     run of the same recipe takes."""
     recipe = ROOT / "recipes" / "pointcloud" / f"point_mae_{method}_scanobjectnn_pb_t50_rs.yaml"
-    common = ["--config", str(recipe), *TINY[:-1], *TINY_ADAPTER[method]]
+    common = ["--config", str(recipe), *TINY, *TINY_ADAPTER[method]]
     common += [f"--data.init_args.root={roots['scanobjectnn_pb_t50_rs']}"]
     limits = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
     fit = cli_main(["fit", *common, *limits, f"--trainer.default_root_dir={tmp_path}"], *CLASSES)

@@ -23,6 +23,8 @@ from modalpeft.vision.methods.spt import (
 )
 from modalpeft.vision.methods.spt_select import spt_targets, structured_params, units
 
+from ..core.toy_models import perturb
+
 C = 32  # embed_dim of the tiny ViT; fc1 is (128, 32), qkv (96, 32)
 HEAD = 4 * C + 4
 
@@ -47,7 +49,7 @@ def vit() -> nn.Module:
         num_heads=2,
         num_classes=4,
     )
-    return model.eval()
+    return perturb(model).eval()
 
 
 def batches(n: int = 2, size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -180,6 +182,72 @@ def test_sensitivity_accepts_a_callable_and_a_loss_fn():
     assert seen == [4, 4, 4] and list(scores) == ["norm.weight"]
     with pytest.raises(ValueError, match="loss_fn"):
         compute_sensitivity(model, [torch.randn(2, 3, 16, 16)], batches=1)
+
+
+def _official_sensitivity(model: nn.Module, data: list, batches: int) -> dict[str, torch.Tensor]:
+    """engine.get_sensitivity, transcribed: train mode, per batch zero_grad, backward, ``grad_dict += grad**2``."""
+    model.train()
+    grad = {n: 0.0 for n, _ in model.named_parameters()}
+    for idx, (samples, targets) in enumerate(data):
+        if idx >= batches:
+            break
+        model.zero_grad()
+        nn.functional.cross_entropy(model(samples), targets).backward()
+        for n, p in model.named_parameters():
+            grad[n] += p.grad.square().detach()
+    model.eval()
+    return grad
+
+
+def test_sensitivity_regroups_a_loader_into_the_official_batches():
+    """A loader of 2 x 8 regrouped into 4 x 4 gives the official scores of 4 batches of 4, which differ from the
+    2 x 8 sum by more than a scale (the ranking, and so the selection, changes)."""
+    data = batches(n=2, size=8, seed=3)
+    official = [(x[i : i + 4], y[i : i + 4]) for x, y in data for i in (0, 4)]
+    expected = _official_sensitivity(vit(), official, batches=4)
+    model = vit()
+    ours = compute_sensitivity(model, data, batches=4, batch_size=4)
+    for name in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.bias", "blocks.1.norm1.weight"):
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-5, atol=1e-9)
+    as_loaded = compute_sensitivity(model, data, batches=2)
+    k = select(ours, model, config(budget=3000)).top_entries
+    top = [set(torch.cat([v.flatten() for v in s.values()]).topk(k).indices.tolist()) for s in (ours, as_loaded)]
+    assert k > 100 and len(top[0] & top[1]) < k  # other entries selected, not only other scales
+    uneven = [(x[:5], y[:5]) for x, y in batches(n=3, size=8)]  # 15 samples -> 4, 4, 4, 3
+    from modalpeft.vision.methods.spt_select import rebatch
+
+    sizes = [len(y) for _, y in rebatch(uneven, 4)]
+    assert sizes == [4, 4, 4, 3]
+    torch.testing.assert_close(torch.cat([x for x, _ in rebatch(uneven, 4)]), torch.cat([x for x, _ in uneven]))
+    with pytest.raises(ValueError, match="batch_size=0"):
+        list(rebatch(uneven, 0))
+
+
+def test_lora_blocks_of_a_fused_qkv_share_one_dropout_mask():
+    """The official AttentionSPTParallel draws x_drop once and feeds it to structured_q, _k and _v."""
+    qkv = vit().blocks[0].attn.qkv
+    rows = [(0, C), (C, 2 * C), (2 * C, 3 * C)]
+    update = SPTUpdate(qkv, structured_rows=rows, dropout=0.5, init_weights=False).train()
+    x = torch.randn(2, 5, C)
+    torch.manual_seed(7)
+    ours = update.parallel(x)
+    torch.manual_seed(7)
+    x_drop = nn.functional.dropout(x, 0.5, training=True)
+    official = [x_drop @ (b.B @ b.A).t() for b in update.structured]  # delta = B A x_drop per slice
+    torch.testing.assert_close(ours, torch.cat(official, dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_down_bias_starts_as_pytorch_default():
+    """The official StructuredTuningModule keeps nn.Linear's default bias on the adapter's down projection."""
+    qkv = vit().blocks[0].attn.qkv
+    torch.manual_seed(0)
+    update = SPTUpdate(qkv, structured_rows=[(0, C)], structured="adapter", rank=8)
+    down, up = update.structured[0].down, update.structured[0].up
+    bound = 1 / C**0.5
+    assert down.bias.abs().max() <= bound and down.bias.abs().min() > 0 and down.bias.std() > bound / 4
+    assert up.weight.abs().sum() == 0 and up.bias.abs().sum() == 0  # still the identity at init
+    out = torch.randn(2, 5, 3 * C)
+    torch.testing.assert_close(update.eval().post(out), out)
 
 
 # -- selection ----------------------------------------------------------------------------------------------

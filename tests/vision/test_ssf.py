@@ -18,6 +18,8 @@ from modalpeft.core.inject import hosts
 from modalpeft.core.layers import ScaleShift
 from modalpeft.vision import SSFConfig
 
+from ..core.toy_models import perturb
+
 VIT_BLOCK = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]  # the official order in a block
 
 
@@ -32,7 +34,7 @@ def one_thread():
 def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         torch.manual_seed(0)
-        model = build().eval()
+        model = perturb(build()).eval()  # random biases and norm affines: a fold that drops one is seen
         with torch.no_grad():  # some heads start at zero (Mixer): give them weights so that logits differ
             for p in model.get_classifier().parameters():
                 nn.init.normal_(p, std=0.5)
@@ -214,13 +216,13 @@ def test_generic_placement_takes_only_foldable_layers() -> None:
     base = Mixed().eval()
     reference = copy.deepcopy(base)
     model = mp.adapt(base, SSFConfig(init_weights=False))
-    assert sorted(scale_shifts(model)) == ["conv", "fc", "norm"]
+    assert sorted(scale_shifts(model)) == ["bn", "conv", "fc", "norm"]
     x = torch.randn(2, 3, 8, 8)
     expected = model(x)
     merged = model.merge_and_unload()
     assert_close_relative(merged(x), expected)
     assert module_types(merged) == module_types(reference)
-    for target, match in [("std_conv", "overrides"), ("norm_act", "overrides"), ("no_bias", "bias"), ("bn", "type")]:
+    for target, match in [("std_conv", "overrides"), ("norm_act", "overrides"), ("no_bias", "bias")]:
         with pytest.raises(ValueError, match=match):
             mp.adapt(Mixed(), SSFConfig(target_modules=[target]))
 
@@ -242,3 +244,29 @@ def test_save_load_round_trip(name: str, tmp_path) -> None:
     assert loaded.peft_config["default"] == model.peft_config["default"]
     assert SSFConfig.from_dict(model.peft_config["default"].to_dict()).method == "ssf"
     assert mp.get_method("ssf").modality == "vision" and mp.get_method("ssf").mergeable
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_resnet_convs_without_bias_get_ssf_after_their_batchnorms(library: str) -> None:
+    """A ResNet's convolutions have no bias: SSF follows each BatchNorm (folded exactly into its affine), never
+    only the classifier; naming a bias-free conv says to target its BatchNorm."""
+    import torchvision
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        if library == "timm":
+            return timm.create_model("resnet18", num_classes=10).eval()
+        return torchvision.models.resnet18(num_classes=10).eval()
+
+    model = mp.adapt(build(), SSFConfig(init_weights=False), modules_to_save=["fc"])
+    norms = [n for n, m in build().named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert list(scale_shifts(model)) == norms
+    channels = sum(m.num_features for m in build().modules() if isinstance(m, nn.BatchNorm2d))
+    assert model.trainable_summary()["trainable"] == 2 * channels + (512 * 10 + 10)
+    x = torch.randn(2, 3, 32, 32)
+    adapted = model(x)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, ScaleShift) for m in merged.modules())
+    torch.testing.assert_close(merged(x), adapted, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="takes SSF after that BatchNorm"):
+        mp.adapt(build(), SSFConfig(target_modules=["conv1"]))

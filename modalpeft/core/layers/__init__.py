@@ -1,6 +1,7 @@
 """The shared adapter layer set: small modules that native methods compose (see ``core/layer.py``)."""
 
 from .bottleneck import Bottleneck
+from .bypass import Bypass
 from .experts import LowRankExperts
 from .kronecker import KroneckerDelta
 from .low_rank import LowRankDelta
@@ -12,6 +13,7 @@ from .sparse import SparseDelta
 
 __all__ = [
     "Bottleneck",
+    "Bypass",
     "KroneckerDelta",
     "LowRankDelta",
     "LowRankExperts",

@@ -19,8 +19,9 @@ class ScaleShift(AdapterModule):
     exactly into the base layer when that layer ends in a per-channel affine (see :meth:`can_fold`):
 
     - ``nn.Linear`` and ``nn.Conv{1,2,3}d``: ``W' = diag(γ) W`` (output channels scaled), ``b' = γ ⊙ b + β``;
-    - ``nn.LayerNorm`` (and subclasses such as timm's ``LayerNorm``/``LayerNorm2d``) and ``nn.GroupNorm`` with
-      an affine: ``w' = γ ⊙ w``, ``b' = γ ⊙ b + β``.
+    - ``nn.LayerNorm`` (and subclasses such as timm's ``LayerNorm``/``LayerNorm2d``), ``nn.GroupNorm`` and
+      ``nn.BatchNorm1d/2d/3d`` with an affine: ``w' = γ ⊙ w``, ``b' = γ ⊙ b + β`` (a batch norm ends in
+      ``w ⊙ x̂ + b`` in training and in eval mode alike, so the fold is exact in both).
 
     The base layer needs a bias to absorb ``β``; a bias-free layer cannot be merged.
 
@@ -127,12 +128,24 @@ class ScaleShift(AdapterModule):
         return weight, bias
 
 
+FOLDABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+)
+"""Module types whose output ends in a per-channel affine (when built with one, and with a bias)."""
+
+
 def _fold_problem(module: nn.Module) -> str | None:
     """Why a per-channel affine on ``module``'s output cannot be folded into it, or ``None`` if it can."""
-    if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm)):
+    if not isinstance(module, FOLDABLE_TYPES):
         return (
-            "only nn.Linear, nn.Conv1d/2d/3d, nn.LayerNorm (and its subclasses) and nn.GroupNorm end in a "
-            "per-channel affine; keep this adapter unmerged"
+            "only nn.Linear, nn.Conv1d/2d/3d, nn.LayerNorm (and its subclasses), nn.GroupNorm and nn.BatchNorm1d/2d/3d "
+            "end in a per-channel affine; keep this adapter unmerged"
         )
     if module.weight is None:
         return "it has no affine weight to absorb the scale γ; build it with an affine, or keep this adapter unmerged"

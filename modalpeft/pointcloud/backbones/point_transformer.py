@@ -25,7 +25,9 @@ Each block's MLP half is a :class:`MlpResidual` module (``x + drop_path(mlp(norm
 post-attention stream and add beside the MLP branch (PointGST) host it with a parallel branch.
 
 Differences from the official code: the FPS start point is the point farthest from the centroid (the official
-CUDA FPS starts at index 0), so groups do not depend on the order of the points; the encoder's parameter names
+CUDA FPS starts at index 0), so groups do not depend on the order of the points; the official kernel's rule of
+never picking a point within ``|p|² <= 1e-3`` of the origin is off by default (``fps_min_sq_norm=1e-3`` follows
+it; :mod:`modalpeft.pointcloud.ops`); the encoder's parameter names
 follow timm (``blocks.0.norm1`` instead of ``blocks.blocks.0.norm1``, ``head`` instead of ``cls_head_finetune``,
 ``blocks.0.mlp_residual.norm2`` for the second norm, ``class_token.token`` / ``class_token.pos`` for
 ``cls_token`` / ``cls_pos``, which stay readable under their old names); :func:`checkpoint_filter_fn` maps
@@ -54,12 +56,13 @@ class Group(nn.Module):
         - output: neighbourhoods ``(B, G, M, 3)``, centres ``(B, G, 3)``
     """
 
-    def __init__(self, num_group: int, group_size: int) -> None:
+    def __init__(self, num_group: int, group_size: int, fps_min_sq_norm: float | None = None) -> None:
         super().__init__()
         self.num_group, self.group_size = num_group, group_size
+        self.fps_min_sq_norm = fps_min_sq_norm
 
     def forward(self, xyz: Tensor) -> tuple[Tensor, Tensor]:
-        neighborhood, center, _ = group_points(xyz, self.num_group, self.group_size)
+        neighborhood, center, _ = group_points(xyz, self.num_group, self.group_size, self.fps_min_sq_norm)
         return neighborhood, center
 
     def extra_repr(self) -> str:
@@ -248,6 +251,8 @@ class PointTransformer(nn.Module):
         attn_drop_rate: attention dropout.
         drop_path_rate: the last block's drop-path rate (linear from 0).
         head_dropout: dropout in the classification head (0.5 in the official code).
+        fps_min_sq_norm: FPS never picks a centre with ``|p|² <=`` this after the first (the official pointnet2
+            kernel's 1e-3, ``ops.OFFICIAL_MIN_SQ_NORM``); ``None``: any point (see :mod:`modalpeft.pointcloud.ops`).
 
     Shapes:
         - input: ``(B, N, 3)`` xyz
@@ -271,6 +276,7 @@ class PointTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         head_dropout: float = 0.5,
+        fps_min_sq_norm: float | None = None,
     ) -> None:
         super().__init__()
         if num_group < 1 or group_size < 1:
@@ -284,7 +290,7 @@ class PointTransformer(nn.Module):
         self.head_dropout = head_dropout
         encoder_dim = embed_dim if encoder_dim is None else encoder_dim
 
-        self.group_divider = Group(num_group, group_size)
+        self.group_divider = Group(num_group, group_size, fps_min_sq_norm)
         self.encoder = PointEncoder(encoder_dim, group_size)
         self.reduce_dim = nn.Linear(encoder_dim, embed_dim) if encoder_dim != embed_dim else nn.Identity()
         self.class_token = ClassToken(embed_dim)

@@ -2,8 +2,9 @@
 
 A frozen point transformer (Point-MAE / Point-BERT) is tuned with two components plus bias tuning:
 
-**Point-prior prompts.** A memory bank ``M ∈ R^{N×C}`` holds the L2-normalised global feature (max over the tokens
-of the frozen encoder's output) of every training cloud: :func:`build_memory_bank` computes it, and it is stored
+**Point-prior prompts.** A memory bank ``M ∈ R^{N×C}`` holds the L2-normalised global feature of every training
+cloud (:func:`pooled_features`: the patch tokens alone through the frozen encoder, as the official pretrained
+Point-MAE encoder has no class token, then a max over them): :func:`build_memory_bank` computes it, and it is stored
 with the adapter (or read from a safetensors file, :func:`save_memory_bank`). For each input, parameter-free
 attention retrieves from it with the frozen encoder's feature ``f`` of the same input::
 
@@ -11,16 +12,19 @@ attention retrieves from it with the frozen encoder's feature ``f`` of the same 
     cache = [f, w M[i_k], M[i_1], ..., M[i_k]]              # (B, k + 2, C)
 
 Each of the first ``prompt_blocks`` blocks inserts ``p = k + 2`` prompts after the class token,
-``P_l' = drop(P_l) + cp_adapter_l(cache)`` (``cp_adapter``: residual bottleneck C→8→C, QuickGELU), and drops them
-after the block (VPT-deep style, without positions).
+``P_l' = drop(P_l) + cp_adapter_l(cache)`` (a dropout mask per sample; ``cp_adapter``: residual bottleneck C→8→C,
+QuickGELU, dropout), and drops them after the block (VPT-deep style, without positions).
 
-**Geometry-aware adapter**, in every block after the MLP: ``m = MLP(LN2(x))`` becomes ``m + 0.7 · adapter(m)``
-(bottleneck C→16→C, QuickGELU, dropout); then on the block output, ``A`` anchors are chosen among the ``G`` patch
-centres by FPS, each gathers the tokens of its ``K`` nearest centres, a tiny local self-attention *shared by all
-blocks* (LayerNorm, qkv C→3·6·3 without bias, 6 heads of 3, output 18→C) runs over each group
-(``z = z + Attn(LN(z))``), a max over the group, a per-block BatchNorm + GELU and ``+ 0.3 ·`` the anchor's own token
-give anchor features, which flow back to all ``G`` tokens by inverse squared-distance interpolation over all
-anchors (``x_tok += 0.3 · interp``); finally ``adapter1`` (residual bottleneck C→16→C, QuickGELU) acts on every token.
+**Geometry-aware adapter**, in every block: the attention branch has no drop-path (the backbone's is bypassed,
+:class:`~modalpeft.core.layers.Bypass`); after the MLP, ``m = drop_path(MLP(LN2(x)))`` becomes ``m + 0.7 · adapter(m)``
+(bottleneck C→16→C, QuickGELU, dropout; hosted on the MLP branch's drop-path); then on the block output, ``A`` anchors
+are chosen among the ``G`` patch centres by FPS, each gathers the tokens of its ``K`` nearest centres, a tiny local
+self-attention *shared by all blocks* (LayerNorm, qkv C→3·6·3 without bias, 6 heads of 3, output 18→C) runs over each
+group (``z = z + drop_path(Attn(LN(z)))``, the block's rate, per group), a max over the group, a per-block BatchNorm +
+GELU and ``+ 0.3 ·`` the anchor's own token give anchor features, which flow back to all ``G`` tokens by inverse
+squared-distance interpolation over all anchors (``x_tok += 0.3 · interp``); finally ``adapter1`` (residual bottleneck
+C→16→C, QuickGELU, dropout) acts on every token. The dropout of all three bottlenecks is ``dropout`` (the official
+``adapter_drop_path_rate`` 0.1).
 
 **Bias tuning** (as the official recipe): the biases of ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, ``norm1``, ``norm2`` in
 every block, the final LayerNorm, the class token and position train too (through
@@ -31,29 +35,41 @@ Trainable count (:func:`point_peft_parameters`): on Point-MAE (C=384, 12 blocks,
 6 · 39,592 + 6 · 29,216 + 28,800 + 768 + 768 + 267,535 = **710,719** (the README: "0.7M").
 
 Behaviour at init: not the identity (no init is: the prompts join the attention of the prompted blocks, and the
-geometry adapter's BatchNorm/GELU branch is non-zero). ``init_weights=True`` is the official init (xavier-uniform
-projections, N(0, 1e-6) biases, prompts truncated-normal std 0.02); ``"identity"`` starts every bottleneck at zero
-(core :class:`~modalpeft.core.layers.Bottleneck` init); ``False`` draws random values for tests.
+geometry adapter's BatchNorm/GELU branch is non-zero). ``init_weights=True`` is the official init: the bottlenecks
+xavier-uniform with N(0, 1e-6) biases (``AdapterSuper``), prompts truncated-normal std 0.02, the local attention
+and its LayerNorm PyTorch's defaults (the official ``attn1`` / ``norm3`` are never re-initialised); ``"identity"``
+starts every bottleneck at zero (core :class:`~modalpeft.core.layers.Bottleneck` init); ``False`` draws random
+values for tests.
 
 Differences from the official code (Ivan-Tang-3D/Point-PEFT @ d8bc13e1c39d,
-``MAE/models/Point_Mask_Rev_FT_scan_cp.py``):
+``MAE/models/Point_Mask_Rev_FT_scan_cp.py``; ``tests/pointcloud/test_point_peft_official.py`` pins every block,
+in training mode, against a transcription of the official ``Block.forward`` with aligned indices):
 
-- **the grouping bug**: in the prompted blocks the official code appends learnable prompt coordinates
-  (``prompt_cor``) to the points and re-groups, but computes neighbour indices for 128 centres while the gathered
-  tensor has 138 tokens per cloud, so every cloud after the first reads misaligned tokens. We implement the paper's
-  intent: the geometric grouping runs over the patch tokens and their centres only; prompts are left out of it
-  (so there is no ``prompt_cor``). The anchors, neighbours and interpolation weights depend only on the centres,
-  so they are computed once per forward and shared by all blocks;
+- **the grouping bug**, fixed: in the prompted blocks the official code appends ten learnable prompt coordinates
+  (``prompt_cor``) to the points and groups again (FPS from the first prompt coordinate, so other centres than the patch
+  tokens'), then gathers with indices built for 128 centres per cloud (``b·128 + j``) from a tensor of 138 rows per
+  cloud (10 prompts, then the 128 patch tokens of the *original* grouping). For every cloud, the first included, row
+  ``j`` is not the token of centre ``j`` (the first ten rows are prompts, the rest are shifted by ten and belong to
+  other centres), cloud ``b``'s indices fall ``10·b`` rows short of its own rows (for ``j < 10·b`` they read the
+  previous cloud's), and the interpolation weights come from the re-grouped centres while the tokens follow the original
+  ones. The neighbourhoods are therefore not the geometric ones the paper describes, in any cloud. We implement the
+  paper's intent: the grouping runs over the patch tokens and their centres only (so there is no ``prompt_cor``), as the
+  official unprompted blocks 6-11 do. Anchors, neighbours and interpolation weights depend only on the centres, so they
+  are computed once per forward and shared by all blocks;
 - the official code allocates prompts and ``cp_adapter`` in all 12 blocks and a gate ``ad_gate`` per block but uses
-  them only in the first six blocks and never uses the gate; we allocate only what is used. The official trainable
-  count is ours + 6 · (3,840 + 6,536) + 12 + 30 (``prompt_cor``) = 773,017 (the spec's "≈ 0.77M");
+  them only in the first six blocks and never uses the gate; we allocate only what is used (no effect on the
+  outputs). The official trainable count is ours + 6 · (3,840 + 6,536) + 12 + 30 (``prompt_cor``) = 773,017 (the
+  spec's "≈ 0.77M");
 - the retrieval query comes from this backbone with the adapter disabled (the pretrained weights: bias tuning and
   the other deltas off), in eval mode and without gradients, with the model's own grouping; the official code
-  keeps a separate frozen Point-MAE copy configured with 64 groups. The memory-bank builder is missing from the
-  official repository; ours stores L2-normalised features (the official loader's use suggests so);
-- the attention mask the official code computes (radius 1.28) is ignored by its attention, so there is none here;
-  the local-attention residual has no drop-path, and the block's drop-path acts on ``m + 0.7 · adapter(m)`` (the
-  official code drops ``m`` before the adapter sees it).
+  keeps a separate frozen Point-MAE copy configured with half as many groups (64 for 128). Measured on the demo
+  (pretrained Point-MAE, 300 test clouds against the 480 training clouds' bank), the top-8 retrieved entries
+  with 16 instead of the model's 32 groups overlap by 59% (the same top-1 for 43%). Including the class token
+  in the query and the bank, as modalpeft did before, kept 83% of the top-8 (80% of the top-1). The
+  memory-bank builder is missing from the official repository; ours stores L2-normalised features (the
+  official loader's use suggests so);
+- the attention mask the official code computes (radius 1.28) is ignored by its attention, so there is none here
+  (no effect on the outputs).
 """
 
 from __future__ import annotations
@@ -67,12 +83,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ...core.config import AdapterConfig, _help
 from ...core.inject import attach, hosts
 from ...core.layer import AdapterModule, InitMode
-from ...core.layers import Bottleneck, ParamDelta
+from ...core.layers import Bottleneck, Bypass, ParamDelta
 from ...core.registry import register_method
 from ..ops import farthest_point_sample, gather_points, knn
 from .pointgst import selected_blocks
@@ -171,13 +188,19 @@ def _points_of(batch: Any) -> Tensor:
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, points: Tensor) -> Tensor:
-    """The frozen encoder's global feature: the max over all tokens of ``forward_features`` (after the final norm).
+def pooled_features(model: nn.Module, points: Tensor) -> tuple[Tensor, Tensor]:
+    """The frozen encoder's global feature, as the official pretrained Point-MAE encoder gives it: the patch tokens
+    alone (that encoder has no class token) through the blocks and the final norm, then a max over them.
 
     Shapes:
-        - points: ``(B, N, 3)``; output: ``(B, C)``
+        - points: ``(B, N, 3)``; output: feature ``(B, C)``, centres ``(B, G, 3)``
     """
-    return model.forward_features(points).max(dim=1).values
+    x, pos, center = model.embed(points)
+    k = model.num_prefix_tokens
+    x, pos = x[:, k:], pos[:, k:]  # (B, G, C): no class token
+    for block in model.blocks:
+        x = block(x, pos)
+    return model.norm(x).max(dim=1).values, center
 
 
 @torch.no_grad()
@@ -203,7 +226,7 @@ def build_memory_bank(model: nn.Module, data: Iterable[Any], max_batches: int | 
         for i, batch in enumerate(data):
             if max_batches is not None and i >= max_batches:
                 break
-            feats.append(F.normalize(pooled_features(model, _points_of(batch).to(device)).float(), dim=-1))
+            feats.append(F.normalize(pooled_features(model, _points_of(batch).to(device))[0].float(), dim=-1))
     finally:
         for m, mode in modes:
             m.training = mode
@@ -256,7 +279,9 @@ def retrieve(feature: Tensor, bank: Tensor, top_k: int) -> Tensor:
 
 
 class LocalAttention(nn.Module):
-    """The tiny self-attention over each anchor's neighbourhood, shared by all blocks: ``z + Attn(LN(z))``.
+    """The tiny self-attention over each anchor's neighbourhood, shared by all blocks: the branch ``Attn(LN(z))``
+    of ``z + drop_path(Attn(LN(z)))`` (each block applies its own drop-path). PyTorch's default init, as the
+    official ``attn1`` / ``norm3`` (the fine-tuning model is built from the checkpoint without re-initialising them).
 
     Shapes:
         - input / output: ``(B', K, C)``
@@ -276,7 +301,7 @@ class LocalAttention(nn.Module):
         q, kk, v = qkv.unbind(0)  # (B', h, K, d)
         # the official scale is (h·d)^-0.5, not d^-0.5
         out = F.scaled_dot_product_attention(q, kk, v, scale=(self.heads * self.head_dim) ** -0.5)
-        return z + self.proj(out.transpose(1, 2).reshape(b, k, -1))
+        return self.proj(out.transpose(1, 2).reshape(b, k, -1))
 
 
 class _Shared:
@@ -328,12 +353,12 @@ class PointPEFTContext(AdapterModule):
 
     @torch.no_grad()
     def reset_adapter(self, init_weights: InitMode = True) -> None:
-        self.local_attn.norm.reset_parameters()
-        for layer in (self.local_attn.qkv, self.local_attn.proj):
-            nn.init.xavier_uniform_(layer.weight) if init_weights is not False else nn.init.normal_(
-                layer.weight, std=0.2
-            )
-        nn.init.normal_(self.local_attn.proj.bias, std=1e-6 if init_weights is not False else 0.1)
+        for layer in (self.local_attn.norm, self.local_attn.qkv, self.local_attn.proj):
+            layer.reset_parameters()  # the official attn1 / norm3 keep PyTorch's default
+        if init_weights is False:
+            nn.init.normal_(self.local_attn.qkv.weight, std=0.2)
+            nn.init.normal_(self.local_attn.proj.weight, std=0.2)
+            nn.init.normal_(self.local_attn.proj.bias, std=0.1)
 
     @torch.no_grad()
     def _frozen_pass(self, points: Tensor) -> tuple[Tensor, Tensor]:
@@ -345,10 +370,7 @@ class PointPEFTContext(AdapterModule):
             host.disabled = True
         try:
             model.eval()
-            x, pos, center = model.embed(points)
-            for block in model.blocks:
-                x = block(x, pos)
-            feature = model.norm(x).max(dim=1).values
+            feature, center = pooled_features(model, points)
         finally:
             for host in mine:
                 host.disabled = False
@@ -395,17 +417,24 @@ class PointPEFTBlock(AdapterModule):
     """
 
     def __init__(
-        self, dim: int, config: PointPEFTConfig, shared: _Shared, prompted: bool, init_weights: InitMode = True
+        self,
+        dim: int,
+        config: PointPEFTConfig,
+        shared: _Shared,
+        prompted: bool,
+        init_weights: InitMode = True,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.shared = shared
         self.prompted = prompted
         self.geo_scaling = config.geo_scaling
         self.num_tokens = config.top_k + 2
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # on the local attention
         if prompted:
             self.prompts = nn.Parameter(torch.zeros(self.num_tokens, dim))
             self.prompt_drop = nn.Dropout(config.prompt_dropout)
-            self.cp_adapter = Bottleneck(dim, config.cache_bottleneck_dim, act="quick_gelu")
+            self.cp_adapter = Bottleneck(dim, config.cache_bottleneck_dim, act="quick_gelu", dropout=config.dropout)
         self.out_norm = nn.BatchNorm1d(dim)
         self.adapter1 = Bottleneck(dim, config.bottleneck_dim, act="quick_gelu", dropout=config.dropout)
         self.reset_adapter(init_weights)
@@ -429,7 +458,8 @@ class PointPEFTBlock(AdapterModule):
         cache = self.shared.cache
         if cache is None or cache.shape[0] != x.shape[0]:
             raise RuntimeError("point_peft: no cache prompts for this batch; is the context on group_divider off?")
-        prompts = self.prompt_drop(self.prompts.to(x.dtype)).unsqueeze(0) + self.cp_adapter.post(cache)  # (B, p, C)
+        prompts = self.prompts.to(x.dtype).expand(x.shape[0], -1, -1)  # (B, p, C): a dropout mask per sample
+        prompts = self.prompt_drop(prompts) + self.cp_adapter.post(cache)
         return torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
 
     def post(self, out: Tensor) -> Tensor:
@@ -439,7 +469,8 @@ class PointPEFTBlock(AdapterModule):
         b, _, c = tokens.shape
         a, k = shared.neighbor_idx.shape[1:]
         groups = gather_points(tokens, shared.neighbor_idx).reshape(b * a, k, c)  # (B·A, K, C)
-        pooled = shared.local_attn(groups).max(dim=1).values.reshape(b, a, c)  # (B, A, C)
+        groups = groups + self.drop_path(shared.local_attn(groups))  # drop-path per group, as the official
+        pooled = groups.max(dim=1).values.reshape(b, a, c)  # (B, A, C)
         pooled = F.gelu(self.out_norm(pooled.transpose(1, 2)).transpose(1, 2))  # BatchNorm over C
         pooled = pooled + self.geo_scaling * gather_points(tokens, shared.anchor_idx)
         tokens = tokens + self.geo_scaling * (shared.interp @ pooled)  # (B, G, A) @ (B, A, C)
@@ -497,13 +528,24 @@ def apply_point_peft(
     shared = _Shared()
     attach(model, "group_divider", adapter_name, PointPEFTContext(model, adapter_name, bank, config, shared))
     for i, name in enumerate(targets):
-        block = PointPEFTBlock(dim, config, shared, i < config.prompt_blocks, config.init_weights)
+        base_block = model.get_submodule(name)
+        drop_path = float(getattr(base_block.drop_path, "drop_prob", 0.0))
+        block = PointPEFTBlock(dim, config, shared, i < config.prompt_blocks, config.init_weights, drop_path)
         attach(model, name, adapter_name, block)
+        attach(model, f"{name}.drop_path", adapter_name, Bypass())  # no drop-path on the attention branch
+        ref = base_block.mlp_residual.mlp.fc1.weight
         mlp_adapter = Bottleneck(
-            dim, config.bottleneck_dim, act="quick_gelu", dropout=config.dropout, scaling=config.adapter_scaling
+            dim,
+            config.bottleneck_dim,
+            act="quick_gelu",
+            dropout=config.dropout,
+            scaling=config.adapter_scaling,
+            device=ref.device,
+            dtype=ref.dtype,
         )
         _official_init(mlp_adapter, config.init_weights)
-        attach(model, f"{name}.mlp_residual.mlp", adapter_name, mlp_adapter)
+        # on the MLP branch's drop-path: m' = drop_path(m), then m' + 0.7·adapter(m'), as the official block
+        attach(model, f"{name}.mlp_residual.drop_path", adapter_name, mlp_adapter)
         if config.bias_tuning:
             for sub in _BIASES:
                 delta = ParamDelta(model.get_submodule(f"{name}.{sub}"), ("bias",), init_weights=config.init_weights)
@@ -522,7 +564,7 @@ def point_peft_parameters(
 ) -> int:
     """The trainable count of Point-PEFT on a backbone of width ``dim`` and ``depth`` adapted blocks.
 
-    Per block: two C→m→C adapters ``2(2Cm + m + C)``, BatchNorm ``2C``, biases ``C + 4C + C + 2C + 2C`` (proj, fc1,
+    Per block: two C→m→C adapters ``2(2Cm + m + C)``, BatchNorm ``2C``, biases ``C + 4C + C + C + C`` (proj, fc1,
     fc2, norm1, norm2, for ``mlp_ratio=4``); per prompted block also ``p·C`` prompts and a C→m'→C ``cp_adapter``.
     Shared: the local attention ``2C + 3hdC + hdC + C``; the final LayerNorm ``2C``; the class token/position ``2C``.
     """

@@ -3,11 +3,11 @@
 A frozen point transformer is tuned by a *Point Cloud Spectral Adapter* (PCSA) in every block, which adapts the
 patch tokens in the graph-spectral domain of the patch centres. Once per forward, from the ``G`` patch centres:
 
-- **global basis**: the dense graph ``A_ij = 1 / (D_ij / d_min + δ_ij)`` (``D`` the centre distances, ``d_min`` the
-  smallest positive distance in the batch), its normalised Laplacian ``L = I − D^{-1/2} A D^{-1/2}`` and all its
-  eigenvectors ``U`` (``torch.linalg.eigh``, batched);
-- **local bases**: the centres sorted by a z-order key, cut into ``G / local_size`` chunks of ``local_size``; the
-  same Laplacian and eigenvectors ``U_k`` per chunk.
+- **global basis**: the dense graph ``A_ij = 1 / (D_ij / d_min + δ_ij)`` (``D`` the exact centre distances, ``d_min``
+  the smallest distance between two distinct centres in the batch; self-loops ``A_ii = 1``), its normalised
+  Laplacian ``L = I − D^{-1/2} A D^{-1/2}`` and all its eigenvectors ``U`` (``torch.linalg.eigh``, batched);
+- **local bases**: the centres sorted by a z-order key (PointGST's, by default), cut into ``G / local_size``
+  chunks of ``local_size``; the same Laplacian and eigenvectors ``U_k`` per chunk.
 
 These bases are computed once per forward by a :class:`GraphBasis` on the backbone's ``pos_embed`` (which receives
 the centres) and shared by every block's adapter. Each :class:`PCSA` (rank ``r``) reads the post-attention stream
@@ -29,9 +29,29 @@ Differences from the official code (jerryfeng2003/PointGST @ 7fbe92fe65c2):
 
 - as the official code (and its comment "for reproducing our results") we transform with ``U x`` and invert with
   ``Uᵀ``; the textbook graph Fourier transform would be ``Uᵀ x``. The pair is an exact inverse either way;
-- the z-order key shifts each cloud's integer coordinates to be non-negative before interleaving the bits; the
-  official key reads the bits of negative integers in two's complement, which puts negative coordinates after
-  positive ones. Chunks are therefore spatially compact here;
+- **the graph** is the intended math, not the official numbers. The official ``get_basis`` takes ``torch.cdist``,
+  whose default mode computes ``|a|² + |b|² − 2ab`` by a matrix multiply once a set has more than 25 points
+  (every Point-MAE graph: 64 or 128 centres, and the 32-centre chunks). Its diagonal is then rounding noise
+  where 0 is meant, and ``d_min = min(D[D > 0])``, taken over the whole batch, comes from that noise as soon as
+  one diagonal entry is positive. The off-diagonal weights ``d_min / D_ij`` collapse (1e-4 and less) and the
+  self-loops become ``1 / (D_ii / d_min + 1)``, anywhere between 1 and a small fraction, set by the noise: the
+  official Laplacian is nearly diagonal and its eigenvectors follow the rounding (which depends on the matmul's
+  device and library), not the geometry, so an official checkpoint's outputs are not reproduced exactly. Here
+  distances are exact (``compute_mode="donot_use_mm_for_euclid_dist"``), ``d_min`` runs over distinct centres
+  and self-loops are 1. Measured on the demo (its pretrained Point-MAE, 32 centres, chunks of 16, which cdist
+  computes exactly; PointGST trained 150 steps; 300 test clouds): the global graph's cdist diagonal was
+  non-zero for 10% of the centres (up to 3.5e-4), the official ``d_min`` 8.6e-5 against a true 0.22, its
+  self-loops down to 0.20; swapping the official graph in moves the logits by up to 0.19 (mean 0.018; accuracy
+  89.0% against 88.7%), and the graph modalpeft had before (noisy ``d_min``, self-loops 1) by up to 0.12.
+  ``tests/pointcloud/test_pointgst.py`` pins both graphs;
+- **the z-order** is the official one by default (``z_order="official"``): the key reads negative integer
+  coordinates in two's complement, which puts them after the positive ones on each axis, so a chunk can join
+  centres from opposite sides of the origin. An official checkpoint needs this order to reproduce its outputs
+  (on the same demo run, ``"shifted"`` kept none of the 32 chunks of 16 test clouds and moved the logits by up
+  to 0.16, mean 0.022).
+  ``z_order="shifted"`` (modalpeft's earlier order; adapters saved before the field existed load with it, with
+  a warning) shifts each cloud's integers to be non-negative first, so chunks follow space across the
+  origin;
 - ``min_distance="sample"`` (not the default) takes ``d_min`` per cloud, so that a cloud's output does not depend
   on the other clouds of its batch (each local chunk then uses its own minimum); the default ``"batch"`` is the
   official batch-wide minimum;
@@ -44,6 +64,7 @@ Differences from the official code (jerryfeng2003/PointGST @ 7fbe92fe65c2):
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -57,7 +78,7 @@ from ...core.inject import attach, find_targets
 from ...core.layer import AdapterModule, InitMode
 from ...core.layers import ParamDelta
 from ...core.registry import register_method
-from ..ops import gather_points, z_order_key
+from ..ops import ZOrder, gather_points, z_order_key
 
 _INTERFACE = (
     "PointGST needs modalpeft's point transformer interface: `blocks` (each with an `mlp_residual` module), "
@@ -83,6 +104,14 @@ class PointGSTConfig(AdapterConfig):
             "'sample' (per cloud, so outputs do not depend on the rest of the batch)."
         ),
     )
+    z_order: ZOrder = field(
+        default="official",
+        metadata=_help(
+            "The key that orders the centres into local chunks: 'official' (PointGST's: negative coordinates in "
+            "two's complement; needed to reproduce official checkpoints) or 'shifted' (coordinates shifted to be "
+            "non-negative per cloud, so chunks follow space across the origin; adapters saved without this field)."
+        ),
+    )
     tune_class_token: bool = field(
         default=True, metadata=_help("Train the class token and its position (the official recipe does).")
     )
@@ -97,26 +126,47 @@ class PointGSTConfig(AdapterConfig):
             raise ValueError(f"scaling={self.scaling!r} must be a number (1.0 in the paper).")
         if self.min_distance not in ("batch", "sample"):
             raise ValueError(f"min_distance={self.min_distance!r} is not valid; choose 'batch' or 'sample'.")
+        if self.z_order not in ("official", "shifted"):
+            raise ValueError(f"z_order={self.z_order!r} is not valid; choose 'official' or 'shifted'.")
         if not isinstance(self.tune_class_token, bool):
             raise ValueError(f"tune_class_token={self.tune_class_token!r} must be True or False.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PointGSTConfig:
+        """As :meth:`AdapterConfig.from_dict`; a file without ``z_order`` was saved before the field existed, with
+        the shifted key, so it loads with ``z_order="shifted"`` (the order it was trained with) and a warning."""
+        if "z_order" not in data:
+            warnings.warn(
+                "this PointGST adapter_config.json has no 'z_order': it was saved by a modalpeft that ordered the "
+                "local chunks with the shifted key, so it loads with z_order='shifted'. Its graph now uses exact "
+                "distances (d_min over distinct centres, self-loops 1), which moves its outputs slightly; retrain "
+                "or save it again to record the field.",
+                stacklevel=2,
+            )
+            data = {**data, "z_order": "shifted"}
+        return super().from_dict(data)
 
 
 def laplacian_eigenvectors(center: Tensor, per_sample: bool = False) -> Tensor:
     """Eigenvectors (columns, ascending eigenvalues) of the dense graph's symmetric normalised Laplacian.
 
-    ``A_ij = 1 / (D_ij / d_min + δ_ij)`` with ``d_min`` the smallest positive distance in the batch (or in each
-    graph with ``per_sample=True``), ``L = I − D^{-1/2} A D^{-1/2}`` with ``D = diag(Σ_j A_ij)``.
+    ``A_ij = 1 / (D_ij / d_min + δ_ij)`` with ``D`` the exact distances, ``d_min`` the smallest distance between
+    two distinct centres in the batch (or in each graph with ``per_sample=True``), so that self-loops are 1;
+    ``L = I − D^{-1/2} A D^{-1/2}`` with ``D = diag(Σ_j A_ij)``. Coinciding centres get a finite weight (their
+    distance counts as ``1e-6 · d_min``).
 
     Shapes:
         - center: ``(B, n, 3)``
         - output: ``(B, n, n)``
     """
     center = center.detach().float()
-    dist = torch.cdist(center, center)  # (B, n, n)
-    positive = torch.where(dist > 0, dist, torch.full_like(dist, float("inf")))
+    # exact differences: cdist's default matrix-multiply path (> 25 points) leaves rounding noise on the diagonal
+    dist = torch.cdist(center, center, compute_mode="donot_use_mm_for_euclid_dist")  # (B, n, n)
+    eye = torch.eye(dist.shape[-1], device=dist.device, dtype=dist.dtype)
+    distinct = (dist > 0) & (eye == 0)
+    positive = torch.where(distinct, dist, torch.full_like(dist, float("inf")))
     d_min = positive.flatten(1).min(dim=1).values.view(-1, 1, 1) if per_sample else positive.min()  # (B, 1, 1) or ()
     d_min = torch.where(torch.isfinite(d_min), d_min, torch.ones_like(d_min))  # all centres coincide
-    eye = torch.eye(dist.shape[-1], device=dist.device, dtype=dist.dtype)
     adjacency = 1.0 / ((dist / d_min).clamp_min(1e-6) * (1 - eye) + eye)
     inv_sqrt = (adjacency.sum(-1) + 1e-6).rsqrt()  # (B, n)
     lap = eye - inv_sqrt.unsqueeze(-1) * adjacency * inv_sqrt.unsqueeze(-2)
@@ -151,11 +201,18 @@ class GraphBasis(AdapterModule):
         - input of the host: centres ``(B, G, 3)`` (unchanged)
     """
 
-    def __init__(self, bases: SpectralBases, local_size: int, min_distance: Literal["batch", "sample"]) -> None:
+    def __init__(
+        self,
+        bases: SpectralBases,
+        local_size: int,
+        min_distance: Literal["batch", "sample"],
+        z_order: ZOrder = "official",
+    ) -> None:
         super().__init__()
         self.bases = bases
         self.local_size = local_size
         self.min_distance = min_distance
+        self.z_order = z_order
 
     def reset_adapter(self, init_weights: InitMode = True) -> None:
         """Nothing to initialise."""
@@ -169,7 +226,7 @@ class GraphBasis(AdapterModule):
             )
         per_sample = self.min_distance == "sample"
         with torch.no_grad():
-            order = z_order_key(center).argsort(dim=1)  # (B, G)
+            order = z_order_key(center, mode=self.z_order).argsort(dim=1, stable=True)  # (B, G)
             chunks = gather_points(center, order).reshape(b * (g // self.local_size), self.local_size, 3)
             local = laplacian_eigenvectors(chunks, per_sample=per_sample)  # "sample": d_min per chunk
             bases = self.bases
@@ -283,7 +340,7 @@ def apply_pointgst(
     targets = selected_blocks(model, config, "pointgst")
     dim = model.embed_dim
     bases = SpectralBases()
-    attach(model, "pos_embed", adapter_name, GraphBasis(bases, config.local_size, config.min_distance))
+    attach(model, "pos_embed", adapter_name, GraphBasis(bases, config.local_size, config.min_distance, config.z_order))
     for name in targets:
         pcsa = PCSA(dim, config.rank, bases, config.scaling, init_weights=config.init_weights)
         attach(model, f"{name}.mlp_residual", adapter_name, pcsa)

@@ -36,7 +36,16 @@ Choices made here, and where they differ from the official code (ziplab/SPT):
 - Vectors, whole or partial, are one form: trainable values at fixed indices (``vectors.<param>``). The core
   ``ParamDelta`` covers whole parameters only, and a whole q bias is a slice of the fused qkv bias.
 - Structured modules take ``dropout`` on their input and ``drop_path`` on their output, as the official
-  ``DropPath(0.1)(f(Dropout(0.1)(x)))``, on every Linear (the official code leaves dropout off ``proj``).
+  ``DropPath(0.1)(f(Dropout(0.1)(x)))``, on every Linear (the official code leaves dropout off ``proj``). The
+  LoRA blocks of a fused qkv share one dropout mask on their common input, as the official ``x_drop``; each
+  block has its own drop-path mask, as each official ``StructuredTuningModule`` has its own ``DropPath``.
+- The adapter's ``down`` starts as the official ``nn.Linear`` default (kaiming-uniform weight, bias uniform in
+  ``±1/√d_in``), its ``up`` at zero, so the model still starts as the backbone.
+- The sensitivity sums squared gradients per batch, so the grouping changes the ranking, not only the scale:
+  ``sensitivity_batch_size`` regroups the training loader's samples into the official batches of 32 (the recipe:
+  16 x 32 from a loader of 64). Measured on the test ViT (64 random images, 8 x 8 against 16 x 4, 3 seeds), the
+  two groupings share 84-94% of the selected top entries. The official loader reads the first 512 training
+  images in dataset order (``SequentialSampler``); the Lightning task passes the training loader, shuffled.
   ``structured="lora"``: a parallel low-rank delta with no ``alpha / r`` scaling. ``structured="adapter"``: a
   sequential GELU adapter on the output (slice) of every Linear; the official code places the ``proj`` adapter
   in parallel on its input instead (same shape and count, as ``proj`` is square).
@@ -52,6 +61,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -92,6 +102,11 @@ def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+
 @dataclass
 class SPTConfig(AdapterConfig):
     """SPT. Needs ``sensitivity_data`` (training batches) when adapting; loading a saved adapter does not."""
@@ -111,6 +126,13 @@ class SPTConfig(AdapterConfig):
         default=5.0, metadata=_help("A vector is tuned whole when its selected entries reach length / beta.")
     )
     batches: int = field(default=16, metadata=_help("Training batches the sensitivity is summed over."))
+    sensitivity_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "Regroup the sensitivity data into batches of this many samples (the official 32, whatever the training "
+            "batch size); None: the loader's own batches."
+        ),
+    )
     dropout: float = field(default=0.1, metadata=_help("Dropout on the structured modules' input."))
     drop_path: float = field(default=0.1, metadata=_help("Drop-path (per sample) on the structured modules' output."))
     split_qkv: bool = field(
@@ -145,10 +167,10 @@ class SPTConfig(AdapterConfig):
             )
         if self.structured not in ("lora", "adapter"):
             raise ValueError(f"structured={self.structured!r} is not valid; choose 'lora' or 'adapter'.")
+        if self.sensitivity_batch_size is not None:
+            _positive("sensitivity_batch_size", self.sensitivity_batch_size)
         for name in ("rank", "batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer.")
+            _positive(name, getattr(self, name))
         for name in ("alpha", "beta"):
             value = getattr(self, name)
             if not _number(value) or value < 1:
@@ -272,6 +294,9 @@ class SPTUpdate(AdapterModule):
     def reset_adapter(self, init_weights: InitMode = True) -> None:
         for block in self.structured if self.rows else []:
             block.reset_adapter(init_weights)
+            if isinstance(block, Bottleneck) and init_weights is True:  # the official down bias: PyTorch's default
+                bound = 1 / math.sqrt(block.down.in_features)
+                nn.init.uniform_(block.down.bias, -bound, bound)
         if self.sparse is not None:
             self.sparse.reset_adapter(init_weights)
         for entries in self.vectors.values():
@@ -286,7 +311,8 @@ class SPTUpdate(AdapterModule):
     def parallel(self, x: Tensor) -> Tensor:
         out = self.sparse.parallel(x) if self.sparse is not None else None
         if self.rows and self.kind == "lora":
-            blocks = [self.drop_path(b.parallel(self.drop(x))) for b in self.structured]
+            dropped = self.drop(x)  # one mask shared by the q, k, v blocks, as the official x_drop
+            blocks = [self.drop_path(b.parallel(dropped)) for b in self.structured]
             low_rank = _place(self.rows, blocks, self.out_features, dim=-1)
             out = low_rank if out is None else out + low_rank
         return out
@@ -347,7 +373,14 @@ def apply_spt(
         )
     else:
         names = [f"{n}.{p}" for n, m in targets for p, _ in m.named_parameters(recurse=False)]
-        sensitivity = compute_sensitivity(model, config.sensitivity_data, config.batches, config.loss_fn, names=names)
+        sensitivity = compute_sensitivity(
+            model,
+            config.sensitivity_data,
+            config.batches,
+            config.loss_fn,
+            names=names,
+            batch_size=config.sensitivity_batch_size,
+        )
         selection = select(sensitivity, model, config)
     if selection.num_params == 0:
         raise ValueError(

@@ -11,13 +11,14 @@ See :mod:`modalpeft.vision.methods.spt` for the method as a whole and the choice
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ...core.inject import base_modules, find_targets
 
@@ -129,6 +130,7 @@ def compute_sensitivity(
     batches: int = 16,
     loss_fn: LossFn | None = None,
     names: Iterable[str] | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Tensor]:
     """SPT's sensitivity: ``s = Σ_batches (∂L/∂w)²`` for every entry of the named parameters.
 
@@ -143,6 +145,10 @@ def compute_sensitivity(
         batches: how many batches to use (fewer if ``data`` runs out).
         loss_fn: ``loss_fn(model, batch) -> loss``; default :func:`cross_entropy_loss` on ``(inputs, labels)``.
         names: clean parameter names to score (``blocks.0.attn.qkv.weight``); default every parameter.
+        batch_size: regroup the samples of ``data`` into batches of this many (the last may be smaller), so that
+            the sum runs over the official grouping whatever the training loader's batch size (:func:`rebatch`);
+            ``None``: ``data``'s own batches. The grouping matters: ``Σ_batches (mean gradient)²`` over 8 batches
+            of 64 is no rescaling of the sum over 16 batches of 32, and it selects other entries.
 
     Returns:
         ``{name: scores}``, float32 tensors shaped like the parameters.
@@ -156,6 +162,8 @@ def compute_sensitivity(
             f"sensitivity data must be a DataLoader, an iterable of batches or a callable returning one, got "
             f"{type(data).__name__}."
         )
+    if batch_size is not None:
+        data = rebatch(data, batch_size)
     loss_fn = loss_fn or cross_entropy_loss
     every = {
         f"{m}.{p}" if m else p: t for m, mod in base_modules(model) for p, t in mod.named_parameters(recurse=False)
@@ -195,6 +203,34 @@ def compute_sensitivity(
         raise ValueError("the sensitivity data gave no batch; pass the training DataLoader (a non-empty one).")
     _share_from_first_process(scores)
     return scores
+
+
+def rebatch(data: Iterable, batch_size: int) -> Iterator[Any]:
+    """The samples of ``data`` regrouped into batches of ``batch_size`` (the last may be smaller), in order.
+
+    A batch is any nesting of tuples, lists and dicts of tensors that share their first (sample) dim, such as
+    ``(inputs, labels)``; the batches of ``data`` are concatenated and split along it.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer (SPT's sensitivity: 32).")
+    spec, pending, held = None, [], 0
+    for batch in data:
+        leaves, batch_spec = tree_flatten(batch)
+        if not leaves or not all(isinstance(t, Tensor) for t in leaves):
+            raise TypeError(
+                f"cannot regroup a batch of {type(batch).__name__} into batches of {batch_size}: it must hold only "
+                "tensors (e.g. (inputs, labels)); give batches of the size you want and batch_size=None."
+            )
+        spec = batch_spec
+        pending.append(leaves)
+        held += leaves[0].shape[0]
+        while held >= batch_size:
+            joined = [torch.cat(parts) for parts in zip(*pending, strict=True)]
+            yield tree_unflatten([t[:batch_size] for t in joined], spec)
+            held -= batch_size
+            pending = [[t[batch_size:] for t in joined]] if held else []
+    if held:
+        yield tree_unflatten([torch.cat(parts) for parts in zip(*pending, strict=True)], spec)
 
 
 def _share_from_first_process(scores: dict[str, Tensor]) -> None:

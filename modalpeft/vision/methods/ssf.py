@@ -8,9 +8,12 @@ and its bias, or a norm's affine), which gives back a model with the base's own 
 count. Trainable count: ``2 · Σ d_out`` over the adapted layers.
 
 Placement (``target_modules=None``): after every layer that ends in a per-channel affine SSF can fold into:
-``nn.Linear`` and ``nn.Conv1d/2d/3d`` with a bias, ``nn.LayerNorm`` (one normalised axis) and ``nn.GroupNorm``
-with an affine and a bias, including timm's plain variants (``timm.layers.LayerNorm``, ``LayerNorm2d``,
-``GroupNorm``, ``Conv2dSame``, ...). Left out:
+``nn.Linear`` and ``nn.Conv1d/2d/3d`` with a bias, ``nn.LayerNorm`` (one normalised axis), ``nn.GroupNorm`` and
+``nn.BatchNorm1d/2d/3d`` with an affine and a bias, including timm's plain variants (``timm.layers.LayerNorm``,
+``LayerNorm2d``, ``GroupNorm``, ``Conv2dSame``, ...). On a CNN whose convolutions have no bias (ResNets), the
+scale-shift therefore follows each convolution's BatchNorm, the affine the convolution feeds: ``γ ⊙ BN(conv(x)) +
+β`` folds exactly into the BatchNorm's weight and bias (the paper places SSF after the operations of ViTs and
+MLP-Mixers; this is the same rule on a CNN). Left out:
 
 - the ``modules_to_save`` and the model's classifier (``model.get_classifier()``, timm's interface): the
   official code puts no SSF on the head, which trains whole;
@@ -43,9 +46,10 @@ from torch import Tensor, nn
 from ...core.config import AdapterConfig
 from ...core.inject import attach, find_targets
 from ...core.layers import ScaleShift
+from ...core.layers.scale_shift import FOLDABLE_TYPES
 from ...core.registry import register_method
 
-_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm)
+_TYPES = FOLDABLE_TYPES
 _CHANNELS_FIRST_NORMS = (LayerNorm2d, LayerNorm2dFp32, LayerNormExp2d)
 # Subclasses that override ``forward`` yet still end in their plain per-channel affine.
 _PLAIN_SUBCLASSES = (TimmLinear, Conv2dSame, Conv2dSameExport, LayerNorm, LayerNormFp32, GroupNorm, GroupNorm1)
@@ -53,7 +57,8 @@ _PLAIN_SUBCLASSES = (TimmLinear, Conv2dSame, Conv2dSameExport, LayerNorm, LayerN
 
 @dataclass
 class SSFConfig(AdapterConfig):
-    """SSF. ``target_modules=None`` follows every foldable Linear, Conv, LayerNorm and GroupNorm but the head.
+    """SSF. ``target_modules=None`` follows every foldable Linear, Conv, LayerNorm, GroupNorm and BatchNorm but the
+    head.
 
     ``init_weights``: ``True`` the official ``γ ~ N(1, 0.02²)``, ``β ~ N(0, 0.02²)``; ``"identity"``
     ``γ = 1``, ``β = 0``; ``False`` random ``N(1, 0.1²)``, ``N(0, 0.1²)`` (for tests).
@@ -71,20 +76,29 @@ def _plain(module: nn.Module) -> bool:
 def placement(module: nn.Module) -> tuple[int, int] | str:
     """``(dim, channel_dim)`` of the :class:`ScaleShift` that follows ``module``, or why SSF cannot go there.
 
-    ``channel_dim`` is ``-1`` for Linear and LayerNorm outputs ``(*, C)``, ``1`` for Conv, GroupNorm and
-    channel-first LayerNorm (timm's ``LayerNorm2d``) outputs ``(B, C, *)``.
+    ``channel_dim`` is ``-1`` for Linear and LayerNorm outputs ``(*, C)``, ``1`` for Conv, GroupNorm, BatchNorm
+    and channel-first LayerNorm (timm's ``LayerNorm2d``) outputs ``(B, C, *)``.
     """
     if not isinstance(module, _TYPES):
-        return f"{type(module).__name__} is not an nn.Linear, nn.Conv1d/2d/3d, nn.LayerNorm or nn.GroupNorm"
+        return (
+            f"{type(module).__name__} is not an nn.Linear, nn.Conv1d/2d/3d, nn.LayerNorm, nn.GroupNorm or "
+            "nn.BatchNorm1d/2d/3d"
+        )
     if not _plain(module):
         return (
             f"{type(module).__name__} overrides its base class's forward (weight standardisation, a fused "
             "activation, ...), so a scale-shift after it could not be folded into its weights exactly"
         )
     if not ScaleShift.can_fold(module):
+        conv = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.bias is None
         return (
             "it has no per-channel affine with a bias to fold the scale and shift into (bias=False, no affine, or a "
             "LayerNorm over several axes)"
+            + (
+                "; a bias-free convolution followed by a BatchNorm takes SSF after that BatchNorm: target it"
+                if conv
+                else ""
+            )
         )
     if isinstance(module, nn.Linear):
         return module.out_features, -1
@@ -92,6 +106,8 @@ def placement(module: nn.Module) -> tuple[int, int] | str:
         return module.normalized_shape[0], 1 if isinstance(module, _CHANNELS_FIRST_NORMS) else -1
     if isinstance(module, nn.GroupNorm):
         return module.num_channels, 1
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features, 1
     return module.out_channels, 1
 
 

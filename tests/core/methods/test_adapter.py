@@ -14,6 +14,8 @@ from modalpeft.core.inject import hosts
 from modalpeft.core.layers import Bottleneck
 from modalpeft.core.methods.adapter import apply_adapter
 
+from ..toy_models import perturb
+
 D = 192  # vit_tiny's width
 
 
@@ -22,13 +24,13 @@ def vit() -> nn.Module:
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=3
     )
-    return model.eval()
+    return perturb(model).eval()
 
 
 def encoder(batch_first: bool = True) -> nn.Module:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=batch_first)
-    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    return perturb(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
 
 
 def images() -> torch.Tensor:

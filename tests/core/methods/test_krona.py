@@ -15,6 +15,8 @@ from modalpeft.core.layers import KroneckerDelta
 from modalpeft.core.layers.kronecker import most_square_factor
 from modalpeft.core.methods.krona import apply_krona
 
+from ..toy_models import perturb
+
 VIT_LINEARS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 
@@ -23,13 +25,13 @@ def vit() -> nn.Module:
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=3
     )
-    return model.eval()
+    return perturb(model).eval()
 
 
 def encoder() -> nn.Module:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
-    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    return perturb(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
 
 
 def images() -> torch.Tensor:

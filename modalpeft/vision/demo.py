@@ -12,15 +12,17 @@
    ``val200`` after training on ``train800`` (VTAB's protocol); the defaults in :data:`LRS` were picked that way
    on digits.
 4. *Seeds.* Every contender runs with ``seeds`` seeds (head init and batch order; ``make demo`` runs one, the
-   committed ``docs/results/vision.md`` three: ``modalpeft demo --modality vision --seeds 3``); the table gives
+   committed ``docs/results/vision.md`` three: ``modalpeft demo --modality vision --seeds 3 --results-dir
+   docs/results``); the table gives
    the mean test accuracy per task, the mean over tasks, and its spread over seeds.
-5. *Lifecycle checks* on the seed-0 model of every task: ``save_adapter``; ``mp.load_adapter`` into a fresh
+5. *Lifecycle checks* on the seed-0 model of every task: ``save_adapter`` (``save_baseline`` for the linear
+   probe and full fine-tuning); ``load_adapter`` into a fresh
    backbone whose head starts elsewhere; ``merge_and_unload`` for mergeable methods. Reloaded and merged
    models must predict what the trained one predicts (logits within float32 rounding), and a merged model
    must hold no modalpeft or peft module.
 
-The table goes to the console, ``results.json`` and ``vision.md`` (with an accuracy-vs-parameters plot) in
-``results_dir``.
+The table goes to the console, and ``results.json`` and ``vision.md`` (with an accuracy-vs-parameters plot) to the
+run folder ``out``; ``vision.md`` and the plot also to ``results_dir`` when given (the committed pages).
 """
 
 from __future__ import annotations
@@ -35,25 +37,24 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from safetensors.torch import load_file
 from torch import nn
 
-import modalpeft as mp
-from modalpeft.core.state import atomic_write
-from modalpeft.vision.backbones import FMNIST_VIT_FILE, FMNIST_VIT_SHA256, fmnist_vit
-from modalpeft.vision.minivtab import TASKS, MiniVTabTask, load_minivtab
-
-from .common import (
+from ..core.api import adapt, load_adapter, save_baseline
+from ..core.compare import delta, logits_of, same_outputs
+from ..core.model import parameter_counts
+from ..core.registry import create_config, get_method
+from ..core.state import atomic_write
+from ..lightning.demo import (
     accuracy,
     batches,
-    delta,
     dir_size,
+    environment_note,
     leftover_wrappers,
-    logits_of,
-    parameter_counts,
-    same_outputs,
+    run_environment,
     train,
 )
+from .backbones import FMNIST_VIT_FILE, FMNIST_VIT_SHA256, fmnist_vit
+from .minivtab import TASKS, MiniVTabTask, load_minivtab
 
 MEAN, STD = 0.5, 0.5
 """The Fashion-MNIST ViT's input normalisation (timm's config for its architecture, used in pretraining)."""
@@ -78,12 +79,12 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender("linear probe", "reference"),
     Contender("full fine-tuning", "reference"),
     Contender("lora (peft)", "peft", _lora),
-    Contender("bitfit", "native", lambda: mp.create_config("bitfit")),
-    Contender("adapter", "native", lambda: mp.create_config("adapter", style="adaptformer", bottleneck_dim=8)),
-    Contender("krona", "native", lambda: mp.create_config("krona", target_modules=["qkv", "proj"], a1=8, a2=8)),
-    Contender("vpt", "native", lambda: mp.create_config("vpt", num_tokens=10, deep=True)),
-    Contender("ssf", "native", lambda: mp.create_config("ssf")),
-    Contender("spt", "native", lambda: mp.create_config("spt", budget=20_000, structured="lora", rank=8)),
+    Contender("bitfit", "native", lambda: create_config("bitfit")),
+    Contender("adapter", "native", lambda: create_config("adapter", style="adaptformer", bottleneck_dim=8)),
+    Contender("krona", "native", lambda: create_config("krona", target_modules=["qkv", "proj"], a1=8, a2=8)),
+    Contender("vpt", "native", lambda: create_config("vpt", num_tokens=10, deep=True)),
+    Contender("ssf", "native", lambda: create_config("ssf")),
+    Contender("spt", "native", lambda: create_config("spt", budget=20_000, structured="lora", rank=8)),
 )
 """Linear probe and full fine-tuning, then peft's LoRA and the native methods (VPT-deep with 10 prompts per
 block, AdaptFormer with an 8-wide bottleneck, SPT-LoRA with a 20k-parameter budget, KronA on the attention
@@ -120,7 +121,8 @@ class VisionSettings:
     """What the vision section runs; the defaults take a few minutes on 2 CPU cores."""
 
     out: str = "outputs/demo/vision"
-    results_dir: str | None = "docs/results"
+    results_dir: str | None = None
+    """Where ``vision.md`` and its plot go (``None``: only ``out``); ``docs/results`` regenerates the committed page."""
     tasks: tuple[str, ...] = tuple(TASKS)
     methods: tuple[str, ...] = tuple(c.name for c in CONTENDERS if c.name != "krona")
     """The issue's eight contenders; KronA (a core method) runs with ``--methods``."""
@@ -227,7 +229,7 @@ def prepare(
             config.data_field,
             [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)],
         )
-    return mp.adapt(model, config, modules_to_save=["head"])
+    return adapt(model, config, modules_to_save=["head"])
 
 
 _TASKS: dict[tuple[tuple[str, ...], int | None], dict[str, MiniVTabTask]] = {}
@@ -268,19 +270,16 @@ class Job:
         logits = logits_of(model, x)
         path = Path(self.s.out) / "adapters" / self.task.name / contender.name.split(" (")[0].replace(" ", "_")
         fresh = fresh_model(self.task.num_classes, 999)
-        if contender.config is None:  # references: the head alone, or the whole model, as a safetensors file
-            part = (lambda m: m.head) if contender.name == "linear probe" else (lambda m: m)
-            atomic_write({"model.safetensors": part(model).state_dict()}, path)
-            part(fresh).load_state_dict(load_file(str(path / "model.safetensors")))
-            reloaded = fresh
+        if contender.config is None:  # references: what they trained (the head, or every parameter)
+            save_baseline(model, path, "linear" if contender.name == "linear probe" else "full")
         else:
             model.save_adapter(path)
-            reloaded = mp.load_adapter(fresh, path)
+        reloaded = load_adapter(fresh, path)
         row.file_size = dir_size(path)
         row.reload_max_abs_diff, row.reload_ok = same_outputs(logits, logits_of(reloaded, x))
         if contender.config is not None:
             method = None if contender.kind == "peft" else model.peft_config[model.active_adapter].method
-            row.mergeable = method is None or mp.get_method(method).mergeable
+            row.mergeable = method is None or get_method(method).mergeable
             if row.mergeable:
                 merged = reloaded.merge_and_unload()
                 row.merge_max_abs_diff, same = same_outputs(logits, logits_of(merged, x))
@@ -391,15 +390,25 @@ def results_table(rows: list[Row], tasks: list[str], seeds: int) -> Table:
         title=f"mini-VTAB: the Fashion-MNIST ViT adapted with each method (test accuracy, mean of {seeds} seed(s))",
         caption="Δ = max |logit difference| from the trained model after reload / merge",
     )
-    columns = ["method", "trainable", "%", *tasks, "mean", "± seeds", "train s", "reload", "merge"]
+    columns = ["method", "trainable", "% of full", *tasks, "mean", "± seeds", "train s", "reload", "merge"]
     for col in columns:
         table.add_column(col, justify="left" if col in ("method", "reload", "merge") else "right")
     for r in rows:
-        table.add_row(*_cells(r, tasks))
+        table.add_row(*_cells(r, tasks, full_trainable(rows)))
     return table
 
 
-def _cells(r: Row, tasks: list[str]) -> list[str]:
+def full_trainable(rows: list[Row]) -> int | None:
+    """Full fine-tuning's trainable count, the denominator of every "% of full" (table and verdicts alike)."""
+    return next((r.trainable_params for r in rows if r.method == "full fine-tuning"), None)
+
+
+def share_of_full(r: Row, full: int | None) -> float:
+    """``r``'s trainable parameters in % of full fine-tuning's (of the model's total without a full row)."""
+    return 100 * r.trainable_params / (full or r.total_params)
+
+
+def _cells(r: Row, tasks: list[str], full: int | None) -> list[str]:
     if r.kind == "reference":
         merge = "-"
     elif not r.mergeable:
@@ -409,7 +418,7 @@ def _cells(r: Row, tasks: list[str]) -> list[str]:
     return [
         r.method,
         f"{r.trainable_params:,}",
-        f"{100 * r.trainable_params / r.total_params:.2f}",
+        f"{share_of_full(r, full):.2f}",
         *(f"{100 * r.task_mean(t):.1f}" for t in tasks),
         f"{100 * r.mean:.1f}",
         f"{100 * r.spread:.1f}",
@@ -425,7 +434,7 @@ def markdown_table(rows: list[Row], tasks: list[str]) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 3) + ["---"] * 2) + "|",
     ]
-    lines += ["| " + " | ".join(_cells(r, tasks)) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cells(r, tasks, full_trainable(rows))) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -454,11 +463,13 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def run_vision(settings: VisionSettings, console: Console) -> tuple[list[Row], dict[str, Any]]:
-    """Run the section, print its table, write ``results.json`` and (with ``results_dir``) ``vision.md``."""
+    """Run the section, print its table, write ``results.json``, ``vision.md`` and its plot to ``settings.out`` (and
+    the page and plot to ``results_dir`` too when given)."""
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
+        environment = run_environment()
         demo = VisionDemo(settings, console)
         rows = demo.run()
     finally:
@@ -475,15 +486,22 @@ def run_vision(settings: VisionSettings, console: Console) -> tuple[list[Row], d
         "rows": [{**asdict(r), "mean": r.mean, "spread": r.spread} for r in rows],
         "all_checks_passed": all(r.ok for r in rows),
         "seconds": seconds,
+        "environment": environment,
     }
     atomic_write({"results.json": report}, demo.out)
-    if settings.results_dir is not None:
-        write_markdown(rows, demo.tasks, settings, seconds, Path(settings.results_dir))
+    for directory in (demo.out, settings.results_dir):
+        if directory is not None:
+            write_markdown(rows, demo.tasks, settings, seconds, environment, Path(directory))
     return rows, report
 
 
 def write_markdown(
-    rows: list[Row], tasks: list[MiniVTabTask], s: VisionSettings, seconds: float, results_dir: Path
+    rows: list[Row],
+    tasks: list[MiniVTabTask],
+    s: VisionSettings,
+    seconds: float,
+    environment: dict[str, Any],
+    results_dir: Path,
 ) -> None:
     plot(rows, results_dir / "vision_accuracy_vs_params.png")
     full = next((r for r in rows if r.method == "full fine-tuning"), None)
@@ -492,7 +510,7 @@ def write_markdown(
     for r in rows:
         if r.kind == "reference" or full is None or linear is None:
             continue
-        share = r.trainable_params / full.trainable_params
+        share = share_of_full(r, full.trainable_params) / 100
         gap, over_linear = 100 * (r.mean - full.mean), 100 * (r.mean - linear.mean)
         met = gap >= -2 and over_linear > 2 and share < 0.05
         verdicts.append(
@@ -506,9 +524,12 @@ def write_markdown(
     lines = [
         "# Vision results",
         "",
-        f"Generated by `modalpeft demo --modality vision --seeds {s.seeds}` (`make demo` runs the same with one seed); "
-        f"every number below was measured in that run ({seconds / 60:.1f} minutes on this machine, {s.workers} "
-        f"worker process(es) of {s.threads} torch thread(s)).",
+        f"Generated by `modalpeft demo --modality vision --seeds {s.seeds} --results-dir docs/results` (`make demo` "
+        "runs the same with one seed and writes its reports to its run folder); every number below was measured in "
+        f"that run ({seconds / 60:.1f} minutes on this machine, {s.workers} worker process(es) of {s.threads} torch "
+        "thread(s)).",
+        "",
+        environment_note(environment),
         "",
         "## Mini-VTAB",
         "",
@@ -524,7 +545,7 @@ def write_markdown(
         + (
             "in this run."
             if s.lr_grid
-            else "on digits (`--lr-grid --tasks digits --seeds 1`, see `modalpeft.demo.vision.LRS`) and fixed: "
+            else "on digits (`--lr-grid --tasks digits --seeds 1`, see `modalpeft.vision.demo.LRS`) and fixed: "
             + ", ".join(f"{k} {v:g}" for k, v in LRS.items() if k in s.methods)
             + "."
         ),

@@ -1,0 +1,45 @@
+"""``make bench``: the ViT benchmark, then the Point-MAE one, into one run folder.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks                               # ViT-B/16, then Point-MAE
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --quick                       # the test-size models: a check
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --results-dir benchmarks/results  # the committed results
+
+``--quick`` (also implied by ``--model vit_tiny_test``) runs both benchmarks on their test-size models
+(``vit_tiny_test``, ``point_mae_test``) in about a minute; the full run takes 10-15 minutes on 2 CPU cores. The
+results go to a new ``outputs/bench/<timestamp>`` (git-ignored, printed at the end) unless ``--results-dir`` says
+otherwise. Other options (``--batch``, ``--steps``, ``--warmup``, ``--device``, ``--threads``, ``--methods``) go
+to both runs; ``--model`` to the ViT run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from modalpeft.lightning.demo import run_folder
+
+from . import pointcloud, run
+
+QUICK_MODELS = {"vit": "vit_tiny_test", "pointcloud": "point_mae_test"}
+"""The test-size model of each benchmark, for ``--quick``."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="other options go to both runs")
+    parser.add_argument("--quick", action="store_true", help="the test-size models: a check in about a minute")
+    parser.add_argument("--model", default=None, help="the ViT run's model (vit_tiny_test implies --quick)")
+    parser.add_argument("--results-dir", "--out", dest="out", default=None, help="default: outputs/bench/<timestamp>")
+    args, rest = parser.parse_known_args(argv)
+    quick = args.quick or args.model == QUICK_MODELS["vit"]
+    out = args.out or str(run_folder("outputs/bench"))
+    vit = ["--model", args.model or (QUICK_MODELS["vit"] if quick else "vit_base_patch16_224")]
+    codes = [
+        run.main([*vit, "--results-dir", out, *rest]),
+        pointcloud.main(["--model", QUICK_MODELS["pointcloud"] if quick else "point_mae", "--results-dir", out, *rest]),
+    ]
+    print(f"bench: results in {out}/")
+    return max(codes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""What every modality's demo section shares: a plain training loop on in-memory tensors, accuracy, the lifecycle
+check helpers, the run folder, and the record of what a run's numbers depend on (:func:`run_environment`).
+
+A demo's figures are deterministic for one environment: the same seeds, the same single torch thread, the same CPU
+kernels. Float rounding differs between CPU kernel families (AVX-512 vs AVX2 GEMMs sum in another order), and a
+short fine-tuning run amplifies such differences into points of accuracy; so every report says which environment
+produced it (:func:`environment_note`), and :data:`NUMERIC_ENVIRONMENT` pins the kernel family where the libraries
+allow.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .data import index_batches as batches
+from .optim import build_optimizer, param_groups, warmup_cosine
+
+__all__ = [
+    "NUMERIC_ENVIRONMENT",
+    "accuracy",
+    "batches",
+    "dir_size",
+    "environment_note",
+    "leftover_wrappers",
+    "run_environment",
+    "run_folder",
+    "train",
+]
+
+NUMERIC_ENVIRONMENT: dict[str, str] = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+"""Environment variables every demo process starts with (``modalpeft demo`` runs each section in a fresh process
+that has them): one thread, and on x86 CPUs the AVX2 kernels of ATen, MKL (its conditional numerical
+reproducibility mode) and oneDNN, which every x86-64 CPU of the last decade runs, so that an AVX-512 machine and an
+AVX2 machine compute the same sums. A variable the user has set already is kept (and recorded)."""
+
+EXTRAS: tuple[str, ...] = ("fpsample", "torch_cluster", "tensorboard")
+"""Optional packages that change what some code runs (a faster kernel, another logger); the record says which are
+installed."""
+
+PACKAGES: tuple[str, ...] = ("torch", "numpy", "timm", "peft", "scipy", "trimesh", "scikit-learn", "scikit-image")
+"""Packages whose versions a report records."""
+
+
+def run_environment() -> dict[str, Any]:
+    """What this process's numbers depend on: package versions, the CPU and the kernels torch uses on it, the torch
+    thread count, the numeric environment variables and the optional extras installed."""
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(),
+        "packages": {name: torch.__version__ if name == "torch" else version(name) for name in PACKAGES},
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "environment": {k: os.environ.get(k) for k in NUMERIC_ENVIRONMENT},
+        "extras": {name: importlib.util.find_spec(name) is not None for name in EXTRAS},
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment_note(env: dict[str, Any], used_extras: Sequence[str] = ()) -> str:
+    """One markdown paragraph: the environment a report's figures come from (:func:`run_environment`), and which of
+    the optional extras the section uses (``used_extras``; the others do not touch its numbers)."""
+    packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+    pinned = ", ".join(f"{k}={v}" for k, v in env["environment"].items() if v) or "none"
+    extras = ", ".join(f"{k} {'installed' if v else 'not installed'}" for k, v in env["extras"].items())
+    used = f"used by this section: {', '.join(used_extras)}" if used_extras else "none of them is used by this section"
+    return (
+        f"Environment: Python {env['python']}, {packages}; {env['machine']} CPU {env['cpu']} with torch's "
+        f"{env['cpu_kernels']} kernels, {env['torch_threads']} torch thread(s); numeric environment {pinned}; "
+        f"optional extras: {extras} ({used}). The figures are deterministic in this environment; on another CPU "
+        "kernel family or thread count, float rounding differs and short fine-tuning runs can move by points."
+    )
+
+
+def run_folder(root: str | os.PathLike[str] = "outputs/demo") -> Path:
+    """A new ``<root>/<YYYYmmdd-HHMMSS>`` folder name for one run's outputs (git-ignored ``outputs/``)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path(root) / stamp, 1
+    while path.exists():
+        path, n = Path(root) / f"{stamp}-{n}", n + 1
+    return path
+
+
+def train(
+    model: nn.Module,
+    data: tuple[Tensor, Tensor],
+    order: list[Tensor],
+    lr: float,
+    weight_decay: float = 0.05,
+    optimizer: str = "adamw",
+) -> float:
+    """Train the parameters that require grad on the batches ``order`` with AdamW (or ``optimizer="sgd"``, momentum
+    0.9), 10% linear warm-up and cosine decay, decaying only what the papers decay
+    (:func:`modalpeft.lightning.optim.param_groups`, as the recipes do); returns the seconds taken."""
+    x, y = data
+    opt = build_optimizer(param_groups(model, weight_decay), optimizer, lr)
+    sched = warmup_cosine(opt, len(order), max(1, len(order) // 10))
+    model.train()
+    start = time.perf_counter()
+    for idx in order:
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return time.perf_counter() - start
+
+
+def accuracy(logits: Tensor, y: Tensor) -> float:
+    return (logits.argmax(-1) == y).float().mean().item()
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def leftover_wrappers(model: nn.Module) -> list[str]:
+    """Modules of a merged model that still come from modalpeft or peft (there must be none)."""
+    return [n for n, m in model.named_modules() if type(m).__module__.split(".")[0] in ("modalpeft", "peft")]
