@@ -237,6 +237,9 @@ class TextDataModule(pl.LightningDataModule):
                 source = f"{self.data_dir} ({split})"
                 self.datasets[split] = TextDataset(records, self.text_fields, self.label_field, classes, source)
         self.tokenizer = load_tokenizer(self.tokenizer_name)
+        if self.tokenizer.pad_token is None:  # decoder tokenizers (LLaMA, GPT-2) have none: pad with EOS, on the right
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"  # last-token pooling reads the last non-padding position
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:

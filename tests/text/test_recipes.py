@@ -39,13 +39,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {
         "roberta": write_tiny_model(base / "roberta", "roberta"),
         "t5": write_tiny_model(base / "t5", "t5"),
+        "llama": write_tiny_model(base / "llama", "llama"),
         "sst2": write_glue_sst(base / "SST-2", n=8),
         "mrpc": mrpc,
     }
 
 
 def test_every_recipe_is_headed_by_its_command() -> None:
-    assert {p.stem.split("_")[0] for p in RECIPES} == {"roberta", "t5"}
+    assert {p.stem.split("_")[0] for p in RECIPES} == {"roberta", "t5", "llama"}
     for path in RECIPES:
         header = path.read_text().split("\nseed_everything:")[0]
         first = header.splitlines()[0]
@@ -63,6 +64,7 @@ def test_recipe_trains_two_steps_with_a_tiny_model(recipe, files, tmp_path) -> N
     args += [f"--model.init_args.backbone.init_args.name={files[arch]}", f"--data.init_args.tokenizer={files[arch]}"]
     args += [f"--data.init_args.data_dir={data}", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4"]
     args += ["--data.init_args.max_length=32", "--trainer.accelerator=cpu", "--trainer.fast_dev_run=2"]
+    args += ["--trainer.precision=32-true"]  # the LLaMA recipes train in bf16 on a GPU
     cli = cli_main([*args, f"--trainer.default_root_dir={tmp_path}"], *CLASSES)
     assert cli.trainer.global_step == 2 and isinstance(cli.model, TextClassificationTask)
     trainable = {n for n, p in cli.model.model.named_parameters() if p.requires_grad}
