@@ -22,6 +22,7 @@ from .text import (  # noqa: E402  (registers houlsby, pfeiffer, parallel_adapte
     PfeifferConfig,
     SoRAConfig,
 )
+from .tracking import TMoEConfig  # noqa: E402  (registers tmoe)
 from .vision import *  # noqa: E402,F403  (registers vpt, ssf, spt)
 from .vision import __all__ as _vision_all  # noqa: E402
 
@@ -38,4 +39,5 @@ __all__ = [
     "ParallelAdapterConfig",
     "PfeifferConfig",
     "SoRAConfig",
+    "TMoEConfig",
 ]

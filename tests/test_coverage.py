@@ -16,7 +16,15 @@ import modalpeft.vision  # noqa: F401  (registers the vision methods)
 from benchmarks import pointcloud, run, text
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = mp.list_methods()
+PENDING = {
+    "tmoe": "issue 15: its tracking recipes (dinov2_b14_tmoe_got10k.yaml) and tracker benchmark come with TrackingTask",
+}
+"""Methods landed ahead of their modality's task: their recipe and benchmark checks are strict xfails, so the entry
+must go (and the check then holds) as soon as the recipe or benchmark exists."""
+METHODS = [
+    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=PENDING[m])) if m in PENDING else m
+    for m in mp.list_methods()
+]
 
 
 @functools.cache
@@ -35,7 +43,8 @@ def recipe_methods() -> dict[str, list[str]]:
 
 
 def test_methods_are_registered() -> None:
-    assert {"bitfit", "adapter", "krona", "ssf", "vpt", "spt", "pointgst", "point_peft"} <= set(METHODS)
+    assert {"bitfit", "adapter", "krona", "ssf", "vpt", "spt", "pointgst", "point_peft"} <= set(mp.list_methods())
+    assert set(PENDING) <= set(mp.list_methods())
 
 
 @pytest.mark.parametrize("method", METHODS)

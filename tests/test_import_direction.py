@@ -6,7 +6,8 @@ checked against the layer of the file:
 
 - ``modalpeft.core`` imports no other modalpeft package;
 - ``modalpeft.lightning`` imports ``core`` only;
-- a modality package imports ``core`` and ``lightning``, never another modality;
+- a modality package imports ``core`` and ``lightning``, never another modality, with one exception: a tracker
+  is a vision model, so ``tracking`` may import ``vision`` (its backbones and transforms), never the reverse;
 - the top-level modules (``modalpeft/__init__.py``, ``cli.py``, ``__main__.py``), the ``demo`` package and
   ``recipes/`` are the application layer: they may import anything, and no package may import them (the
   root package itself, for ``__version__``, excepted).
@@ -27,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "lightning": {"core", "lightning"},
     **{m: {"core", "lightning", m} for m in MODALITIES},
 }
+ALLOWED["tracking"].add("vision")  # the one edge between modalities: trackers are built on vision's ViTs
 """For each layer below the application, the modalpeft layers its modules may import."""
 
 APPLICATION_PACKAGES = {"demo"}
@@ -119,6 +121,9 @@ def known_modules() -> set[str]:
         ("modalpeft.lightning.task", False, "from modalpeft.demo import run_demo"),
         ("modalpeft.vision.tasks", False, "from modalpeft.pointcloud import PointTransformer"),
         ("modalpeft.vision.methods.vpt", False, "from ...audio.layers import x"),
+        ("modalpeft.vision.backbones", False, "from ..tracking import TMoEConfig"),
+        ("modalpeft.tracking.methods.tmoe", False, "from ...pointcloud import ops"),
+        ("modalpeft.lightning.task", False, "import modalpeft.tracking"),
     ],
 )
 def test_checker_flags_a_wrong_import(module: str, is_package: bool, source: str) -> None:
@@ -137,6 +142,7 @@ def test_checker_flags_a_wrong_import(module: str, is_package: bool, source: str
         ("modalpeft.vision.methods.vpt", False, "from ..backbones import vit\nfrom ...core.layers import x"),
         ("modalpeft.cli", False, "from modalpeft import vision, pointcloud\nimport modalpeft.demo"),
         ("modalpeft", True, "from .core import *\nfrom . import vision"),
+        ("modalpeft.tracking.models", False, "from ..vision.backbones import x\nfrom modalpeft.vision import y"),
     ],
 )
 def test_checker_accepts_a_right_import(module: str, is_package: bool, source: str) -> None:

@@ -68,6 +68,10 @@ class AdapterModule(nn.Module):
         """
         raise NotImplementedError
 
+    def merge_hint(self) -> str:
+        """Why a non-mergeable adapter cannot be merged and what to use instead, for ``merge_and_unload``'s error."""
+        return ""
+
     def pre(self, x: Tensor) -> Tensor:
         """Transform the host's first input."""
         return x

@@ -206,11 +206,15 @@ class AdaptedModel(nn.Module):
     def _check_mergeable(self, adapter_name: str) -> None:
         method = self.peft_config[adapter_name].method
         for name, host in hosts(self.base_model):
-            if adapter_name in host.adapters and not host.adapters[adapter_name].mergeable:
+            if adapter_name not in host.adapters:
+                continue
+            adapter = host.adapters[adapter_name]
+            if not adapter.mergeable:
+                hint = adapter.merge_hint()
                 raise ValueError(
                     f"adapter {adapter_name!r} (method {method!r}) cannot be merged: its layer at {name!r} "
-                    f"({type(host.adapters[adapter_name]).__name__}) is not a linear update of the weights. Keep "
-                    "the model unmerged, or call unload() to get the base model back without the adapter."
+                    f"({type(adapter).__name__}) is not a linear update of the weights{f' ({hint})' if hint else ''}. "
+                    "Keep the model unmerged, or call unload() to get the base model back without the adapter."
                 )
 
     def merge_adapter(self) -> None:

@@ -137,6 +137,28 @@ def point_peft(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     return total + (2 * c if cfg.tune_class_token else 0)
 
 
+def tmoe(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """METHODS.md §7a: per Linear ``d_in -> d_out``, A ``r·d_in``, E experts B_i ``E·d_out·r``, the router ``E·d_in``
+    (+ ``d_out·r`` for the shared expert); a ``qkv`` split into q, k, v counts three Linears ``d_in -> d_out/3``.
+    Default targets: the Linears under an integer-indexed module (the ViT's blocks)."""
+    r, e = cfg.rank, cfg.num_experts
+
+    def experts(d_in: int, d_out: int) -> int:
+        return r * d_in + e * d_out * r + e * d_in + (d_out * r if cfg.shared_expert else 0)
+
+    if cfg.target_modules is None:
+        linears = [(n, m) for n, m in base_modules(reference) if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+    else:
+        linears = [(n, m) for n, m in base_modules(reference) if m in _targets(reference, cfg.target_modules)]
+    total = 0
+    for name, m in linears:
+        if cfg.split_qkv and name.endswith(".qkv"):
+            total += 3 * experts(m.in_features, m.out_features // 3)
+        else:
+            total += experts(m.in_features, m.out_features)
+    return total
+
+
 def text(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     """The bottleneck family on the tiny BERT (d = 32, 2 blocks): dense adapters ``2·d·r + r + d`` (spec §9f), at
     2 places per block (houlsby, compacter) or 1; Compacter's rank-1 PHM adapters ``(d + r + r) + (r + d + d)`` plus

@@ -191,6 +191,24 @@ CASES: dict[str, Case] = {
     # point-transformer methods: PointGST's spectral bases need group centres, Point-PEFT a memory bank
     "pointgst": Case(native("pointgst", {"points": {"rank": 5, "local_size": 4, "scaling": 0.5}}), counts.pointgst),
     "point_peft": Case(point_peft_build, counts.point_peft, identity=None),
+    # tracking: TMoE on the ViT (default placement, qkv split in three), and on the plain Linears of the others
+    "tmoe": Case(
+        native(
+            "tmoe",
+            {
+                "vit": {"rank": 3, "num_experts": 3, "alpha": 6.0, "dropout": 0.2},
+                "mlp": {
+                    "rank": 2,
+                    "num_experts": 2,
+                    "alpha": 1.0,
+                    "target_modules": ["fc1", "fc2"],
+                    "shared_expert": True,
+                },
+                "mha": {"rank": 4, "num_experts": 5, "alpha": 2.0, "target_modules": ["linear1", "linear2"]},
+            },
+        ),
+        counts.tmoe,
+    ),
     # text methods on the tiny transformers BERT (blocks found by structure); counts from the spec's shapes
     "houlsby": Case(native("houlsby", {"bert": {"bottleneck_dim": 4, "scaling": 0.5, "dropout": 0.1}}), counts.text),
     "pfeiffer": Case(native("pfeiffer", {"bert": {"bottleneck_dim": 3, "scaling": 1.5, "dropout": 0.1}}), counts.text),
@@ -233,7 +251,9 @@ def test_registry_modality_is_where_the_method_lives_and_what_it_runs_on(method:
     importlib.import_module(f"modalpeft.{info.modality}")
     case = CASES[method]
     toys = [t for t in TOY_MODELS if case.build(t, case.random) is not None]
-    assert any(info.modality in ("core", MODALITY[t]) for t in toys), f"{method} runs on no {info.modality} toy"
+    assert any(info.modality == "core" or info.modality in MODALITY[t] for t in toys), (
+        f"{method} runs on no {info.modality} toy"
+    )
 
 
 PARAMS = [

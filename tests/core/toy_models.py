@@ -113,8 +113,16 @@ TOY_MODELS = {
     "points": tiny_point_transformer,
     "bert": TinyBert,
 }
-MODALITY = {"mlp": "core", "conv": "vision", "vit": "vision", "mha": "core", "points": "pointcloud", "bert": "text"}
-"""The modality each toy model stands for: a method registered for a modality must apply to one of its toys."""
+MODALITY = {
+    "mlp": ("core",),
+    "conv": ("vision",),
+    "vit": ("vision", "tracking"),
+    "mha": ("core",),
+    "points": ("pointcloud",),
+    "bert": ("text",),
+}
+"""The modalities each toy model stands for: a method registered for a modality must apply to one of its toys. The
+ViT stands for tracking too: a tracker is a ViT with tokens and heads around it, and its methods adapt the ViT."""
 
 
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)

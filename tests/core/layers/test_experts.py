@@ -101,3 +101,17 @@ def test_bad_sizes_raise():
         LowRankExperts(IN, OUT, 0, EXPERTS)
     with pytest.raises(ValueError, match="num_experts=0"):
         LowRankExperts(IN, OUT, RANK, 0)
+
+
+def test_shared_expert_is_ungated_and_initialised_like_the_experts():
+    torch.manual_seed(0)
+    layer = LowRankExperts(IN, OUT, RANK, EXPERTS, alpha=6.0, init_weights=False, shared_expert=True)
+    assert layer.B_s.shape == (OUT, RANK)
+    assert sum(p.numel() for p in layer.parameters()) == RANK * IN + (EXPERTS + 1) * OUT * RANK + IN * EXPERTS
+    x = torch.randn(2, 7, IN)
+    shared = (x @ layer.A.t() @ layer.B_s.t()) * layer.scaling
+    torch.testing.assert_close(layer.parallel(x), _naive(layer, x) + shared)
+    identity = LowRankExperts(IN, OUT, RANK, EXPERTS, init_weights="identity", shared_expert=True)
+    assert not identity.B_s.any() and identity.parallel(x).abs().max() == 0
+    paper = LowRankExperts(256, 128, 64, 4, shared_expert=True)
+    assert abs(paper.B_s.std().item() - 0.02) < 2e-3
