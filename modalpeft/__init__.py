@@ -14,6 +14,15 @@ from .core import *  # noqa: E402,F403
 from .core import __all__ as _core_all  # noqa: E402
 from .diffusion import DiffuseKronAConfig  # noqa: E402  (registers diffusekrona)
 from .pointcloud import PointGSTConfig, PointPEFTConfig  # noqa: E402  (registers pointgst, point_peft)
+from .text import (  # noqa: E402  (registers houlsby, pfeiffer, parallel_adapter, compacter, llm_adapters, sora, lofit)
+    CompacterConfig,
+    HoulsbyConfig,
+    LLMAdaptersConfig,
+    LoFiTConfig,
+    ParallelAdapterConfig,
+    PfeifferConfig,
+    SoRAConfig,
+)
 from .tracking import TMoEConfig  # noqa: E402  (registers tmoe)
 from .vision import *  # noqa: E402,F403  (registers vpt, ssf, spt)
 from .vision import __all__ as _vision_all  # noqa: E402
@@ -25,5 +34,12 @@ __all__ = [
     "DiffuseKronAConfig",
     "PointGSTConfig",
     "PointPEFTConfig",
+    "CompacterConfig",
+    "HoulsbyConfig",
+    "LLMAdaptersConfig",
+    "LoFiTConfig",
+    "ParallelAdapterConfig",
+    "PfeifferConfig",
+    "SoRAConfig",
     "TMoEConfig",
 ]

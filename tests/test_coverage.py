@@ -11,8 +11,9 @@ import yaml
 
 import modalpeft as mp
 import modalpeft.pointcloud  # noqa: F401  (registers the point-cloud methods)
+import modalpeft.text  # noqa: F401  (registers the text methods)
 import modalpeft.vision  # noqa: F401  (registers the vision methods)
-from benchmarks import pointcloud, run
+from benchmarks import pointcloud, run, text
 
 ROOT = Path(__file__).resolve().parents[1]
 PENDING = {
@@ -65,5 +66,7 @@ def test_every_registered_method_is_benchmarked(method) -> None:
         names = {c.name for c in pointcloud.candidates("point_mae_test", 2)}
         assert method in names, f"add {method!r} to the candidates of benchmarks/pointcloud.py"
         assert all(method in preset for preset in pointcloud.MODELS.values()), "settings for every model in MODELS"
+    elif modality == "text":
+        assert method in {c.name for c in text.candidates("bert_test")}, f"add {method!r} to benchmarks/text.py"
     else:
         pytest.fail(f"method {method!r} of modality {modality!r} has no benchmark: add one to benchmarks/")

@@ -51,6 +51,9 @@ class AdapterModule(nn.Module):
     has_post: ClassVar[bool] = False
     skips_base: ClassVar[bool] = False
     """Set by adapters that replace the base module by the identity while they run (the host returns ``x``)."""
+    input_arg: int = 0
+    """Which positional input of the host ``pre`` and ``parallel`` act on (0: the first; 1 serves hosts such as
+    BERT's ``BertOutput(hidden_states, input_tensor)``, whose second input is the residual stream)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -110,7 +113,16 @@ class AdapterModule(nn.Module):
             weight.add_(self.delta_weight().reshape(weight.shape).to(weight.dtype), alpha=sign)
 
 
-def _first_input(args: tuple, kwargs: dict) -> tuple[Tensor, str | None]:
+def _first_input(args: tuple, kwargs: dict, index: int = 0) -> tuple[Tensor, str | int | None]:
+    """The host input an adapter acts on, and where it came from (``None``: ``args[0]``, an int: ``args[index]``,
+    a str: that keyword)."""
+    if index:
+        if len(args) > index:
+            return args[index], index
+        raise TypeError(
+            f"the adapter reads the host's positional input {index}, but the host was called with {len(args)} "
+            f"positional input(s) and keywords {sorted(kwargs)}"
+        )
     if args:
         return args[0], None
     if kwargs:
@@ -188,11 +200,13 @@ class AdapterLayer(nn.Module):
         adapter = self._running()
         if adapter is None:
             return self.base_layer(*args, **kwargs)
-        x, key = _first_input(args, kwargs)
+        x, key = _first_input(args, kwargs, adapter.input_arg)
         if adapter.has_pre:
             x = adapter.pre(x)
             if key is None:
                 args = (x, *args[1:])
+            elif isinstance(key, int):
+                args = (*args[:key], x, *args[key + 1 :])
             else:
                 kwargs = {**kwargs, key: x}
         if adapter.skips_base:

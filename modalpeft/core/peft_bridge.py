@@ -235,3 +235,25 @@ def load_peft_adapter(
         adapted.unload()
         raise
     return adapted
+
+
+def adalora_tuner(model: nn.Module) -> Any | None:
+    """peft's ``AdaLoraModel`` inside a :class:`PeftAdaptedModel` (``None`` for any other model)."""
+    tuner = (
+        getattr(getattr(model, "base_model", None), "base_model", None) if isinstance(model, PeftAdaptedModel) else None
+    )
+    return tuner if hasattr(tuner, "update_and_allocate") and hasattr(tuner, "rankallocator") else None
+
+
+def adalora_orthogonal_penalty(tuner: Any) -> Tensor:
+    """``orth_reg_weight · mean ‖P Pᵀ − I‖_F`` over the active adapter's ``lora_A`` / ``lora_B`` (``Pᵀ P`` for B), as
+    ``AdaLoraModel.forward`` adds it to a loss the model itself returns; tasks that compute their loss outside the
+    model add it with this."""
+    name = tuner.trainable_adapter_name
+    weight = tuner.peft_config[name].orth_reg_weight
+    terms = []
+    for key, p in tuner.model.named_parameters():
+        if ("lora_A" in key or "lora_B" in key) and name in key:
+            cov = p @ p.T if "lora_A" in key else p.T @ p
+            terms.append(torch.norm(cov - torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device), p="fro"))
+    return weight * torch.stack(terms).mean() if terms else torch.zeros(())

@@ -30,8 +30,8 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def read_verified_weights(path: str | os.PathLike[str], sha256: str, owner: str, hint: str) -> dict[str, torch.Tensor]:
-    """The tensors of a committed safetensors file, after checking it is there and its sha256 is ``sha256``.
+def verify_sha256(path: str | os.PathLike[str], sha256: str, owner: str, hint: str) -> Path:
+    """Check that the file ``path`` exists and has the hex sha256 ``sha256``; return it as a ``Path``.
 
     ``owner`` names the caller in the messages; ``hint`` says where the file comes from and what to do instead.
 
@@ -48,7 +48,12 @@ def read_verified_weights(path: str | os.PathLike[str], sha256: str, owner: str,
             f"{owner}: sha256 mismatch for {str(path)!r}: got {digest}, expected {sha256}. The file is corrupted or "
             f"was replaced; {hint}"
         )
-    return load_file(str(path))
+    return path
+
+
+def read_verified_weights(path: str | os.PathLike[str], sha256: str, owner: str, hint: str) -> dict[str, torch.Tensor]:
+    """The tensors of a committed safetensors file, after :func:`verify_sha256`."""
+    return load_file(str(verify_sha256(path, sha256, owner, hint)))
 
 
 def current_umask() -> int:

@@ -18,6 +18,7 @@ from ..core.api import adapt, save_baseline
 from ..core.config import AdapterConfig
 from ..core.inject import modules_to_save_modules, saved_keys
 from ..core.model import AdaptedModel
+from ..core.peft_bridge import adalora_orthogonal_penalty, adalora_tuner
 from .checkpoint import AdapterExport, RandomStateCheckpoint, check_checkpoint, filter_checkpoint
 from .optim import OptimizerName, SchedulerName, build_optimizer, param_groups, warmup_cosine
 
@@ -155,8 +156,32 @@ class AdapterTask(pl.LightningModule):
     def step(self, batch: Any, stage: str) -> Tensor:
         raise NotImplementedError
 
+    def adapter_config(self) -> AdapterConfig | None:
+        """The native config of the task's adapter (``None`` for baselines and peft configs)."""
+        config = (
+            getattr(self.model, "peft_config", {}).get(ADAPTER_NAME) if isinstance(self.model, AdaptedModel) else None
+        )
+        return config if isinstance(config, AdapterConfig) else None
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.step(batch, "train")
+        loss = self.step(batch, "train")
+        # a method with a regulariser in its objective (SoRA's L1 on its gates) defines ``training_penalty(model)``
+        penalty = getattr(self.adapter_config(), "training_penalty", None)
+        tuner = adalora_tuner(self.model)
+        if penalty is not None or tuner is not None:
+            # AdaLoRA's orthogonal regulariser: peft adds it only to a loss the model returns itself
+            extra = penalty(self.model) if penalty is not None else adalora_orthogonal_penalty(tuner)
+            self.log("train/penalty", extra.detach(), on_step=True, on_epoch=False)
+            loss = loss + extra
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # AdaLoRA's budget schedule: ``update_and_allocate(i)`` after optimiser step i (0-based), gradients still set
+        # (Lightning zeroes them at the start of the next step), as peft's training loop does
+        tuner = adalora_tuner(self.model)
+        if tuner is not None and self.global_step != getattr(self, "_allocated_at", 0):
+            tuner.update_and_allocate(self.global_step - 1)
+            self._allocated_at = self.global_step
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.step(batch, "val")
@@ -167,7 +192,14 @@ class AdapterTask(pl.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = build_optimizer(param_groups(self.model, hp.weight_decay), hp.optimizer, hp.lr, hp.momentum)
+        groups = param_groups(self.model, hp.weight_decay)
+        # a method whose parameters follow their own update rule (SoRA's proximal gate step) defines
+        # ``build_optimizer(model, groups, lr)`` -> optimizer; the schedule below applies to it as to any other
+        custom = getattr(self.adapter_config(), "build_optimizer", None)
+        if custom is not None:
+            optimizer = custom(self.model, groups, hp.lr)
+        else:
+            optimizer = build_optimizer(groups, hp.optimizer, hp.lr, hp.momentum)
         if hp.scheduler == "constant":
             return optimizer
         if hp.scheduler != "cosine":

@@ -179,3 +179,16 @@ def test_pointcloud_run_covers_every_point_method():
     for c in chosen[2:]:  # every setting builds on the test model and runs
         model = mp.adapt(pointcloud.build_model("point_mae_test"), copy.deepcopy(c.config), modules_to_save=["head"])
         assert model(x).shape == (2, pointcloud.NUM_CLASSES)
+
+
+def test_text_run_covers_every_text_method():
+    from benchmarks import text
+
+    chosen = text.candidates("bert_test")
+    assert [c.name for c in chosen][:3] == ["full", "head_only", "lora"]
+    text_methods = {m for m in mp.list_methods() if mp.get_method(m).modality == "text"}
+    assert text_methods and text_methods <= {c.name for c in chosen}
+    ids, _ = text.synthetic_batch("bert_test", 2)
+    for c in chosen[2:]:  # every setting builds on the test model and runs
+        model = mp.adapt(text.build_model("bert_test"), copy.deepcopy(c.config), modules_to_save=["head"])
+        assert model(ids).shape == (2, text.NUM_CLASSES)

@@ -166,3 +166,41 @@ def tmoe(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
         else:
             total += experts(m.in_features, m.out_features)
     return total
+
+
+def text(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """The bottleneck family on the tiny BERT (d = 32, 2 blocks): dense adapters ``2·d·r + r + d`` (spec §9f), at
+    2 places per block (houlsby, compacter) or 1; Compacter's rank-1 PHM adapters ``(d + r + r) + (r + d + d)`` plus
+    one ``n³`` rule; every LayerNorm (weight + bias) when they train."""
+    d, layers = 32, 2
+    per_block = {"houlsby": 2, "pfeiffer": 1, "parallel_adapter": 1, "compacter": 2}[cfg.method]
+    if cfg.method == "compacter":
+        r = d // cfg.reduction_factor
+        adapters = per_block * layers * ((d + r + r) + (r + d + d)) + cfg.phm_n**3
+    else:
+        r = cfg.bottleneck_dim
+        adapters = per_block * layers * (2 * d * r + r + d)
+    norms = sum(2 * m.normalized_shape[0] for _, m in base_modules(reference) if isinstance(m, nn.LayerNorm))
+    return adapters + (norms if cfg.train_layer_norms else 0)
+
+
+def llm_adapters(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """No biases: an input-side adapter on an expanding Linear ``2·d_in·r``, an output-side one ``2·d_out·r``."""
+    return sum(
+        2 * (t.in_features if t.out_features > t.in_features else t.out_features) * cfg.bottleneck_dim
+        for t in _targets(reference, cfg.target_modules)
+    )
+
+
+def sora(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """``r·(d_in + d_out) + r`` gate entries on every Linear inside the transformer blocks (spec §7f)."""
+    return sum(
+        cfg.rank * (m.in_features + m.out_features + 1)
+        for n, m in base_modules(reference)
+        if n.startswith("encoder.encoder.layer.") and isinstance(m, nn.Linear)
+    )
+
+
+def lofit(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """Bias stage: ``K·d_h`` (spec §3f), d_h = 32 / 4 heads in the tiny BERT."""
+    return len(cfg.heads) * 32 // 4

@@ -70,7 +70,8 @@ def via_peft(cls: type, init_field: str | None, per_model: dict[str, dict | None
     return build
 
 
-ALL = {m: {} for m in TOY_MODELS}
+# the text toy (bert) joins only the text methods' cases: BitFit's key bias never changes under softmax there
+ALL = {m: {} for m in TOY_MODELS if m != "bert"}
 _SPT = {"mlp": ((4, 16), 300), "vit": ((2, 3, 16, 16), 2000), "mha": ((2, 5, 16), 300)}  # input shape, budget
 
 
@@ -219,6 +220,26 @@ CASES: dict[str, Case] = {
         ),
         counts.tmoe,
     ),
+    # text methods on the tiny transformers BERT (blocks found by structure); counts from the spec's shapes
+    "houlsby": Case(native("houlsby", {"bert": {"bottleneck_dim": 4, "scaling": 0.5, "dropout": 0.1}}), counts.text),
+    "pfeiffer": Case(native("pfeiffer", {"bert": {"bottleneck_dim": 3, "scaling": 1.5, "dropout": 0.1}}), counts.text),
+    "parallel_adapter": Case(
+        native("parallel_adapter", {"bert": {"bottleneck_dim": 4, "scaling": 2.0, "dropout": 0.1}}), counts.text
+    ),
+    "compacter": Case(
+        native("compacter", {"bert": {"reduction_factor": 4, "phm_n": 4, "scaling": 0.7, "dropout": 0.1}}),
+        counts.text,
+    ),
+    "llm_adapters": Case(
+        native(
+            "llm_adapters",
+            {"bert": {"bottleneck_dim": 5, "scaling": 1.5, "dropout": 0.1, "target_modules": ["intermediate.dense"]}},
+        ),
+        counts.llm_adapters,
+        identity=None,
+    ),
+    "sora": Case(native("sora", {"bert": {"rank": 3, "alpha": 5.0, "dropout": 0.1}}), counts.sora),
+    "lofit": Case(native("lofit", {"bert": {"stage": "bias", "heads": [[0, 1], [1, 0], [1, 3]]}}), counts.lofit),
 }
 
 

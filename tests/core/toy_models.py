@@ -117,6 +117,24 @@ class TinyUNet(nn.Module):
         return torch.randn(2, 4, 4, 4)
 
 
+class TinyBert(nn.Module):
+    """A 2-layer transformers BERT (width 32), mean-pooled over tokens, with a head; input: token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from modalpeft.text import tiny_model
+
+        self.encoder = tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(input_ids=input_ids).last_hidden_state.mean(1))
+
+    @staticmethod
+    def make_input() -> torch.Tensor:
+        return torch.randint(0, 128, (2, 6))
+
+
 TOY_MODELS = {
     "mlp": MLP,
     "conv": ConvNet,
@@ -124,6 +142,9 @@ TOY_MODELS = {
     "mha": MHAModel,
     "points": tiny_point_transformer,
     "unet": TinyUNet,
+
+
+    "bert": TinyBert,
 }
 MODALITY = {
     "mlp": ("core",),
@@ -132,6 +153,9 @@ MODALITY = {
     "mha": ("core",),
     "points": ("pointcloud",),
     "unet": ("diffusion",),
+
+
+    "bert": ("text",),
 }
 """The modalities each toy model stands for: a method registered for a modality must apply to one of its toys. The
 ViT stands for tracking too: a tracker is a ViT with tokens and heads around it, and its methods adapt the ViT."""

@@ -5,6 +5,7 @@ from .bypass import Bypass
 from .experts import LowRankExperts
 from .kronecker import KroneckerDelta
 from .low_rank import LowRankDelta
+from .phm import PHMLinear
 from .prompt import PromptTokens
 from .scale_shift import ScaleShift
 from .selectors import ParamDelta
@@ -16,6 +17,7 @@ __all__ = [
     "KroneckerDelta",
     "LowRankDelta",
     "LowRankExperts",
+    "PHMLinear",
     "ParamDelta",
     "PromptTokens",
     "ScaleShift",

@@ -1,9 +1,11 @@
-"""Bottleneck adapter: ``f(h) = s · up(drop(act(down(h))))``, sequential or parallel (Houlsby, AdaptFormer).
+"""Bottleneck adapter: ``f(h) = s · up(drop(act(down(h))))``, sequential, parallel or on the input.
 
 The same small module serves the sequential adapters of Houlsby et al. (2019) and Pfeiffer et al. (2020),
-placed on a module's output as ``h + f(h)``, and the parallel adapter of AdaptFormer (Chen et al., 2022),
-whose branch ``f(x)`` runs beside a module on its input. The up projection starts at zero, so the adapter
-starts as the identity.
+placed on a module's output as ``h + f(h)``, the parallel adapters of AdaptFormer (Chen et al., 2022) and
+He et al. (2022), whose branch ``f(x)`` runs beside a module on its input, and LLM-Adapters' input-side
+adapter ``W(x + f(x))`` (Hu et al., 2023). Its projections are Linears, 1x1 Convs, or PHM layers
+(:class:`~modalpeft.core.layers.phm.PHMLinear`, Compacter). With the default init the up projection
+starts at zero, so the adapter starts as the identity.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import AdapterModule, InitMode
+from .phm import PHMLinear
 
-Activation = Literal["gelu", "relu", "quick_gelu", "silu"]
-BottleneckMode = Literal["sequential", "parallel"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "quick_gelu", "silu", "tanh"]
+BottleneckMode = Literal["sequential", "parallel", "input"]
 LayerNormPlace = Literal["none", "in", "out"]
+ProjectionInit = Literal["lora", "bert"]
 
 
 class QuickGELU(nn.Module):
@@ -28,7 +32,18 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "quick_gelu": QuickGELU, "silu": nn.SiLU}
+def _gelu_tanh() -> nn.Module:
+    return nn.GELU(approximate="tanh")  # transformers' "gelu_new" (T5, Compacter)
+
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_tanh": _gelu_tanh,
+    "relu": nn.ReLU,
+    "quick_gelu": QuickGELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+}
 
 
 def _choice(name: str, value: object, choices: tuple) -> None:
@@ -40,16 +55,17 @@ class Bottleneck(AdapterModule):
     """A bottleneck MLP adapter, ``f(h) = s · up(drop(act(down(h))))``.
 
     ``mode="sequential"`` transforms the host's output, ``out + f(out)`` (Houlsby / Pfeiffer placement);
-    ``mode="parallel"`` adds ``f(x)`` of the host's input to its output (AdaptFormer). Being non-linear, it
-    cannot be merged into the base weights.
+    ``mode="parallel"`` adds ``f(x)`` of the host's input to its output (AdaptFormer, He et al.);
+    ``mode="input"`` transforms the host's input before the host runs, ``x + f(x)`` (LLM-Adapters'
+    ``mh_adapter``). Being non-linear, it cannot be merged into the base weights.
 
     Args:
-        dim: feature dim of the adapter's input (the host's output in sequential mode, its input in parallel
-            mode).
+        dim: feature dim of the adapter's input (the host's output in sequential mode, its input otherwise).
         bottleneck_dim: ``m``, the hidden width.
-        mode: ``"sequential"`` or ``"parallel"``.
+        mode: ``"sequential"``, ``"parallel"`` or ``"input"``.
         scaling: ``s``; a float, or ``"learnable"`` for a trained scalar starting at 1 (AdaptFormer's option).
-        act: the non-linearity: ``"gelu"``, ``"relu"``, ``"quick_gelu"`` or ``"silu"``.
+        act: the non-linearity: ``"gelu"``, ``"gelu_tanh"`` (transformers' ``gelu_new``), ``"relu"``,
+            ``"quick_gelu"``, ``"silu"`` or ``"tanh"``.
         dropout: dropout after the activation.
         layer_norm: a LayerNorm on the adapter's input (``"in"``), on the up projection's output before the
             scaling (``"out"``), or none.
@@ -57,15 +73,25 @@ class Bottleneck(AdapterModule):
             are flattened and restored); ``False``: ``Linear`` over the last dim.
         out_dim: output feature dim (parallel mode only, for hosts whose input and output dims differ);
             ``None``: ``dim``.
-        init_weights: ``True``/``"identity"``: ``down`` kaiming-uniform (a=√5), the ``up`` weight and all
-            biases zero (AdaptFormer's LoRA-style init; the identity); ``False``: random non-zero ``up`` and
-            biases.
+        bias: biases on both projections (LLM-Adapters uses none).
+        phm_n: ``n`` of PHM projections (Compacter); ``None``: dense projections.
+        phm_rank: rank of each PHM block (Compacter: 1; ``None``: full blocks, the PHM-Adapter).
+        phm_rule: the rule tensor shared by every PHM layer of a model (``None``: the down projection owns one
+            and the up projection shares it).
+        proj_init: the dense init with ``init_weights=True``: ``"lora"`` (``down`` kaiming-uniform a=√5, ``up``
+            and biases zero: the identity; He et al.'s "lora" init, AdaptFormer) or ``"bert"`` (both weights
+            ``N(0, 0.02²)``, biases zero; LLM-Adapters' default, not the identity).
+        input_arg: which positional input of the host the ``"parallel"``/``"input"`` modes read (and, for
+            ``"input"``, replace); 1 serves hosts like BERT's ``BertOutput(hidden, input_tensor)``.
+        init_weights: ``True``: the init above (PHM: Compacter's glorot-uniform blocks, rule ``N(0, 1e-4²)``);
+            ``"identity"``: ``up`` zero; ``False``: random non-zero ``up`` and biases.
 
     Shapes:
         - input: ``(*, dim)``, or ``(B, dim, *)`` with ``conv=True``
         - output: ``(*, out_dim)``, or ``(B, out_dim, *)`` with ``conv=True``
-        - parameters: ``dim·m + m + m·out_dim + out_dim``, plus ``2·dim`` (``layer_norm="in"``) or
-          ``2·out_dim`` (``"out"``), plus 1 with a learnable scaling
+        - parameters (dense): ``dim·m + m·out_dim``, ``+ m + out_dim`` with biases, plus ``2·dim``
+          (``layer_norm="in"``) or ``2·out_dim`` (``"out"``), plus 1 with a learnable scaling; PHM: see
+          :class:`~modalpeft.core.layers.phm.PHMLinear`
     """
 
     mergeable = False
@@ -82,6 +108,12 @@ class Bottleneck(AdapterModule):
         layer_norm: LayerNormPlace = "none",
         conv: bool = False,
         out_dim: int | None = None,
+        bias: bool = True,
+        phm_n: int | None = None,
+        phm_rank: int | None = 1,
+        phm_rule: nn.Parameter | None = None,
+        proj_init: ProjectionInit = "lora",
+        input_arg: int = 0,
         init_weights: InitMode = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -90,51 +122,85 @@ class Bottleneck(AdapterModule):
         _choice("mode", mode, get_args(BottleneckMode))
         _choice("act", act, get_args(Activation))
         _choice("layer_norm", layer_norm, get_args(LayerNormPlace))
+        _choice("proj_init", proj_init, get_args(ProjectionInit))
         if bottleneck_dim < 1:
             raise ValueError(f"bottleneck_dim={bottleneck_dim} must be >= 1")
         if isinstance(scaling, str) and scaling != "learnable":
             raise ValueError(f"scaling={scaling!r} is not valid; give a float or 'learnable'.")
+        if phm_n is not None and conv:
+            raise ValueError("PHM projections act on the last dim; they cannot be combined with conv=True")
         out_dim = dim if out_dim is None else out_dim
-        if mode == "sequential" and out_dim != dim:
+        if mode != "parallel" and out_dim != dim:
             raise ValueError(
-                f"out_dim={out_dim} differs from dim={dim}, which a sequential adapter (out + f(out)) cannot do; "
+                f"out_dim={out_dim} differs from dim={dim}, which a {mode} adapter (h + f(h)) cannot do; "
                 "use mode='parallel' or leave out_dim=None."
             )
-        # The mode decides which hook the host runs; the class defines both, so the instance narrows them.
+        # The mode decides which hook the host runs; the class defines all three, so the instance narrows them.
         self.has_parallel = mode == "parallel"
         self.has_post = mode == "sequential"
-        self.mode, self.conv, self.layer_norm = mode, conv, layer_norm
+        self.has_pre = mode == "input"
+        self.input_arg = input_arg
+        self.mode, self.conv, self.layer_norm, self.proj_init = mode, conv, layer_norm, proj_init
         self.dim, self.bottleneck_dim, self.out_dim = dim, bottleneck_dim, out_dim
         kw = {"device": device, "dtype": dtype}
-        proj = (lambda i, o: nn.Conv1d(i, o, 1, **kw)) if conv else (lambda i, o: nn.Linear(i, o, **kw))
         self.norm = nn.LayerNorm(dim if layer_norm == "in" else out_dim, **kw) if layer_norm != "none" else None
-        self.down = proj(dim, bottleneck_dim)
+        if phm_n is not None:
+            self.down = PHMLinear(dim, bottleneck_dim, phm_n, rank=phm_rank, rule=phm_rule, bias=bias, **kw)
+            rule = self.down.phm_rule if phm_rule is None else phm_rule
+            self.up = PHMLinear(bottleneck_dim, out_dim, phm_n, rank=phm_rank, rule=rule, bias=bias, **kw)
+        elif conv:
+            self.down = nn.Conv1d(dim, bottleneck_dim, 1, bias=bias, **kw)
+            self.up = nn.Conv1d(bottleneck_dim, out_dim, 1, bias=bias, **kw)
+        else:
+            self.down = nn.Linear(dim, bottleneck_dim, bias=bias, **kw)
+            self.up = nn.Linear(bottleneck_dim, out_dim, bias=bias, **kw)
         self.act = _ACTIVATIONS[act]()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.up = proj(bottleneck_dim, out_dim)
         self.scaling = scaling
         self.scale = nn.Parameter(torch.ones(1, **kw)) if scaling == "learnable" else None
         self.reset_adapter(init_weights)
 
+    @property
+    def phm_rule(self) -> Tensor | None:
+        """The PHM rule tensor the projections use (``None`` for dense projections)."""
+        return self.down.rule if isinstance(self.down, PHMLinear) else None
+
     @torch.no_grad()
     def reset_adapter(self, init_weights: InitMode = True) -> None:
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.down.bias)
-        if init_weights is False:
-            nn.init.normal_(self.up.weight, std=0.1)
-            nn.init.normal_(self.up.bias, std=0.1)
-            if self.norm is not None:
+        if isinstance(self.down, PHMLinear):
+            self.down.reset_parameters()
+            self.up.reset_parameters(zero_output=init_weights == "identity")
+            if init_weights is False:
+                nn.init.normal_(self.up.bias, std=0.1)
+        else:
+            self._reset_dense(init_weights)
+        if self.norm is not None:
+            if init_weights is False:
                 nn.init.normal_(self.norm.weight, mean=1.0, std=0.1)
                 nn.init.normal_(self.norm.bias, std=0.1)
-            if self.scale is not None:
-                nn.init.uniform_(self.scale, 0.5, 1.5)
-            return
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-        if self.norm is not None:
-            self.norm.reset_parameters()
+            else:
+                self.norm.reset_parameters()
         if self.scale is not None:
-            nn.init.ones_(self.scale)
+            if init_weights is False:
+                nn.init.uniform_(self.scale, 0.5, 1.5)
+            else:
+                nn.init.ones_(self.scale)
+
+    def _reset_dense(self, init_weights: InitMode) -> None:
+        if self.proj_init == "bert" and init_weights is True:
+            nn.init.normal_(self.down.weight, std=0.02)
+            nn.init.normal_(self.up.weight, std=0.02)
+        else:
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            if init_weights is False:
+                nn.init.normal_(self.up.weight, std=0.1)
+            else:
+                nn.init.zeros_(self.up.weight)
+        for proj in (self.down, self.up):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        if init_weights is False and self.up.bias is not None:
+            nn.init.normal_(self.up.bias, std=0.1)
 
     def _norm(self, h: Tensor) -> Tensor:
         if self.conv:  # LayerNorm over the channels of (B, C, L)
@@ -155,6 +221,9 @@ class Bottleneck(AdapterModule):
         if self.conv:
             h = h.reshape(shape[0], self.out_dim, *shape[2:])  # (B, C_out, L) -> (B, C_out, *S)
         return h
+
+    def pre(self, x: Tensor) -> Tensor:
+        return x + self.branch(x)
 
     def parallel(self, x: Tensor) -> Tensor:
         return self.branch(x)

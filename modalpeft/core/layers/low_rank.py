@@ -1,4 +1,5 @@
-"""Low-rank delta: ``ΔW = s · B A`` beside a frozen Linear (LoRA's form, for native methods)."""
+"""Low-rank delta: ``ΔW = s · B A`` beside a frozen Linear (LoRA's form, for native methods), optionally gated
+``ΔW = s · B diag(g) A`` (SoRA)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from ..layer import AdapterModule, InitMode
 
 
 class LowRankDelta(AdapterModule):
-    """A parallel low-rank update ``y = W x + s · B A drop(x)``.
+    """A parallel low-rank update ``y = W x + s · B A drop(x)``, or ``s · B (g ⊙ A drop(x))`` with a gate.
 
-    Used by SPT's structured tuning, TMoE-like experts and text methods; peft's LoRA is used through peft.
+    Used by SPT's structured tuning, TMoE-like experts and text methods (SoRA's gated form); peft's LoRA is used
+    through peft.
 
     Args:
         in_features: ``d_in`` of the adapted Linear.
@@ -21,13 +23,15 @@ class LowRankDelta(AdapterModule):
         rank: ``r``.
         scaling: ``s`` (SPT uses 1.0, i.e. no ``alpha / r``).
         dropout: dropout on the branch input.
+        gated: a trainable gate ``g`` between the factors (SoRA; drawn ``N(0, 1)`` as the official code does).
         init_weights: ``True``/``"identity"``: ``A`` kaiming-uniform (a=√5), ``B = 0`` (LoRA's init, the
             identity); ``False``: both random.
 
     Shapes:
         - input: ``(*, d_in)``
         - output: ``(*, d_out)``
-        - ``A``: ``(r, d_in)``, ``B``: ``(d_out, r)``; :meth:`delta_weight`: ``(d_out, d_in)``
+        - ``A``: ``(r, d_in)``, ``B``: ``(d_out, r)``, ``gate``: ``(1, r)``; :meth:`delta_weight`:
+          ``(d_out, d_in)``
     """
 
     mergeable = True
@@ -40,6 +44,7 @@ class LowRankDelta(AdapterModule):
         *,
         scaling: float = 1.0,
         dropout: float = 0.0,
+        gated: bool = False,
         init_weights: InitMode = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -50,19 +55,26 @@ class LowRankDelta(AdapterModule):
         self.scaling = scaling
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.gate = nn.Parameter(torch.empty(1, rank, device=device, dtype=dtype)) if gated else None
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_adapter(init_weights)
 
     @torch.no_grad()
     def reset_adapter(self, init_weights: InitMode = True) -> None:
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        if self.gate is not None:
+            nn.init.normal_(self.gate)
         if init_weights is False:
             nn.init.normal_(self.B, std=0.1)
         else:
             nn.init.zeros_(self.B)
 
     def parallel(self, x: Tensor) -> Tensor:
-        return (self.drop(x) @ self.A.t() @ self.B.t()) * self.scaling
+        h = self.drop(x) @ self.A.t()  # (*, r)
+        if self.gate is not None:
+            h = h * self.gate
+        return (h @ self.B.t()) * self.scaling
 
     def delta_weight(self) -> Tensor:
-        return (self.B @ self.A) * self.scaling
+        A = self.A if self.gate is None else self.A * self.gate.t()  # diag(g) A: (r, d_in)
+        return (self.B @ A) * self.scaling

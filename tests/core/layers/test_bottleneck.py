@@ -165,7 +165,7 @@ def test_device_and_dtype() -> None:
     ("kwargs", "match"),
     [
         ({"mode": "serial"}, "mode='serial'"),
-        ({"act": "tanh"}, "act='tanh'.*'quick_gelu'"),
+        ({"act": "sigmoid"}, "act='sigmoid'.*'quick_gelu'"),
         ({"layer_norm": "pre"}, "layer_norm='pre'"),
         ({"scaling": "fixed"}, "scaling='fixed'"),
         ({"out_dim": 12}, "out_dim=12.*mode='parallel'"),
@@ -176,3 +176,30 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
         Bottleneck(8, 2, **kwargs)
     with pytest.raises(ValueError, match="bottleneck_dim=0"):
         Bottleneck(8, 0)
+
+
+def test_input_mode_transforms_the_chosen_host_input() -> None:
+    """``mode="input"`` runs ``x + f(x)`` on the host's input ``input_arg`` before the host (LLM-Adapters'
+    mh_adapter with 0; BERT's ``output(inter, residual)`` with 1)."""
+
+    class TwoInputs(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a * 2 + b
+
+    for arg in (0, 1):
+        adapter = Bottleneck(4, 2, mode="input", input_arg=arg, init_weights=False)
+        host = AdapterLayer(TwoInputs())
+        host.add("x", adapter)
+        host.active_adapter = "x"
+        a, b = torch.randn(3, 4), torch.randn(3, 4)
+        expected = (a + adapter.branch(a)) * 2 + b if arg == 0 else a * 2 + b + adapter.branch(b)
+        torch.testing.assert_close(host(a, b), expected)
+    with pytest.raises(TypeError, match="positional input 1"):
+        host(a=a, b=b)
+
+
+def test_bert_init_and_no_bias() -> None:
+    torch.manual_seed(0)
+    adapter = Bottleneck(64, 32, proj_init="bert", bias=False)
+    assert adapter.down.bias is None and adapter.up.bias is None
+    assert abs(float(adapter.up.weight.std()) - 0.02) < 0.005

@@ -227,7 +227,7 @@ def test_models_without_a_default_placement_need_target_modules() -> None:
         ({"bottleneck_dim": 0}, "bottleneck_dim=0"),
         ({"bottleneck_dim": 2.5}, "bottleneck_dim=2.5"),
         ({"scaling": "big"}, "scaling='big'"),
-        ({"act": "tanh"}, "act='tanh'.*quick_gelu"),
+        ({"act": "sigmoid"}, "act='sigmoid'.*quick_gelu"),
         ({"dropout": 1.0}, "dropout=1.0"),
         ({"layer_norm": "both"}, "layer_norm='both'"),
     ],
