@@ -7,13 +7,14 @@ from .kronecker import KroneckerDelta
 from .low_rank import LowRankDelta
 from .phm import PHMLinear
 from .prompt import PromptTokens
-from .scale_shift import ScaleShift
+from .scale_shift import FoldedScaleShift, ScaleShift, scale_shift_for
 from .selectors import ParamDelta
 from .sparse import SparseDelta
 
 __all__ = [
     "Bottleneck",
     "Bypass",
+    "FoldedScaleShift",
     "KroneckerDelta",
     "LowRankDelta",
     "LowRankExperts",
@@ -22,4 +23,5 @@ __all__ = [
     "PromptTokens",
     "ScaleShift",
     "SparseDelta",
+    "scale_shift_for",
 ]

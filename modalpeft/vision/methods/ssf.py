@@ -30,6 +30,11 @@ after each of them too). Swin, ConvNeXt, MLP-Mixer and other models get the same
 its own per-architecture placements, not checked layer by layer here, but it gives Swin's patch merging its 4C
 SSF after the merging norm, as this rule does (the bias-free ``reduction`` after it is skipped). Explicit
 ``target_modules`` must name such foldable layers; anything else is an error that says why.
+
+Training cost: after a norm the scale-shift folds into the norm's affine during training, and after a Linear or
+convolution it keeps its output instead of its input (:class:`~modalpeft.core.layers.ScaleShift`'s docstring), so
+SSF keeps about as many activations as the frozen model's backward needs anyway (ViT-B/16, batch 8: 2.10x the floor
+before, see ``docs/results/vision.md`` for the figure now).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from torch import Tensor, nn
 
 from ...core.config import AdapterConfig
 from ...core.inject import attach, find_targets
-from ...core.layers import ScaleShift
+from ...core.layers import ScaleShift, scale_shift_for
 from ...core.layers.scale_shift import FOLDABLE_TYPES
 from ...core.registry import register_method
 
@@ -134,6 +139,7 @@ def apply_ssf(
                 f"ssf: cannot place a scale-shift after {name!r} ({type(module).__name__}): {where}. Leave it out "
                 "of target_modules (or add it to exclude_modules); target_modules=None picks only foldable layers."
             )
-        plans.append((name, *where))
-    for name, dim, channel_dim in plans:
-        attach(model, name, adapter_name, ScaleShift(dim, channel_dim=channel_dim, init_weights=config.init_weights))
+        plans.append((name, module, *where))
+    for name, module, dim, channel_dim in plans:
+        adapter = scale_shift_for(module, dim, channel_dim=channel_dim, init_weights=config.init_weights)
+        attach(model, name, adapter_name, adapter)

@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import timm.layers
 import torch
 from torch import nn
 
+from modalpeft.core import layers
 from modalpeft.core.layer import AdapterLayer
 from modalpeft.core.layers import ScaleShift
 
@@ -158,3 +161,109 @@ def test_low_precision_output_keeps_dtype():
     base = nn.Linear(5, 6).to(torch.bfloat16)
     host = _hosted(base, ScaleShift(6, init_weights=False))
     assert host(torch.randn(2, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+# -- the lean training paths: same outputs and gradients as the plain affine, fewer saved activations ----------
+LEAN = [
+    *FOLDABLE,
+    pytest.param(lambda: nn.BatchNorm2d(6), 1, (4, 6, 3, 3), id="BatchNorm2d-train"),
+]
+
+
+def _saved_bytes(fn, *modules: nn.Module) -> tuple[torch.Tensor, int]:
+    """``fn()`` and the bytes autograd saves while it runs (each storage once), the ``modules``' parameters left
+    out (as ``benchmarks.harness.saved_activation_bytes`` counts)."""
+    resident = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in resident:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize(("make", "channel_dim", "shape"), LEAN)
+def test_lean_path_matches_the_plain_affine_in_outputs_and_gradients(make, channel_dim, shape):
+    torch.manual_seed(0)
+    base = make()
+    _randomise_affine(base)
+    if isinstance(base, nn.modules.batchnorm._BatchNorm):
+        base.running_mean.normal_(), base.running_var.uniform_(0.5, 2.0)
+    plain_base = copy.deepcopy(base)
+    dim = 6
+    adapter = layers.scale_shift_for(base, dim, channel_dim=channel_dim, init_weights=False)
+    host = _hosted(base, adapter)
+    x = torch.randn(*shape, requires_grad=True)
+
+    # the straightforward reference: base output, then out * γ + β with autograd keeping what it keeps
+    scale = adapter.scale.detach().clone().requires_grad_()
+    shift = adapter.shift.detach().clone().requires_grad_()
+    view = [1] * len(shape)
+    view[channel_dim] = dim
+    x_ref = x.detach().clone().requires_grad_()
+    plain_base.requires_grad_(False)
+    expected = plain_base(x_ref) * scale.view(view) + shift.view(view)
+    g = torch.randn(expected.shape)
+    expected.backward(g)
+
+    out = host(x)
+    out.backward(g)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(adapter.scale.grad, scale.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adapter.shift.grad, shift.grad, rtol=1e-5, atol=1e-5)
+    if isinstance(base, nn.modules.batchnorm._BatchNorm):  # the running statistics moved as the plain base's did
+        torch.testing.assert_close(base.running_mean, plain_base.running_mean)
+        torch.testing.assert_close(base.running_var, plain_base.running_var)
+
+
+def test_after_a_norm_the_scale_shift_folds_into_it_and_keeps_nothing_more():
+    norm = nn.LayerNorm(8)
+    assert type(layers.scale_shift_for(norm, 8)) is layers.FoldedScaleShift
+    assert type(layers.scale_shift_for(nn.Linear(4, 8), 8)) is ScaleShift
+    assert type(layers.scale_shift_for(nn.LayerNorm(8, bias=False), 8)) is ScaleShift  # nothing to fold β into
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    frozen_norm = nn.LayerNorm(8).requires_grad_(False)
+    _, frozen = _saved_bytes(lambda: frozen_norm(x), frozen_norm)
+    host = _hosted(norm, layers.scale_shift_for(norm, 8, init_weights=False))
+    _, adapted = _saved_bytes(lambda: host(x), host)
+    # the input and its statistics, kept by the norm either way, and the folded affine itself (C-sized, not per token)
+    assert adapted - frozen <= 2 * 8 * 4
+
+
+def test_after_a_linear_the_output_is_kept_instead_of_the_input():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    lin = nn.Linear(4, 8)
+    host = _hosted(lin, ScaleShift(8, init_weights=False))
+    out, lean = _saved_bytes(lambda: nn.functional.gelu(host(x)), host)
+    assert lean == out.untyped_storage().nbytes() == 3 * 5 * 8 * 4  # one tensor, shared with the GELU
+    ScaleShift.recompute_from_output = False
+    try:
+        _, plain = _saved_bytes(lambda: nn.functional.gelu(host(x)), host)
+    finally:
+        ScaleShift.recompute_from_output = True
+    assert plain == 2 * lean  # the pre-scale features besides the GELU's input
+
+
+def test_a_zero_scale_falls_back_to_the_plain_path():
+    lin = nn.Linear(4, 3)
+    adapter = ScaleShift(3, init_weights=False)
+    with torch.no_grad():
+        adapter.scale[1] = 0.0
+    host = _hosted(lin, adapter)
+    x = torch.randn(2, 4)
+    host(x).sum().backward()
+    expected = lin(x).detach().sum(0)
+    torch.testing.assert_close(adapter.scale.grad, expected)  # d/dγ Σ (γ out + β) = Σ out, γ_1 = 0 included
+
+
+def test_an_in_place_change_of_the_kept_output_is_a_clear_error():
+    host = _hosted(nn.Linear(4, 3), ScaleShift(3, init_weights=False))
+    out = torch.relu_(host(torch.randn(2, 4)))
+    with pytest.raises(RuntimeError, match="recompute_from_output = False"):
+        out.sum().backward()
