@@ -11,7 +11,7 @@ the fixed output perfect shuffle ``Q``: ``out[r·a1 + s] = v[s·b1 + r]`` (``lay
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -128,7 +128,7 @@ class KroneckerDelta(AdapterModule):
     def parallel(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x = self.drop(x).reshape(*lead, self.a2, self.b2)  # (*, a2, b2)
-        y = self.A @ x @ self.B.t()  # (a1, a2) @ (*, a2, b2) @ (b2, b1) -> (*, a1, b1)
+        y = _KroneckerProduct.apply(x, self.A, self.B)  # A X Bᵀ: (a1, a2) @ (*, a2, b2) @ (b2, b1) -> (*, a1, b1)
         if self.layout == "official":
             y = y.transpose(-1, -2)  # (*, b1, a1): out[r·a1 + s] = y[s, r]
         return y.reshape(*lead, self.a1 * self.b1) * self.scaling
@@ -141,3 +141,28 @@ class KroneckerDelta(AdapterModule):
 
     def extra_repr(self) -> str:
         return f"A=({self.a1}, {self.a2}), B=({self.b1}, {self.b2}), scaling={self.scaling}, layout={self.layout!r}"
+
+
+class _KroneckerProduct(torch.autograd.Function):
+    """``Y = A X Bᵀ`` per token (``X``: ``(*, a2, b2)``), keeping only ``X`` (and the parameters) for backward:
+    autograd's two matmuls would also keep the intermediate ``A X``, as large as the input, at every adapted layer.
+    Backward recomputes ``A X`` and ``X Bᵀ`` (two small matmuls):
+    ``dX = Aᵀ G B``, ``dA = Σ G (X Bᵀ)ᵀ``, ``dB = Σ Gᵀ (A X)`` over tokens."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(x, a, b)
+        return a @ x @ b.t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        saved = ctx.saved_tensors
+        x, a, b = (t.to(grad.dtype) for t in saved)  # under autocast the forward ran in grad's dtype
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (a.t() @ grad @ b).to(saved[0].dtype)
+        if ctx.needs_input_grad[1]:
+            grad_a = torch.einsum("...sr,...tr->st", grad, x @ b.t()).to(saved[1].dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.einsum("...sr,...sq->rq", grad, a @ x).to(saved[2].dtype)
+        return grad_x, grad_a, grad_b

@@ -121,3 +121,38 @@ def test_host_merge_is_exact_and_unmerge_restores() -> None:
     host.unmerge("default")
     torch.testing.assert_close(base.weight, weight, atol=1e-7, rtol=0)
     torch.testing.assert_close(host(x), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["kron", "official"])
+def test_lean_backward_equals_autograd_through_the_dense_kron(layout: str) -> None:
+    torch.manual_seed(0)
+    layer = KroneckerDelta(12, 18, a1=3, a2=4, scaling=0.7, init_weights=False, layout=layout)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    layer.double()
+    g = torch.randn(2, 5, 18, dtype=torch.float64)
+    layer.parallel(x).backward(g)
+    grads = [x.grad, layer.A.grad, layer.B.grad]
+    x_ref = x.detach().clone().requires_grad_()
+    a, b = (t.detach().clone().requires_grad_() for t in (layer.A, layer.B))
+    delta = torch.kron(a, b) * 0.7
+    if layout == "official":  # the output perfect shuffle of the official reshape sequence
+        delta = delta.reshape(3, 6, -1).transpose(0, 1).reshape(18, -1)
+    (x_ref @ delta.t()).backward(g)
+    for got, want in zip(grads, [x_ref.grad, a.grad, b.grad], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_the_branch_keeps_only_its_input_for_backward() -> None:
+    layer = KroneckerDelta(12, 18, a1=3, a2=4, init_weights=False)
+    x = torch.randn(7, 12, requires_grad=True)
+    resident = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    kept: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in resident:
+            kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer.parallel(x)
+    assert kept == {x.untyped_storage().data_ptr()}  # not the intermediate A X

@@ -130,3 +130,43 @@ def test_identity_at_init_and_exact_merge():
 def test_bad_indices_raise(indices, match):
     with pytest.raises(ValueError, match=match):
         SparseDelta(IN, OUT, indices)
+
+
+class _AllocatedShapes(TorchDispatchMode):
+    """Records the shape of every tensor an operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_no_weight_sized_tensor_in_forward_or_backward_and_only_read_columns_are_kept():
+    torch.manual_seed(0)
+    d_in, d_out = 64, 48
+    indices = torch.tensor([[0, 5, 47, 20], [3, 3, 60, 9]])  # 3 distinct input columns of 64
+    layer = SparseDelta(d_in, d_out, indices, init_weights=False)
+    x = torch.randn(2, 7, d_in, requires_grad=True)
+    kept = []
+
+    def pack(t):
+        kept.append(tuple(t.shape))
+        return t
+
+    with _AllocatedShapes() as mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer.parallel(x)
+    with _AllocatedShapes() as backward_mode:
+        y.square().sum().backward()
+    for shapes in (mode.shapes, backward_mode.shapes):
+        assert (d_out, d_in) not in shapes and (d_in, d_out) not in shapes
+    assert (14, 3) in kept and (14, d_in) not in kept and (2, 7, d_in) not in kept  # x[..., [3, 9, 60]] only
+    x_ref = x.detach().clone().requires_grad_()
+    dense = torch.zeros(d_out, d_in).index_put((indices[0], indices[1]), layer.values.detach())
+    (x_ref @ dense.t()).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
