@@ -94,49 +94,33 @@ class SparseDelta(AdapterModule):
 
 
 class _SparseDeltaMatmul(torch.autograd.Function):
-    """``x @ ΔWᵀ`` with ``ΔW`` given by ``(indices, values)``, never as a dense ``(d_out, d_in)`` matrix.
-
-    Forward and backward scatter and gather the ``n`` entries (``O(T·n)`` for ``T`` tokens, in chunks of at most
-    ``_CHUNK_ELEMENTS`` products, instead of a weight-sized matrix and an ``O(T·d_in·d_out)`` product), and only the
-    input columns that some entry reads are kept for backward (``x[..., unique(cols)]``): the values' gradient
-    ``Σ_t ∂L/∂y[t, rows[k]] · x[t, cols[k]]`` needs nothing else.
-    """
+    """``x @ ΔWᵀ`` with ``ΔW`` built from ``(indices, values)``; the backward gives ``values`` a sparse gradient."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, indices: Tensor, out_features: int) -> Tensor:
-        rows, cols = indices
-        used, position = cols.unique(return_inverse=True)  # the columns read, and each entry's among them
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2[:, used], values, indices, position)
-        ctx.in_features, ctx.lead = x.shape[-1], x.shape[:-1]
-        y = _scatter(x2, cols, rows, values.to(x.dtype), out_features)
-        return y.reshape(*x.shape[:-1], out_features)
+        ctx.save_for_backward(x, values, indices)
+        ctx.out_features = out_features
+        return x @ _dense(values, indices, out_features, x.shape[-1], x.dtype).t()
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        kept, values, indices, position = ctx.saved_tensors
-        rows, cols = indices
-        grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])  # (T, d_out), T = all leading positions
+        x, values, indices = ctx.saved_tensors
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = _scatter(grad_y2, rows, cols, values.to(grad_y.dtype), ctx.in_features)
-            grad_x = grad_x.reshape(*ctx.lead, ctx.in_features)
+            grad_x = grad_y @ _dense(values, indices, ctx.out_features, x.shape[-1], grad_y.dtype)
         if ctx.needs_input_grad[1]:
+            grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])  # (T, d_out), T = all leading positions
+            x2 = x.reshape(-1, x.shape[-1])  # (T, d_in)
             grad_values = torch.empty_like(values)
-            chunk = max(1, _CHUNK_ELEMENTS // max(1, grad_y2.shape[0]))
+            chunk = max(1, _CHUNK_ELEMENTS // max(1, x2.shape[0]))
             for start in range(0, values.shape[0], chunk):
-                part = slice(start, start + chunk)
+                rows, cols = indices[:, start : start + chunk]
                 # (T, c) · (T, c) summed over T: the gradients of c entries, without a dense (d_out, d_in) matrix.
-                products = grad_y2[:, rows[part]].to(values.dtype) * kept[:, position[part]].to(values.dtype)
-                grad_values[part] = products.sum(0)
+                products = grad_y2[:, rows].to(values.dtype) * x2[:, cols].to(values.dtype)
+                grad_values[start : start + chunk] = products.sum(0)
         return grad_x, grad_values, None, None
 
 
-def _scatter(source: Tensor, read: Tensor, write: Tensor, values: Tensor, width: int) -> Tensor:
-    """``out[:, write[k]] += values[k] · source[:, read[k]]`` for every entry ``k``: ``(T, width)``, in chunks."""
-    out = source.new_zeros(source.shape[0], width)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, source.shape[0]))
-    for start in range(0, values.shape[0], chunk):
-        part = slice(start, start + chunk)
-        out.index_add_(1, write[part], source[:, read[part]] * values[part])
-    return out
+def _dense(values: Tensor, indices: Tensor, out_features: int, in_features: int, dtype: torch.dtype) -> Tensor:
+    delta = torch.zeros(out_features, in_features, device=values.device, dtype=dtype)
+    return delta.index_put_((indices[0], indices[1]), values.to(dtype))
