@@ -5,7 +5,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.text --model bert_test --threads 1  # seconds: a check
 
 Candidates: full fine-tuning, the head only, peft LoRA r=8 on the query/value projections, and every native text
-method (Houlsby, Pfeiffer, the parallel adapter, Compacter, LLM-Adapters, SoRA, LoFiT's head-selection stage) at
+method (Houlsby, Pfeiffer, the parallel adapter, Compacter, LLM-Adapters, SoRA, LoFiT's head-selection stage, DePT) at
 its paper's setting, through :func:`benchmarks.harness.measure` (parameters, file size, peak memory, step time,
 ratios to full fine-tuning, the head and LoRA). The classifier is :class:`modalpeft.text.tasks.TextClassifier`
 (mean pooling, last-token for LLaMA) over random token ids and labels: the run measures cost, not accuracy.
@@ -90,6 +90,7 @@ def candidates(model: str) -> list[Candidate]:
         Candidate("llm_adapters", mp.LLMAdaptersConfig(bottleneck_dim=256, target_modules=preset["ffn"])),
         Candidate("sora", mp.SoRAConfig(rank=8)),
         Candidate("lofit", mp.LoFiTConfig(stage="scale")),
+        Candidate("dept", mp.DePTConfig(num_tokens=8 if small else 60, rank=30, max_length=preset["tokens"])),
     ]
 
 

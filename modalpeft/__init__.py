@@ -16,6 +16,7 @@ from .diffusion import DiffuseKronAConfig  # noqa: E402  (registers diffusekrona
 from .pointcloud import PointGSTConfig, PointPEFTConfig  # noqa: E402  (registers pointgst, point_peft)
 from .text import (  # noqa: E402  (registers houlsby, pfeiffer, parallel_adapter, compacter, llm_adapters, sora, lofit)
     CompacterConfig,
+    DePTConfig,
     HoulsbyConfig,
     LLMAdaptersConfig,
     LoFiTConfig,
@@ -35,6 +36,7 @@ __all__ = [
     "PointGSTConfig",
     "PointPEFTConfig",
     "CompacterConfig",
+    "DePTConfig",
     "HoulsbyConfig",
     "LLMAdaptersConfig",
     "LoFiTConfig",

@@ -204,3 +204,8 @@ def sora(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
 def lofit(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     """Bias stage: ``K·d_h`` (spec §3f), d_h = 32 / 4 heads in the tiny BERT."""
     return len(cfg.heads) * 32 // 4
+
+
+def dept(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """``m·d + L_max·r + r·d`` (spec §2f), d = 32 in the tiny BERT."""
+    return cfg.num_tokens * 32 + cfg.max_length * cfg.rank + cfg.rank * 32

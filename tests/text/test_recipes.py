@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes" / "text").glob("*.yaml"))
 CLASSES = (pl.LightningModule, pl.LightningDataModule)
 TINY_ADAPTER = {"compacter": ["--model.init_args.adapter.init_args.reduction_factor=4"]}  # width 32: r = 8
+TINY_ADAPTER["dept"] = ["--model.init_args.adapter.init_args.num_tokens=8"]  # tiny RoBERTa: 64 positions
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +66,8 @@ def test_recipe_trains_two_steps_with_a_tiny_model(recipe, files, tmp_path) -> N
     args += [f"--data.init_args.data_dir={data}", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4"]
     args += ["--data.init_args.max_length=32", "--trainer.accelerator=cpu", "--trainer.fast_dev_run=2"]
     args += ["--trainer.precision=32-true"]  # the LLaMA recipes train in bf16 on a GPU
+    if method == "dept":  # its text init reads the model's tokenizer
+        args += [f"--model.init_args.adapter.init_args.tokenizer={files[arch]}"]
     cli = cli_main([*args, f"--trainer.default_root_dir={tmp_path}"], *CLASSES)
     assert cli.trainer.global_step == 2 and isinstance(cli.model, TextClassificationTask)
     trainable = {n for n, p in cli.model.model.named_parameters() if p.requires_grad}

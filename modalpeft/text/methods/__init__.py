@@ -7,12 +7,14 @@ They import ``modalpeft.core`` and torch only (and transformers models are found
 
 from .bottleneck import HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig, TextBottleneckConfig
 from .compacter import CompacterConfig
+from .dept import DePTConfig
 from .llm_adapters import LLMAdaptersConfig
 from .lofit import LoFiTConfig
 from .sora import SoRAConfig
 
 __all__ = [
     "CompacterConfig",
+    "DePTConfig",
     "HoulsbyConfig",
     "LLMAdaptersConfig",
     "LoFiTConfig",
