@@ -7,7 +7,9 @@ A folder holds one file per split, ``train``, ``dev`` (or ``validation`` / ``val
 with ``datasets.load_from_disk`` when ``datasets`` is installed.
 
 Batches are dicts of the tokenizer's tensors (``input_ids``, ``attention_mask``, ...) plus ``labels``:
-class indices, or floats for regression (``num_labels == 1``, STS-B).
+class indices, or floats for regression (``num_labels == 1``, STS-B). With ``task="causal_lm"`` the records are
+instruction / answer pairs and the batches those of :class:`~modalpeft.text.instructions.InstructionCollate`
+(the prompt masked out of the loss).
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from .instructions import InstructionCollate, InstructionDataset
+
 SPLITS = {"train": ("train",), "val": ("dev", "validation", "val"), "test": ("test",)}
 SUFFIXES = (".tsv", ".csv", ".jsonl")
+DataTask = Literal["classification", "causal_lm"]
 
 Record = dict[str, Any]
 
@@ -192,6 +197,12 @@ class TextDataModule(pl.LightningDataModule):
         max_length: truncation length in tokens.
         batch_size: training batch size (evaluation uses twice as many).
         num_workers: DataLoader workers.
+        task: ``"classification"`` or ``"causal_lm"`` (instruction / answer pairs: ``text_fields`` are the
+            prompt's columns, default ``["instruction"]``; ``label_field`` and ``labels`` are unused).
+        answer_field: the answer column (``causal_lm``).
+        prompt_template: a ``str.format`` template over the columns that builds the prompt (``causal_lm``;
+            ``None``: the ``text_fields`` joined by newlines).
+        train_on_prompt: keep the prompt tokens in the loss (``causal_lm``; LLM-Adapters' default).
     """
 
     def __init__(
@@ -204,16 +215,25 @@ class TextDataModule(pl.LightningDataModule):
         max_length: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
+        task: DataTask = "classification",
+        answer_field: str = "answer",
+        prompt_template: str | None = None,
+        train_on_prompt: bool = False,
     ) -> None:
         super().__init__()
-        text_fields = ["sentence"] if text_fields is None else list(text_fields)
-        if not 1 <= len(text_fields) <= 2:
+        if task not in get_args(DataTask):
+            raise ValueError(f"task={task!r} is not valid; choose one of {list(get_args(DataTask))}.")
+        self.task, self.answer_field, self.prompt_template = task, answer_field, prompt_template
+        self.train_on_prompt = train_on_prompt
+        default = ["instruction"] if task == "causal_lm" else ["sentence"]
+        text_fields = default if text_fields is None else list(text_fields)
+        if task == "classification" and not 1 <= len(text_fields) <= 2:
             raise ValueError(f"text_fields={text_fields!r} must name one column (sentences) or two (pairs).")
         self.data_dir, self.text_fields, self.label_field = data_dir, text_fields, label_field
         self.labels = labels
         self.tokenizer_name, self.max_length = tokenizer, max_length
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.datasets: dict[str, TextDataset] = {}
+        self.datasets: dict[str, TextDataset | InstructionDataset] = {}
         self.tokenizer: Any = None
 
     @property
@@ -226,6 +246,9 @@ class TextDataModule(pl.LightningDataModule):
         train = read_split(self.data_dir, "train")
         if train is None:
             raise ValueError(f"{self.data_dir} holds no train.tsv/.csv/.jsonl (or datasets split 'train').")
+        if self.task == "causal_lm":
+            self._setup_instructions(train)
+            return
         if self.labels is None:
             values = sorted({str(r[self.label_field]) for r in train if r.get(self.label_field) not in (None, "")})
             numeric = all(v.lstrip("-").isdigit() for v in values)
@@ -236,10 +259,29 @@ class TextDataModule(pl.LightningDataModule):
             if records is not None:
                 source = f"{self.data_dir} ({split})"
                 self.datasets[split] = TextDataset(records, self.text_fields, self.label_field, classes, source)
+        self._load_tokenizer()
+
+    def _setup_instructions(self, train: list[Record]) -> None:
+        for split in SPLITS:
+            records = train if split == "train" else read_split(self.data_dir, split)
+            if records is not None:
+                source = f"{self.data_dir} ({split})"
+                self.datasets[split] = InstructionDataset(
+                    records, self.text_fields, self.answer_field, self.prompt_template, source
+                )
+        self._load_tokenizer()
+
+    def _load_tokenizer(self) -> None:
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         if self.tokenizer.pad_token is None:  # decoder tokenizers (LLaMA, GPT-2) have none: pad with EOS, on the right
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"  # last-token pooling reads the last non-padding position
+
+    def collate(self) -> TextCollate | InstructionCollate:
+        """The batch builder of the task."""
+        if self.task == "causal_lm":
+            return InstructionCollate(self.tokenizer, self.max_length, self.train_on_prompt)
+        return TextCollate(self.tokenizer, self.max_length, self.regression)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
@@ -251,7 +293,7 @@ class TextDataModule(pl.LightningDataModule):
             batch_size=self.batch_size if shuffle else 2 * self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=TextCollate(self.tokenizer, self.max_length, self.regression),
+            collate_fn=self.collate(),
         )
 
     def train_dataloader(self) -> DataLoader:
