@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from transformers import AutoTokenizer
 
@@ -15,7 +14,7 @@ from modalpeft.text.data import TextDataModule
 from modalpeft.text.instructions import ALPACA_TEMPLATE, IGNORE_INDEX, InstructionCollate, InstructionDataset
 from modalpeft.text.tasks import CausalLMTask, causal_lm
 
-from .fixtures import write_tiny_model
+from .fixtures import cpu_trainer, write_tiny_model
 
 
 def write_instructions(folder, n: int = 8):
@@ -111,14 +110,7 @@ def test_fit_a_few_steps_and_validate(adapter, tmp_path, model_dir) -> None:
         str(write_instructions(tmp_path / "d")), tokenizer=str(model_dir), task="causal_lm", batch_size=4, max_length=32
     )
     task = CausalLMTask(causal_lm(str(model_dir)), adapter=adapter, lr=1e-2)
-    trainer = pl.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = cpu_trainer(tmp_path)
     trainer.fit(task, datamodule=data)
     assert trainer.global_step == 3
     metrics = trainer.validate(task, datamodule=data, verbose=False)[0]
