@@ -10,6 +10,7 @@ from .compacter import CompacterConfig
 from .dept import DePTConfig
 from .llm_adapters import LLMAdaptersConfig
 from .lofit import LoFiTConfig
+from .mam import MAMConfig
 from .sora import SoRAConfig
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "HoulsbyConfig",
     "LLMAdaptersConfig",
     "LoFiTConfig",
+    "MAMConfig",
     "ParallelAdapterConfig",
     "PfeifferConfig",
     "SoRAConfig",

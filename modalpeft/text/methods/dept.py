@@ -48,7 +48,6 @@ Differences from the official code:
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,22 +57,13 @@ import torch
 from torch import Tensor, nn
 
 from ...core.config import AdapterConfig, _help
-from ...core.inject import attach, base_modules, find_targets, hosts
+from ...core.inject import attach, find_targets, hosts
 from ...core.layer import AdapterModule, InitMode
 from ...core.registry import register_method
+from ..structure import bind_arguments, cache_length, find_bodies
 
 OFFICIAL_INIT_TEXT = "Classify this text is postive or not:"
 """The official ``prompt_tuning_init_text`` default (``train.py``), typo included."""
-_BODY_INPUTS = {"input_ids", "attention_mask", "inputs_embeds"}
-
-
-def _cache_length(kwargs: Mapping[str, Any]) -> int:
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2]) if len(cache) else 0
 
 
 class DecomposedPrompt(AdapterModule):
@@ -154,13 +144,12 @@ class DecomposedPrompt(AdapterModule):
         return torch.cat([prompt, embeddings + offset.to(embeddings.dtype)], dim=1)
 
     def around(self, base: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        names = [n for n in inspect.signature(base.forward).parameters if n not in ("args", "kwargs")]
-        kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
+        kwargs = bind_arguments(base, args, kwargs)
         m = self.prompt.shape[0]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim != 2:
             raise ValueError(f"dept takes a 2-D attention_mask (N, L), got shape {tuple(mask.shape)}.")
-        cached = _cache_length(kwargs)
+        cached = cache_length(kwargs)
         if mask is not None:
             kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], m), mask], dim=1)
         position_ids = kwargs.get("position_ids")
@@ -210,8 +199,7 @@ class CrossAttentionMaskPad(AdapterModule):
         return "it belongs to DePT's prompt"
 
     def around(self, base: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        names = [n for n in inspect.signature(base.forward).parameters if n not in ("args", "kwargs")]
-        kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
+        kwargs = bind_arguments(base, args, kwargs)
         states, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
         if states is not None and mask is not None and states.shape[1] == mask.shape[-1] + self.num_tokens:
             kwargs["encoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], self.num_tokens), mask], -1)
@@ -277,33 +265,11 @@ class DePTConfig(AdapterConfig):
         return torch.optim.AdamW(out, lr=lr)
 
 
-def _takes(module: nn.Module, names: set[str]) -> bool:
-    try:
-        return names <= set(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return False
-
-
-def _is_decoder(module: nn.Module) -> bool:
-    return bool(getattr(module, "is_decoder", False) or getattr(getattr(module, "config", None), "is_decoder", False))
-
-
 def _bodies(model: nn.Module, config: DePTConfig) -> tuple[list[tuple[str, nn.Module]], list[str]]:
-    """The encoder body (or bodies) to prompt, and the decoders that cross-attend to them."""
+    """The encoder body to prompt (or the ``target_modules``), and the decoders that cross-attend to it."""
     if config.target_modules is not None:
         return find_targets(model, config), []
-    found = [(n, m) for n, m in base_modules(model) if n and _takes(m, _BODY_INPUTS)]
-    deepest = [(n, m) for n, m in found if not any(o.startswith(n + ".") for o, _ in found)]
-    encoders = [(n, m) for n, m in deepest if not _is_decoder(m)]
-    decoders = [n for n, m in deepest if _is_decoder(m) and _takes(m, {"encoder_attention_mask"})]
-    if len(encoders) != 1:
-        raise ValueError(
-            f"dept looks for one submodule whose forward takes {sorted(_BODY_INPUTS)} (the transformer body that "
-            f"embeds input_ids) and found {[n for n, _ in encoders] or 'none'} in {type(model).__name__}. Adapt a "
-            "model that holds its body as a submodule (a TextClassifier, *ForCausalLM, T5ForConditionalGeneration; "
-            "not a bare BertModel), or name the body in target_modules."
-        )
-    return encoders, decoders
+    return find_bodies(model, "dept")
 
 
 def _max_positions(body: nn.Module) -> int | None:
