@@ -2,9 +2,10 @@
 
 A folder holds one file per split, ``train``, ``dev`` (or ``validation`` / ``val``) and ``test``, each
 ``.tsv`` (tab-separated with a header row and no quoting: GLUE's layout, e.g. ``SST-2/train.tsv`` with columns
-``sentence  label``, ``MRPC`` with ``#1 String  #2 String  Quality``), ``.csv`` (with a header) or ``.jsonl``
-(one object per line); or it is a ``datasets.DatasetDict.save_to_disk`` folder (``dataset_dict.json``), read
-with ``datasets.load_from_disk`` when ``datasets`` is installed.
+``sentence  label``, ``MRPC`` with ``#1 String  #2 String  Quality``), ``.csv`` (with a header), ``.jsonl``
+(one object per line) or ``.json`` (one array of objects: Alpaca / LLM-Adapters' ``math_10k.json``); or it is a
+``datasets.DatasetDict.save_to_disk`` folder (``dataset_dict.json``), read with ``datasets.load_from_disk`` when
+``datasets`` is installed.
 
 Batches are dicts of the tokenizer's tensors (``input_ids``, ``attention_mask``, ...) plus ``labels``:
 class indices, or floats for regression (``num_labels == 1``, STS-B). With ``task="causal_lm"`` the records are
@@ -27,14 +28,14 @@ from torch.utils.data import DataLoader
 from .instructions import InstructionCollate, InstructionDataset
 
 SPLITS = {"train": ("train",), "val": ("dev", "validation", "val"), "test": ("test",)}
-SUFFIXES = (".tsv", ".csv", ".jsonl")
+SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 DataTask = Literal["classification", "causal_lm"]
 
 Record = dict[str, Any]
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """The rows of a ``.tsv``/``.csv``/``.jsonl`` file as dicts.
+    """The rows of a ``.tsv``/``.csv``/``.jsonl``/``.json`` file as dicts.
 
     Raises:
         ValueError: an unknown suffix, an empty file, or a malformed line (named with its number).
@@ -45,6 +46,8 @@ def read_records(path: str | Path) -> list[Record]:
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError(f"{path} is empty; it needs a header row (.tsv/.csv) or one JSON object per line (.jsonl).")
+    if path.suffix == ".json":
+        return _json_array(path, text)
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -73,6 +76,19 @@ def read_records(path: str | Path) -> list[Record]:
             )
         records.append(dict(zip(header, row, strict=True)))
     return records
+
+
+def _json_array(path: Path, text: str) -> list[Record]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file.") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of objects, got {type(data).__name__}; or use .jsonl.")
+    bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: element {bad} of the array is a {type(data[bad]).__name__}, not an object.")
+    return data
 
 
 def split_file(folder: str | Path, split: str) -> Path | None:
@@ -245,7 +261,7 @@ class TextDataModule(pl.LightningDataModule):
             return
         train = read_split(self.data_dir, "train")
         if train is None:
-            raise ValueError(f"{self.data_dir} holds no train.tsv/.csv/.jsonl (or datasets split 'train').")
+            raise ValueError(f"{self.data_dir} holds no train.tsv/.csv/.jsonl/.json (or datasets split 'train').")
         if self.task == "causal_lm":
             self._setup_instructions(train)
             return
@@ -286,7 +302,7 @@ class TextDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(
-                f"{self.data_dir} has no {split} split (files: {'/'.join(SPLITS[split])}.tsv|.csv|.jsonl)."
+                f"{self.data_dir} has no {split} split (files: {'/'.join(SPLITS[split])}.tsv|.csv|.jsonl|.json)."
             )
         return DataLoader(
             self.datasets[split],

@@ -115,3 +115,23 @@ def test_fit_a_few_steps_and_validate(adapter, tmp_path, model_dir) -> None:
     assert trainer.global_step == 3
     metrics = trainer.validate(task, datamodule=data, verbose=False)[0]
     assert 0.0 <= metrics["val/exact_match"] <= 1.0 and torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+def test_json_array_files_and_their_errors(tmp_path, model_dir) -> None:
+    """LLM-Adapters' math_10k.json layout: one JSON array of {instruction, input, output, answer}."""
+    folder = tmp_path / "math"
+    folder.mkdir()
+    rows = [
+        {"instruction": f"{i} plus 1", "input": "", "output": f"the answer is {i + 1}", "answer": i + 1}
+        for i in range(4)
+    ]
+    (folder / "train.json").write_text(json.dumps(rows))
+    data = TextDataModule(str(folder), tokenizer=str(model_dir), task="causal_lm", answer_field="output")
+    data.setup()
+    assert data.datasets["train"][1] == ("1 plus 1\n", "the answer is 2")
+    (folder / "train.json").write_text('[{"instruction": "a"}, 3]')
+    with pytest.raises(ValueError, match="element 1 of the array is a int"):
+        TextDataModule(str(folder), tokenizer=str(model_dir), task="causal_lm").setup()
+    (folder / "train.json").write_text('[{"instruction": "a",\n}]')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        TextDataModule(str(folder), tokenizer=str(model_dir), task="causal_lm").setup()
