@@ -5,12 +5,13 @@
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.text --model bert_test --threads 1  # seconds: a check
 
 Candidates: full fine-tuning, the head only, peft LoRA r=8 on the query/value projections, and every native text
-method (Houlsby, Pfeiffer, the parallel adapter, Compacter, LLM-Adapters, SoRA, LoFiT's head-selection stage) at
-its paper's setting, through :func:`benchmarks.harness.measure` (parameters, file size, peak memory, step time,
-ratios to full fine-tuning, the head and LoRA). The classifier is :class:`modalpeft.text.tasks.TextClassifier`
-(mean pooling, last-token for LLaMA) over random token ids and labels: the run measures cost, not accuracy.
-Models are built from transformers config classes with the real sizes (RoBERTa-base: 12 layers, width 768;
-``llama_7b_blocks``: LLaMA-7B's width 4,096, FFN 11,008, 32 heads, 2 of its 32 layers), so nothing downloads.
+method (Houlsby, Pfeiffer, the parallel adapter, Compacter, LLM-Adapters, SoRA, LoFiT's head-selection stage,
+DePT, MAM) at its paper's setting, through :func:`benchmarks.harness.measure` (parameters, file size, peak memory,
+step time, ratios to full fine-tuning, the head and LoRA). The classifier is
+:class:`modalpeft.text.tasks.TextClassifier` (mean pooling, last-token for LLaMA) over random token ids and labels:
+the run measures cost, not accuracy. Models are built from transformers config classes with the real sizes
+(RoBERTa-base: 12 layers, width 768; ``llama_7b_blocks``: LLaMA-7B's width 4,096, FFN 11,008, 32 heads, 2 of its
+32 layers), so nothing downloads.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def candidates(model: str) -> list[Candidate]:
         Candidate("llm_adapters", mp.LLMAdaptersConfig(bottleneck_dim=256, target_modules=preset["ffn"])),
         Candidate("sora", mp.SoRAConfig(rank=8)),
         Candidate("lofit", mp.LoFiTConfig(stage="scale")),
+        Candidate("mam", mp.MAMConfig(bottleneck_dim=16, scaling=2.0, prefix_tokens=16)),
+        Candidate("dept", mp.DePTConfig(num_tokens=8 if small else 60, rank=30, max_length=preset["tokens"])),
     ]
 
 

@@ -16,9 +16,11 @@ from .diffusion import DiffuseKronAConfig  # noqa: E402  (registers diffusekrona
 from .pointcloud import PointGSTConfig, PointPEFTConfig  # noqa: E402  (registers pointgst, point_peft)
 from .text import (  # noqa: E402  (registers houlsby, pfeiffer, parallel_adapter, compacter, llm_adapters, sora, lofit)
     CompacterConfig,
+    DePTConfig,
     HoulsbyConfig,
     LLMAdaptersConfig,
     LoFiTConfig,
+    MAMConfig,
     ParallelAdapterConfig,
     PfeifferConfig,
     SoRAConfig,
@@ -35,9 +37,11 @@ __all__ = [
     "PointGSTConfig",
     "PointPEFTConfig",
     "CompacterConfig",
+    "DePTConfig",
     "HoulsbyConfig",
     "LLMAdaptersConfig",
     "LoFiTConfig",
+    "MAMConfig",
     "ParallelAdapterConfig",
     "PfeifferConfig",
     "SoRAConfig",

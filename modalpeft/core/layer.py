@@ -17,9 +17,11 @@ The hooks an adapter module may override, applied by the host in this order::
     out = post(out)                                # transform the output (SSF, sequential adapters)
 
 When the base layer returns a tuple (``nn.MultiheadAttention``, Hugging Face layers), ``parallel`` and
-``post`` act on its first element. An adapter module with ``skips_base = True`` takes the base module out of
-the path while it runs (``out = x``; :class:`~modalpeft.core.layers.Bypass`), for a base module that a
-method's own recipe does not have.
+``post`` act on its first element. An adapter module that must rewrite several inputs and the output together
+overrides ``around(base, args, kwargs)`` instead, which takes over the whole call (DePT builds ``inputs_embeds``
+from ``input_ids`` and lengthens the attention mask); the four hooks above are then not applied. An adapter
+module with ``skips_base = True`` takes the base module out of the path while it runs (``out = x``;
+:class:`~modalpeft.core.layers.Bypass`), for a base module that a method's own recipe does not have.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class AdapterModule(nn.Module):
     has_param_deltas: ClassVar[bool] = False
     has_parallel: ClassVar[bool] = False
     has_post: ClassVar[bool] = False
+    has_around: ClassVar[bool] = False
     skips_base: ClassVar[bool] = False
     """Set by adapters that replace the base module by the identity while they run (the host returns ``x``)."""
     input_arg: int = 0
@@ -57,7 +60,7 @@ class AdapterModule(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for hook in ("pre", "param_deltas", "parallel", "post"):
+        for hook in ("pre", "param_deltas", "parallel", "post", "around"):
             setattr(cls, f"has_{hook}", getattr(cls, hook) is not getattr(AdapterModule, hook))
 
     def reset_adapter(self, init_weights: InitMode = True) -> None:
@@ -87,6 +90,10 @@ class AdapterModule(nn.Module):
     def post(self, out: Tensor) -> Tensor:
         """Transform the base output."""
         return out
+
+    def around(self, base: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The whole adapted call: ``base(*args, **kwargs)`` with inputs and output rewritten together."""
+        raise NotImplementedError
 
     def delta_weight(self) -> Tensor:
         """The dense update of ``base.weight`` that this adapter's ``parallel`` branch equals."""
@@ -200,6 +207,8 @@ class AdapterLayer(nn.Module):
         adapter = self._running()
         if adapter is None:
             return self.base_layer(*args, **kwargs)
+        if adapter.has_around:
+            return adapter.around(self.base_layer, args, kwargs)
         x, key = _first_input(args, kwargs, adapter.input_arg)
         if adapter.has_pre:
             x = adapter.pre(x)

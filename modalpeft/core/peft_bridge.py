@@ -257,3 +257,17 @@ def adalora_orthogonal_penalty(tuner: Any) -> Tensor:
             cov = p @ p.T if "lora_A" in key else p.T @ p
             terms.append(torch.norm(cov - torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device), p="fro"))
     return weight * torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def kasa_penalty(model: nn.Module) -> Tensor | None:
+    """peft's KaSA regulariser of the active adapter, ``β·Σ lora_diag² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F)`` summed over
+    its layers (``LoraModel._get_kasa_loss``; the paper's Eq. 9-12), which peft leaves to the training loop; ``None``
+    for a model without a KaSA adapter (``LoraConfig(kasa_config=KasaConfig(...))``)."""
+    if not isinstance(model, PeftAdaptedModel):
+        return None
+    config = model.peft_config.get(model.active_adapter)
+    tuner = model.base_model.base_model
+    if getattr(config, "kasa_config", None) is None or not hasattr(tuner, "_get_kasa_loss"):
+        return None
+    loss = tuner._get_kasa_loss()
+    return loss if isinstance(loss, Tensor) else torch.zeros(())

@@ -12,6 +12,8 @@ shares :mod:`modalpeft.lightning.demo`:
 - ``pointcloud`` (:mod:`modalpeft.pointcloud.demo`): a small Point-MAE pretrained by masked point modelling on
   offline meshes (committed), adapted with PointGST, Point-PEFT, full fine-tuning and linear probing on
   ScanObjectNN-like clouds from those meshes.
+- ``text`` (:mod:`modalpeft.text.demo`): the offline all-MiniLM-L6-v2 on the mini-GLUE built from WordNet and
+  fortunes, with linear probing, full fine-tuning, peft's LoRA and AdaLoRA and the native text methods.
 
 A run writes everything (``results.json``, the markdown reports, saved adapters) to its run folder,
 ``outputs/demo/<timestamp>/`` by default (git-ignored), and prints it at the end; nothing in the checkout changes.
@@ -75,7 +77,19 @@ def _pointcloud(quick: bool, out: Path, results_dir: str | None, console: Consol
     return True
 
 
-SECTIONS: dict[str, Callable[..., bool]] = {"vision": _vision, "deepfake": _deepfake, "pointcloud": _pointcloud}
+def _text(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
+    from modalpeft.text import demo
+
+    options = {k: overrides[k] for k in ("steps",) if overrides.get(k) is not None}
+    return demo.run(quick, out / "text", console=console, results_dir=results_dir, **options)
+
+
+SECTIONS: dict[str, Callable[..., bool]] = {
+    "vision": _vision,
+    "deepfake": _deepfake,
+    "pointcloud": _pointcloud,
+    "text": _text,
+}
 """Each modality's section: ``(quick, out, results_dir, console, **overrides) -> all checks passed``."""
 
 SIDE_BY_SIDE: tuple[str, ...] = ("deepfake", "pointcloud")

@@ -18,7 +18,7 @@ from ..core.api import adapt, save_baseline
 from ..core.config import AdapterConfig
 from ..core.inject import modules_to_save_modules, saved_keys
 from ..core.model import AdaptedModel
-from ..core.peft_bridge import adalora_orthogonal_penalty, adalora_tuner
+from ..core.peft_bridge import adalora_orthogonal_penalty, adalora_tuner, kasa_penalty
 from .checkpoint import AdapterExport, RandomStateCheckpoint, check_checkpoint, filter_checkpoint
 from .optim import OptimizerName, SchedulerName, build_optimizer, param_groups, warmup_cosine
 
@@ -165,12 +165,17 @@ class AdapterTask(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.step(batch, "train")
-        # a method with a regulariser in its objective (SoRA's L1 on its gates) defines ``training_penalty(model)``
+        # a method with a regulariser in its objective (SoRA's L1 on its gates) defines ``training_penalty(model)``;
+        # peft computes AdaLoRA's orthogonal and KaSA's regularisers but adds them only to a loss the model returns
         penalty = getattr(self.adapter_config(), "training_penalty", None)
         tuner = adalora_tuner(self.model)
-        if penalty is not None or tuner is not None:
-            # AdaLoRA's orthogonal regulariser: peft adds it only to a loss the model returns itself
-            extra = penalty(self.model) if penalty is not None else adalora_orthogonal_penalty(tuner)
+        if penalty is not None:
+            extra = penalty(self.model)
+        elif tuner is not None:
+            extra = adalora_orthogonal_penalty(tuner)
+        else:
+            extra = kasa_penalty(self.model)
+        if extra is not None:
             self.log("train/penalty", extra.detach(), on_step=True, on_epoch=False)
             loss = loss + extra
         return loss

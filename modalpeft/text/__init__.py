@@ -8,9 +8,11 @@ torch only (transformers is imported when a backbone is loaded or built).
 from .backbones import last_token_pool, load_backbone, mean_pool, minilm_path, tiny_model, verify_minilm
 from .methods import (
     CompacterConfig,
+    DePTConfig,
     HoulsbyConfig,
     LLMAdaptersConfig,
     LoFiTConfig,
+    MAMConfig,
     ParallelAdapterConfig,
     PfeifferConfig,
     SoRAConfig,
@@ -20,9 +22,11 @@ from .structure import BlockParts, find_blocks, find_norms
 __all__ = [
     "BlockParts",
     "CompacterConfig",
+    "DePTConfig",
     "HoulsbyConfig",
     "LLMAdaptersConfig",
     "LoFiTConfig",
+    "MAMConfig",
     "ParallelAdapterConfig",
     "PfeifferConfig",
     "SoRAConfig",

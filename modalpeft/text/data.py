@@ -2,12 +2,15 @@
 
 A folder holds one file per split, ``train``, ``dev`` (or ``validation`` / ``val``) and ``test``, each
 ``.tsv`` (tab-separated with a header row and no quoting: GLUE's layout, e.g. ``SST-2/train.tsv`` with columns
-``sentence  label``, ``MRPC`` with ``#1 String  #2 String  Quality``), ``.csv`` (with a header) or ``.jsonl``
-(one object per line); or it is a ``datasets.DatasetDict.save_to_disk`` folder (``dataset_dict.json``), read
-with ``datasets.load_from_disk`` when ``datasets`` is installed.
+``sentence  label``, ``MRPC`` with ``#1 String  #2 String  Quality``), ``.csv`` (with a header), ``.jsonl``
+(one object per line) or ``.json`` (one array of objects: Alpaca / LLM-Adapters' ``math_10k.json``); or it is a
+``datasets.DatasetDict.save_to_disk`` folder (``dataset_dict.json``), read with ``datasets.load_from_disk`` when
+``datasets`` is installed.
 
 Batches are dicts of the tokenizer's tensors (``input_ids``, ``attention_mask``, ...) plus ``labels``:
-class indices, or floats for regression (``num_labels == 1``, STS-B).
+class indices, or floats for regression (``num_labels == 1``, STS-B). With ``task="causal_lm"`` the records are
+instruction / answer pairs and the batches those of :class:`~modalpeft.text.instructions.InstructionCollate`
+(the prompt masked out of the loss).
 """
 
 from __future__ import annotations
@@ -16,20 +19,23 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from .instructions import InstructionCollate, InstructionDataset
+
 SPLITS = {"train": ("train",), "val": ("dev", "validation", "val"), "test": ("test",)}
-SUFFIXES = (".tsv", ".csv", ".jsonl")
+SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+DataTask = Literal["classification", "causal_lm"]
 
 Record = dict[str, Any]
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """The rows of a ``.tsv``/``.csv``/``.jsonl`` file as dicts.
+    """The rows of a ``.tsv``/``.csv``/``.jsonl``/``.json`` file as dicts.
 
     Raises:
         ValueError: an unknown suffix, an empty file, or a malformed line (named with its number).
@@ -40,6 +46,8 @@ def read_records(path: str | Path) -> list[Record]:
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError(f"{path} is empty; it needs a header row (.tsv/.csv) or one JSON object per line (.jsonl).")
+    if path.suffix == ".json":
+        return _json_array(path, text)
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -68,6 +76,19 @@ def read_records(path: str | Path) -> list[Record]:
             )
         records.append(dict(zip(header, row, strict=True)))
     return records
+
+
+def _json_array(path: Path, text: str) -> list[Record]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file.") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of objects, got {type(data).__name__}; or use .jsonl.")
+    bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: element {bad} of the array is a {type(data[bad]).__name__}, not an object.")
+    return data
 
 
 def split_file(folder: str | Path, split: str) -> Path | None:
@@ -192,6 +213,12 @@ class TextDataModule(pl.LightningDataModule):
         max_length: truncation length in tokens.
         batch_size: training batch size (evaluation uses twice as many).
         num_workers: DataLoader workers.
+        task: ``"classification"`` or ``"causal_lm"`` (instruction / answer pairs: ``text_fields`` are the
+            prompt's columns, default ``["instruction"]``; ``label_field`` and ``labels`` are unused).
+        answer_field: the answer column (``causal_lm``).
+        prompt_template: a ``str.format`` template over the columns that builds the prompt (``causal_lm``;
+            ``None``: the ``text_fields`` joined by newlines).
+        train_on_prompt: keep the prompt tokens in the loss (``causal_lm``; LLM-Adapters' default).
     """
 
     def __init__(
@@ -204,16 +231,25 @@ class TextDataModule(pl.LightningDataModule):
         max_length: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
+        task: DataTask = "classification",
+        answer_field: str = "answer",
+        prompt_template: str | None = None,
+        train_on_prompt: bool = False,
     ) -> None:
         super().__init__()
-        text_fields = ["sentence"] if text_fields is None else list(text_fields)
-        if not 1 <= len(text_fields) <= 2:
+        if task not in get_args(DataTask):
+            raise ValueError(f"task={task!r} is not valid; choose one of {list(get_args(DataTask))}.")
+        self.task, self.answer_field, self.prompt_template = task, answer_field, prompt_template
+        self.train_on_prompt = train_on_prompt
+        default = ["instruction"] if task == "causal_lm" else ["sentence"]
+        text_fields = default if text_fields is None else list(text_fields)
+        if task == "classification" and not 1 <= len(text_fields) <= 2:
             raise ValueError(f"text_fields={text_fields!r} must name one column (sentences) or two (pairs).")
         self.data_dir, self.text_fields, self.label_field = data_dir, text_fields, label_field
         self.labels = labels
         self.tokenizer_name, self.max_length = tokenizer, max_length
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.datasets: dict[str, TextDataset] = {}
+        self.datasets: dict[str, TextDataset | InstructionDataset] = {}
         self.tokenizer: Any = None
 
     @property
@@ -225,7 +261,10 @@ class TextDataModule(pl.LightningDataModule):
             return
         train = read_split(self.data_dir, "train")
         if train is None:
-            raise ValueError(f"{self.data_dir} holds no train.tsv/.csv/.jsonl (or datasets split 'train').")
+            raise ValueError(f"{self.data_dir} holds no train.tsv/.csv/.jsonl/.json (or datasets split 'train').")
+        if self.task == "causal_lm":
+            self._setup_instructions(train)
+            return
         if self.labels is None:
             values = sorted({str(r[self.label_field]) for r in train if r.get(self.label_field) not in (None, "")})
             numeric = all(v.lstrip("-").isdigit() for v in values)
@@ -236,22 +275,41 @@ class TextDataModule(pl.LightningDataModule):
             if records is not None:
                 source = f"{self.data_dir} ({split})"
                 self.datasets[split] = TextDataset(records, self.text_fields, self.label_field, classes, source)
+        self._load_tokenizer()
+
+    def _setup_instructions(self, train: list[Record]) -> None:
+        for split in SPLITS:
+            records = train if split == "train" else read_split(self.data_dir, split)
+            if records is not None:
+                source = f"{self.data_dir} ({split})"
+                self.datasets[split] = InstructionDataset(
+                    records, self.text_fields, self.answer_field, self.prompt_template, source
+                )
+        self._load_tokenizer()
+
+    def _load_tokenizer(self) -> None:
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         if self.tokenizer.pad_token is None:  # decoder tokenizers (LLaMA, GPT-2) have none: pad with EOS, on the right
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"  # last-token pooling reads the last non-padding position
 
+    def collate(self) -> TextCollate | InstructionCollate:
+        """The batch builder of the task."""
+        if self.task == "causal_lm":
+            return InstructionCollate(self.tokenizer, self.max_length, self.train_on_prompt)
+        return TextCollate(self.tokenizer, self.max_length, self.regression)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(
-                f"{self.data_dir} has no {split} split (files: {'/'.join(SPLITS[split])}.tsv|.csv|.jsonl)."
+                f"{self.data_dir} has no {split} split (files: {'/'.join(SPLITS[split])}.tsv|.csv|.jsonl|.json)."
             )
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size if shuffle else 2 * self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=TextCollate(self.tokenizer, self.max_length, self.regression),
+            collate_fn=self.collate(),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -16,8 +16,10 @@ exist; :func:`find_blocks` recognises them by the modules a block holds, never b
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -153,3 +155,58 @@ def is_norm(module: nn.Module) -> bool:
 def find_norms(model: nn.Module) -> list[str]:
     """Clean names of every LayerNorm / RMSNorm of ``model`` (see :func:`is_norm`)."""
     return [name for name, module in base_modules(model) if name and is_norm(module)]
+
+
+BODY_INPUTS = frozenset({"input_ids", "attention_mask", "inputs_embeds"})
+
+
+def _takes(module: nn.Module, names: frozenset[str] | set[str]) -> bool:
+    try:
+        return names <= set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_decoder(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_decoder", False) or getattr(getattr(module, "config", None), "is_decoder", False))
+
+
+def find_bodies(model: nn.Module, owner: str = "text") -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """The transformer body that embeds ``input_ids`` (``[(name, module)]``, one entry), and the names of the
+    decoders that cross-attend to it (an encoder-decoder's decoder stack; else none).
+
+    A body is a submodule whose ``forward`` takes ``input_ids``, ``attention_mask`` and ``inputs_embeds`` and
+    holds no such submodule itself: ``BertModel`` inside a classifier, LLaMA's ``model``, T5's encoder and decoder
+    stacks (the decoder, ``is_decoder``, is returned apart). Prompt and prefix methods rewrite the body's call.
+
+    Raises:
+        ValueError: no such submodule, or several encoders (the message names them and the fix).
+    """
+    found = [(n, m) for n, m in base_modules(model) if n and _takes(m, BODY_INPUTS)]
+    deepest = [(n, m) for n, m in found if not any(o.startswith(n + ".") for o, _ in found)]
+    encoders = [(n, m) for n, m in deepest if not _is_decoder(m)]
+    decoders = [n for n, m in deepest if _is_decoder(m) and _takes(m, {"encoder_attention_mask"})]
+    if len(encoders) != 1:
+        raise ValueError(
+            f"{owner} looks for one submodule whose forward takes {sorted(BODY_INPUTS)} (the transformer body that "
+            f"embeds input_ids) and found {[n for n, _ in encoders] or 'none'} in {type(model).__name__}. Adapt a "
+            "model that holds its body as a submodule (a TextClassifier, *ForCausalLM, T5ForConditionalGeneration; "
+            "not a bare BertModel), or name the body in target_modules."
+        )
+    return encoders, decoders
+
+
+def bind_arguments(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``module.forward``'s positional ``args`` as keywords, merged with ``kwargs``."""
+    names = [n for n in inspect.signature(module.forward).parameters if n not in ("args", "kwargs")]
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
+def cache_length(kwargs: Mapping[str, Any]) -> int:
+    """Positions already in the key/value cache of a body's call (``cache`` or ``past_key_values``; 0: none)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0

@@ -1,4 +1,5 @@
-"""Lightning systems for text: sequence classification / regression on any transformers encoder or decoder.
+"""Lightning systems for text: sequence classification / regression on any transformers encoder or decoder, and
+causal-LM fine-tuning on instruction / answer pairs (:class:`CausalLMTask`).
 
 :class:`TextClassifier` is the *model*: a transformers model, a pooling of its hidden states and a Linear head
 (``head``). :class:`TextClassificationTask` is the *system*: it adapts the classifier, trains it with
@@ -13,11 +14,13 @@ from __future__ import annotations
 import inspect
 from typing import Any, Literal, get_args
 
+import torch
 import torchmetrics
 from torch import Tensor, nn
 
 from ..lightning.task import AdapterTask
 from .backbones import ModelKind, last_token_pool, load_backbone, mean_pool
+from .instructions import IGNORE_INDEX
 
 Pooling = Literal["mean", "pooler", "last"]
 Metric = Literal["accuracy", "f1", "mcc", "pearson", "spearman"]
@@ -167,4 +170,76 @@ class TextClassificationTask(AdapterTask):
         return logits if self.regression else logits.softmax(-1)
 
 
-__all__ = ["TextClassificationTask", "TextClassifier", "text_classifier"]
+def causal_lm(name: str, dtype: str | None = None) -> nn.Module:
+    """A transformers causal LM (``AutoModelForCausalLM``) by name or path, in train mode (for YAML recipes).
+
+    Args:
+        name: a Hub name (``"meta-llama/Llama-2-7b-hf"``) or a local folder.
+        dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` or ``None`` (the checkpoint's own).
+    """
+    kwargs = {} if dtype is None else {"dtype": getattr(torch, dtype)}
+    model, _ = load_backbone(name, "causal_lm", **kwargs)
+    return model.train()
+
+
+class CausalLMTask(AdapterTask):
+    """Causal-LM fine-tuning on instruction / answer pairs, the prompt masked out of the loss, evaluated by
+    generation.
+
+    Batches come from :class:`~modalpeft.text.data.TextDataModule` with ``task="causal_lm"``
+    (:class:`~modalpeft.text.instructions.InstructionCollate`). The loss is the model's own next-token
+    cross-entropy over the labelled (answer) tokens. In validation and test, the answers are also generated
+    greedily from the left-padded prompts and ``exact_match`` is the share whose generated tokens equal the answer's
+    (its EOS included, so the answer must also stop). Args as :class:`~modalpeft.lightning.AdapterTask`, plus:
+
+    Args:
+        generate_max_new_tokens: tokens generated per prompt in evaluation; ``None``: the batch's longest answer
+            (enough for ``exact_match``), ``0``: no generation (loss only).
+    """
+
+    def __init__(self, backbone: nn.Module, generate_max_new_tokens: int | None = None, **kwargs: Any) -> None:
+        super().__init__(backbone, **kwargs)
+        if generate_max_new_tokens is not None and generate_max_new_tokens < 0:
+            raise ValueError(f"generate_max_new_tokens={generate_max_new_tokens!r} must be >= 0 or None.")
+        self.generate_max_new_tokens = generate_max_new_tokens
+        self.val_exact_match = torchmetrics.MeanMetric()
+        self.test_exact_match = torchmetrics.MeanMetric()
+
+    def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        self.log(f"{stage}/loss", out.loss, prog_bar=stage != "test", sync_dist=stage != "train")
+        if stage != "train" and self.generate_max_new_tokens != 0:
+            metric = getattr(self, f"{stage}_exact_match")
+            metric.update(self.exact_match(batch).float())
+            self.log(f"{stage}/exact_match", metric, prog_bar=stage == "val", on_step=False, on_epoch=True)
+        return out.loss
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Tensor], max_new_tokens: int | None = None) -> Tensor:
+        """Greedy continuations of the batch's prompts: the new tokens only, ``(N, <= max_new_tokens)``."""
+        prompts = batch["prompt_input_ids"]
+        if max_new_tokens is None:
+            max_new_tokens = self.generate_max_new_tokens or int((batch["answer_ids"] != IGNORE_INDEX).sum(1).max())
+        out = self.model.generate(
+            input_ids=prompts,
+            attention_mask=batch["prompt_attention_mask"],
+            max_new_tokens=max(max_new_tokens, 1),
+            do_sample=False,
+        )
+        return out[:, prompts.shape[1] :]
+
+    def exact_match(self, batch: dict[str, Tensor]) -> Tensor:
+        """``(N,)`` booleans: the generated tokens equal the answer's, position by position (its EOS included)."""
+        answers = batch["answer_ids"]
+        generated = self.generate(batch)
+        width = max(answers.shape[1], generated.shape[1])
+        generated = nn.functional.pad(generated, (0, width - generated.shape[1]), value=IGNORE_INDEX - 1)
+        answers = nn.functional.pad(answers, (0, width - answers.shape[1]), value=IGNORE_INDEX)
+        labelled = answers != IGNORE_INDEX
+        return ((generated == answers) | ~labelled).all(1)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.generate(batch)
+
+
+__all__ = ["CausalLMTask", "TextClassificationTask", "TextClassifier", "causal_lm", "text_classifier"]

@@ -204,3 +204,15 @@ def sora(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
 def lofit(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     """Bias stage: ``K·d_h`` (spec §3f), d_h = 32 / 4 heads in the tiny BERT."""
     return len(cfg.heads) * 32 // 4
+
+
+def dept(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """``m·d + L_max·r + r·d`` (spec §2f), d = 32 in the tiny BERT."""
+    return cfg.num_tokens * 32 + cfg.max_length * cfg.rank + cfg.rank * 32
+
+
+def mam(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """Parallel adapters ``2·d·r + r + d`` per block plus peft's prefix encoder, ``l·d + (d·h + h) + (h·2Ld + 2Ld)``
+    with its MLP (h = prefix_hidden), on the tiny BERT (d = 32, L = 2)."""
+    d, layers, r, n, h = 32, 2, cfg.bottleneck_dim, cfg.prefix_tokens, cfg.prefix_hidden
+    return layers * (2 * d * r + r + d) + n * d + (d * h + h) + (h * 2 * layers * d + 2 * layers * d)

@@ -240,6 +240,19 @@ CASES: dict[str, Case] = {
     ),
     "sora": Case(native("sora", {"bert": {"rank": 3, "alpha": 5.0, "dropout": 0.1}}), counts.sora),
     "lofit": Case(native("lofit", {"bert": {"stage": "bias", "heads": [[0, 1], [1, 0], [1, 3]]}}), counts.lofit),
+    "mam": Case(
+        native(
+            "mam",
+            {"bert": {"bottleneck_dim": 3, "scaling": 1.5, "dropout": 0.1, "prefix_tokens": 2, "prefix_hidden": 5}},
+        ),
+        counts.mam,
+        identity=None,
+    ),
+    "dept": Case(
+        native("dept", {"bert": {"num_tokens": 3, "rank": 2, "max_length": 9, "alpha": 5.0}}),
+        counts.dept,
+        identity=None,
+    ),
 }
 
 

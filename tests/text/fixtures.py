@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytorch_lightning as pl
 from transformers import BertTokenizerFast
 
 from modalpeft.text import tiny_model
@@ -50,3 +51,15 @@ def write_pairs_jsonl(folder: Path, n: int = 12) -> Path:
                 f.write(json.dumps({"premise": "the cat sat", "hypothesis": f"a dog ran {i}", "label": names[i % 3]}))
                 f.write("\n")
     return folder
+
+
+def cpu_trainer(root: Path, max_steps: int = 3) -> pl.Trainer:
+    """A quiet CPU Trainer for a few steps, writing under ``root`` only."""
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=root,
+    )

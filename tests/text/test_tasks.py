@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 import modalpeft as mp
@@ -11,7 +10,7 @@ from modalpeft.text import tiny_model
 from modalpeft.text.data import TextDataModule
 from modalpeft.text.tasks import TextClassificationTask, TextClassifier, text_classifier
 
-from .fixtures import write_glue_sst, write_tiny_model
+from .fixtures import cpu_trainer, write_glue_sst, write_tiny_model
 
 
 @pytest.mark.parametrize(("arch", "pooling"), [("bert", "mean"), ("bert", "pooler"), ("t5", "mean"), ("llama", "last")])
@@ -50,14 +49,7 @@ def test_fit_a_few_steps(adapter, tmp_path) -> None:
     model_dir = write_tiny_model(tmp_path / "model")
     data = TextDataModule(str(write_glue_sst(tmp_path / "sst")), tokenizer=str(model_dir), batch_size=4, max_length=16)
     task = TextClassificationTask(text_classifier(str(model_dir), 2), 2, adapter=adapter, lr=1e-2)
-    trainer = pl.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = cpu_trainer(tmp_path)
     trainer.fit(task, datamodule=data)
     metrics = trainer.validate(task, datamodule=data, verbose=False)[0]
     assert 0.0 <= metrics["val/accuracy"] <= 1.0 and "val/f1" in metrics

@@ -7,15 +7,19 @@ They import ``modalpeft.core`` and torch only (and transformers models are found
 
 from .bottleneck import HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig, TextBottleneckConfig
 from .compacter import CompacterConfig
+from .dept import DePTConfig
 from .llm_adapters import LLMAdaptersConfig
 from .lofit import LoFiTConfig
+from .mam import MAMConfig
 from .sora import SoRAConfig
 
 __all__ = [
     "CompacterConfig",
+    "DePTConfig",
     "HoulsbyConfig",
     "LLMAdaptersConfig",
     "LoFiTConfig",
+    "MAMConfig",
     "ParallelAdapterConfig",
     "PfeifferConfig",
     "SoRAConfig",

