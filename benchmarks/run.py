@@ -85,6 +85,8 @@ def vit_settings(embed_dim: int, input_size: tuple[int, int, int]) -> dict[str, 
             "batches": 1,
             "sensitivity_data": [synthetic_batch(8, input_size, seed=1)],
         },
+        "svfit": {"target_modules": ["qkv", "attn.proj"]},
+        "loldu": {"target_modules": ["qkv", "attn.proj"], "rank": 15},
     }
 
 

@@ -90,6 +90,9 @@ def candidates(model: str) -> list[Candidate]:
         Candidate("llm_adapters", mp.LLMAdaptersConfig(bottleneck_dim=256, target_modules=preset["ffn"])),
         Candidate("sora", mp.SoRAConfig(rank=8)),
         Candidate("lofit", mp.LoFiTConfig(stage="scale")),
+        # issue 19: weight-space methods, on LoRA's targets
+        Candidate("svfit", mp.SVFitConfig(target_modules=preset["lora"])),
+        Candidate("loldu", mp.LoLDUConfig(rank=15, target_modules=preset["lora"])),
     ]
 
 

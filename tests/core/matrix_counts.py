@@ -204,3 +204,11 @@ def sora(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
 def lofit(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     """Bias stage: ``K·d_h`` (spec §3f), d_h = 32 / 4 heads in the tiny BERT."""
     return len(cfg.heads) * 32 // 4
+
+
+def factorized(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """SVFit and LoLDU (spec §4f, §5f): ``r`` per targeted Linear, ``min(d_in, d_out)`` when ``rank`` is None."""
+    return sum(
+        cfg.rank if cfg.rank is not None else min(t.in_features, t.out_features)
+        for t in _targets(reference, cfg.target_modules)
+    )

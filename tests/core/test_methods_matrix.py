@@ -240,6 +240,30 @@ CASES: dict[str, Case] = {
     ),
     "sora": Case(native("sora", {"bert": {"rank": 3, "alpha": 5.0, "dropout": 0.1}}), counts.sora),
     "lofit": Case(native("lofit", {"bert": {"stage": "bias", "heads": [[0, 1], [1, 0], [1, 3]]}}), counts.lofit),
+    # issue 19: weight-space methods on any model with Linears
+    "svfit": Case(
+        native(
+            "svfit",
+            {
+                "mlp": {"rank": 5, "target_modules": ["fc1", "fc2"]},
+                "vit": {"target_modules": ["qkv", "attn.proj"]},  # full rank
+                "mha": {"rank": 3, "target_modules": ["linear1", "linear2"]},
+                "bert": {"rank": 7, "target_modules": ["query", "value"]},
+            },
+        ),
+        counts.factorized,
+    ),
+    "loldu": Case(
+        native(
+            "loldu",
+            {
+                "mlp": {"rank": 4, "alpha": 2.0, "target_modules": ["fc1", "fc2"]},
+                "vit": {"rank": 6, "alpha": 3.0, "target_modules": ["qkv", "fc1"]},
+                "mha": {"alpha": 0.5, "target_modules": ["linear1"]},  # full rank
+            },
+        ),
+        counts.factorized,
+    ),
 }
 
 

@@ -3,6 +3,7 @@
 from .bottleneck import Bottleneck
 from .bypass import Bypass
 from .experts import LowRankExperts
+from .factorized import FactorizedVector
 from .kronecker import KroneckerDelta
 from .low_rank import LowRankDelta
 from .phm import PHMLinear
@@ -14,6 +15,7 @@ from .sparse import SparseDelta
 __all__ = [
     "Bottleneck",
     "Bypass",
+    "FactorizedVector",
     "KroneckerDelta",
     "LowRankDelta",
     "LowRankExperts",

@@ -3,5 +3,8 @@
 from .adapter import BottleneckConfig
 from .bitfit import BitFitConfig
 from .krona import KronAConfig
+from .loldu import LoLDUConfig
+from .svfit import SVFitConfig
 
 __all__ = ["BitFitConfig", "BottleneckConfig", "KronAConfig"]
+__all__ += ["LoLDUConfig", "SVFitConfig"]  # issue 19: weight-space methods
