@@ -93,6 +93,7 @@ def candidates(model: str) -> list[Candidate]:
         # issue 19: weight-space methods, on LoRA's targets
         Candidate("svfit", mp.SVFitConfig(target_modules=preset["lora"])),
         Candidate("loldu", mp.LoLDUConfig(rank=15, target_modules=preset["lora"])),
+        Candidate("neuroada", mp.NeuroAdaConfig(k=1, target_modules=preset["lora"])),
     ]
 
 

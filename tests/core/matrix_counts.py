@@ -212,3 +212,8 @@ def factorized(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
         cfg.rank if cfg.rank is not None else min(t.in_features, t.out_features)
         for t in _targets(reference, cfg.target_modules)
     )
+
+
+def neuroada(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """Spec §13f: ``k · d_out`` per targeted Linear."""
+    return sum(cfg.k * t.out_features for t in _targets(reference, cfg.target_modules))

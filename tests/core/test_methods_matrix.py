@@ -264,6 +264,18 @@ CASES: dict[str, Case] = {
         ),
         counts.factorized,
     ),
+    "neuroada": Case(
+        native(
+            "neuroada",
+            {
+                "mlp": {"k": 3, "target_modules": ["fc1", "fc2"]},
+                "vit": {"k": 2, "target_modules": ["qkv", "fc2"]},
+                "mha": {"k": 32, "target_modules": ["linear1"]},  # k = the fan-in: every connection
+                "bert": {"k": 1, "target_modules": ["query", "value", "intermediate.dense"]},
+            },
+        ),
+        counts.neuroada,
+    ),
 }
 
 
