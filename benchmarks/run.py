@@ -88,6 +88,7 @@ def vit_settings(embed_dim: int, input_size: tuple[int, int, int]) -> dict[str, 
         "svfit": {"target_modules": ["qkv", "attn.proj"]},
         "loldu": {"target_modules": ["qkv", "attn.proj"], "rank": 15},
         "neuroada": {"target_modules": ["qkv", "attn.proj"], "k": 1},
+        "mtlora": {"target_modules": ["qkv"], "structure": "ICFM", "rank": 8},
     }
 
 

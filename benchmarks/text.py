@@ -94,6 +94,7 @@ def candidates(model: str) -> list[Candidate]:
         Candidate("svfit", mp.SVFitConfig(target_modules=preset["lora"])),
         Candidate("loldu", mp.LoLDUConfig(rank=15, target_modules=preset["lora"])),
         Candidate("neuroada", mp.NeuroAdaConfig(k=1, target_modules=preset["lora"])),
+        Candidate("mtlora", mp.MTLoRAConfig(structure="ICFM", rank=8, target_modules=preset["lora"])),
     ]
 
 

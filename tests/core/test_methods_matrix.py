@@ -276,6 +276,24 @@ CASES: dict[str, Case] = {
         ),
         counts.neuroada,
     ),
+    "mtlora": Case(
+        native(
+            "mtlora",
+            {
+                "mlp": {"structure": "SHIM", "rank": 3, "alpha": 6.0, "dropout": 0.2, "target_modules": ["fc1", "fc2"]},
+                "vit": {"structure": "ICFM", "rank": 2, "alpha": 1.0, "target_modules": ["qkv", "fc1"]},
+                "mha": {"structure": "CTCM", "rank": 4, "alpha": 2.0, "target_modules": ["linear1", "linear2"]},
+                "bert": {
+                    "structure": "DTSM",
+                    "rank": 3,
+                    "alpha": 5.0,
+                    "dropout": 0.1,
+                    "target_modules": ["query", "value"],
+                },
+            },
+        ),
+        counts.mtlora,
+    ),
 }
 
 

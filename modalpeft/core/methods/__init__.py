@@ -4,8 +4,9 @@ from .adapter import BottleneckConfig
 from .bitfit import BitFitConfig
 from .krona import KronAConfig
 from .loldu import LoLDUConfig
+from .mtlora import MTLoRAConfig
 from .neuroada import NeuroAdaConfig
 from .svfit import SVFitConfig
 
 __all__ = ["BitFitConfig", "BottleneckConfig", "KronAConfig"]
-__all__ += ["LoLDUConfig", "NeuroAdaConfig", "SVFitConfig"]  # issue 19: weight-space methods
+__all__ += ["LoLDUConfig", "MTLoRAConfig", "NeuroAdaConfig", "SVFitConfig"]  # issue 19: weight-space methods
