@@ -89,6 +89,7 @@ def vit_settings(embed_dim: int, input_size: tuple[int, int, int]) -> dict[str, 
         "loldu": {"target_modules": ["qkv", "attn.proj"], "rank": 15},
         "neuroada": {"target_modules": ["qkv", "attn.proj"], "k": 1},
         "mtlora": {"target_modules": ["qkv"], "structure": "ICFM", "rank": 8},
+        "paca": {"target_modules": ["qkv", "attn.proj"], "rank": 16, "alpha": 64.0},
     }
 
 

@@ -223,3 +223,8 @@ def mtlora(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     """Spec §10f: ``r·(d_in + d_out) + r²`` per Linear (SHIM, ICFM), ``+ 2r²`` (CTCM, DTSM)."""
     square = (2 if cfg.structure in ("CTCM", "DTSM") else 1) * cfg.rank**2
     return sum(cfg.rank * (t.in_features + t.out_features) + square for t in _targets(reference, cfg.target_modules))
+
+
+def paca(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """Spec §8f: ``r · d_out`` per targeted Linear."""
+    return sum(cfg.rank * t.out_features for t in _targets(reference, cfg.target_modules))

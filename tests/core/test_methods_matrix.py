@@ -294,6 +294,18 @@ CASES: dict[str, Case] = {
         ),
         counts.mtlora,
     ),
+    "paca": Case(
+        native(
+            "paca",
+            {
+                "mlp": {"rank": 5, "alpha": 10.0, "target_modules": ["fc1", "fc2"]},
+                "vit": {"rank": 3, "alpha": 1.0, "seed": 4, "target_modules": ["qkv", "fc2"]},
+                "mha": {"rank": 32, "target_modules": ["linear1"]},  # every column
+                "bert": {"rank": 2, "alpha": 0.5, "target_modules": ["query", "value", "output.dense"]},
+            },
+        ),
+        counts.paca,
+    ),
 }
 
 

@@ -6,6 +6,7 @@ from .experts import LowRankExperts
 from .factorized import FactorizedVector
 from .kronecker import KroneckerDelta
 from .low_rank import LowRankDelta
+from .partial import PartialColumns
 from .phm import PHMLinear
 from .prompt import PromptTokens
 from .scale_shift import ScaleShift
@@ -20,6 +21,7 @@ __all__ = [
     "LowRankDelta",
     "LowRankExperts",
     "PHMLinear",
+    "PartialColumns",
     "ParamDelta",
     "PromptTokens",
     "ScaleShift",

@@ -6,7 +6,14 @@ from .krona import KronAConfig
 from .loldu import LoLDUConfig
 from .mtlora import MTLoRAConfig
 from .neuroada import NeuroAdaConfig
+from .paca import PaCAConfig
 from .svfit import SVFitConfig
 
 __all__ = ["BitFitConfig", "BottleneckConfig", "KronAConfig"]
-__all__ += ["LoLDUConfig", "MTLoRAConfig", "NeuroAdaConfig", "SVFitConfig"]  # issue 19: weight-space methods
+__all__ += [
+    "LoLDUConfig",
+    "MTLoRAConfig",
+    "NeuroAdaConfig",
+    "PaCAConfig",
+    "SVFitConfig",
+]  # issue 19: weight-space methods
