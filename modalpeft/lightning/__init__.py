@@ -7,6 +7,7 @@ from .backbones import timm_backbone
 from .checkpoint import AdapterExport
 from .cli import cli_main
 from .data import DigitsDataModule, EpochSeededSampler
+from .mwa import MetricWeightedAveraging
 from .task import AdapterTask, ClassificationTask, prepare_backbone
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "ClassificationTask",
     "DigitsDataModule",
     "EpochSeededSampler",
+    "MetricWeightedAveraging",
     "cli_main",
     "prepare_backbone",
     "timm_backbone",
