@@ -72,6 +72,9 @@ def vit_settings(embed_dim: int, input_size: tuple[int, int, int]) -> dict[str, 
     - vpt: VPT-deep with 10 prompts per block; ssf: the official placement (its defaults).
     - spt: the paper's 0.4M budget on ViT-B (scaled with ``embed_dim²`` for other widths), LoRA structure,
       sensitivity from one synthetic batch of 8 (scoring is part of adapting, not of a training step).
+    - svfit, loldu, neuroada, paca: the attention projections (``qkv``, ``attn.proj``) as krona; SVFit at full rank,
+      LoLDU at its README's rank 15, NeuroAda at k = 1, PaCA at r = 16 (LoRA r = 8's count on a square Linear);
+      mtlora: ICFM at rank 8 on ``qkv``.
     """
     factor = most_square_factor(embed_dim)
     return {
