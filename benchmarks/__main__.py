@@ -4,11 +4,11 @@
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --quick                       # the test-size models: a check
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --results-dir benchmarks/results  # the committed results
 
-``--quick`` (also implied by ``--model vit_tiny_test``) runs both benchmarks on their test-size models
-(``vit_tiny_test``, ``point_mae_test``, ``bert_test``) in about a minute; the full run takes 10-15 minutes on 2 CPU cores. The
-results go to a new ``outputs/bench/<timestamp>`` (git-ignored, printed at the end) unless ``--results-dir`` says
-otherwise. Other options (``--batch``, ``--steps``, ``--warmup``, ``--device``, ``--threads``, ``--methods``) go
-to both runs; ``--model`` to the ViT run.
+``--quick`` (also implied by ``--model vit_tiny_test``) runs every benchmark on its test-size model
+(``vit_tiny_test``, ``point_mae_test``, ``bert_test``) in about a minute; the full run takes 10-15 minutes on 2 CPU
+cores. The results go to a new ``outputs/bench/<timestamp>`` (git-ignored, printed at the end) unless
+``--results-dir`` says otherwise. Other options (``--batch``, ``--steps``, ``--warmup``, ``--device``, ``--threads``,
+``--methods``) go to every run; ``--model`` to the ViT run.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Measure PEFT methods side by side, in one run, on one model.
 
-For every :class:`Candidate` (a modalpeft config, any ``peft.PeftConfig``, or one of the baselines ``"full"``
-and ``"head_only"``), :func:`measure` builds a fresh model, trains it for a few steps on one synthetic batch
-and records what the method costs: trainable parameters, adapter file size, peak training memory, median
-training-step time, inference time after merging, and an optional metric. Ratios against full fine-tuning,
-the head-only floor and peft's LoRA (the candidate named ``"lora"``) are added when those candidates ran.
+For every :class:`Candidate` (a modalpeft config, any ``peft.PeftConfig``, or one of the baselines ``"full"``,
+``"head_only"`` and ``"floor"``), :func:`measure` builds a fresh model, trains it for a few steps on one synthetic
+batch and records what the method costs: trainable parameters, adapter file size, the activation bytes autograd
+saves and the training state, peak training memory, median training-step time, inference time after merging, and
+an optional metric. Ratios against full fine-tuning, the head-only baseline, the floor and peft's LoRA (the
+candidate named ``"lora"``) are added when those candidates ran.
 
 The machine is noisy, so only ratios within one run mean much; nothing here is asserted in tests.
 
@@ -12,6 +13,16 @@ How each number is measured:
 
 - ``step_time``: median over the ``steps`` warm steps (after ``warmup`` steps) of forward + loss + backward +
   ``AdamW.step`` + ``zero_grad``, on the same batch each step (``torch.cuda.synchronize`` around it on a GPU).
+- ``saved_bytes``: the bytes autograd saves for backward in one training step (forward + loss), counted with
+  ``torch.autograd.graph.saved_tensors_hooks``, each storage once, the model's own parameters and buffers left out
+  (they are resident whatever trains). Deterministic: it depends on the model, the batch and the method, not on the
+  allocator or on what else runs on the machine. ``train_state_bytes``: the trainable parameters, their gradients
+  and the optimizer's state (AdamW: two moments). ``train_bytes`` is their sum, the training memory a method adds
+  to the frozen model.
+- the *floor* (candidate ``"floor"``): the frozen model with backward running through every block and nothing
+  trained inside it (only ``modules_to_save``, the head, trains; the first block's input requires grad, see
+  ``floor_from``). Its ``saved_bytes`` are the activations any method that trains inside the network
+  must keep; ``saved_bytes_vs_floor`` says how far above that a method is.
 - ``peak_memory``: growth above the resting footprint of the built model (weights and adapters), over the
   training steps: gradients, optimizer state and activations. On CPU it is the process's peak RSS (Linux
   ``VmHWM``, reset through ``/proc/self/clear_refs`` once the model is built) minus its RSS then; where that
@@ -58,11 +69,13 @@ from modalpeft.core.inject import modules_to_save_modules
 from modalpeft.core.peft_bridge import is_peft_config
 from modalpeft.lightning.memory import MemoryProbe
 
-Baseline = Literal["full", "head_only"]
-BASELINES: tuple[str, ...] = ("full", "head_only")
-REFERENCES: tuple[str, ...] = ("full", "head_only", "lora")
+Baseline = Literal["full", "head_only", "floor"]
+BASELINES: tuple[str, ...] = ("full", "head_only", "floor")
+REFERENCES: tuple[str, ...] = ("full", "head_only", "floor", "lora")
 """Candidate names that other candidates are compared against, when present in a run."""
-RATIO_FIELDS: tuple[str, ...] = ("trainable_params", "file_size", "peak_memory", "step_time", "merged_infer_time")
+RATIO_FIELDS: tuple[str, ...] = (
+    "trainable_params", "file_size", "saved_bytes", "train_bytes", "peak_memory", "step_time", "merged_infer_time",
+)  # fmt: skip
 """Each gets ``<field>_vs_<reference>`` = candidate value / reference value in every record."""
 
 ModelFactory = Callable[[], nn.Module]
@@ -77,7 +90,8 @@ class Candidate:
     Args:
         name: the name in the records and the table (``"lora"`` is the reference for ``*_vs_lora``).
         config: a modalpeft config (``mp.BitFitConfig()``), any ``peft.PeftConfig``, ``"full"`` (every
-            parameter trains) or ``"head_only"`` (a linear probe: only ``modules_to_save`` train).
+            parameter trains), ``"head_only"`` (a linear probe: only ``modules_to_save`` train) or ``"floor"``
+            (as ``"head_only"``, with backward through every block: see the module docstring).
     """
 
     name: str
@@ -96,7 +110,7 @@ class Candidate:
             )
 
     @property
-    def kind(self) -> Literal["full", "head_only", "native", "peft"]:
+    def kind(self) -> Literal["full", "head_only", "floor", "native", "peft"]:
         if isinstance(self.config, str):
             return self.config  # type: ignore[return-value]
         return "peft" if is_peft_config(self.config) else "native"
@@ -132,6 +146,7 @@ class _Job:
     threads: int
     lr: float
     isolated: bool
+    floor_from: str | None = None
 
 
 def measure(
@@ -154,6 +169,7 @@ def measure(
     lr: float = 1e-3,
     on_error: Literal["raise", "record"] = "raise",
     progress: bool = False,
+    floor_from: str | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every candidate on a fresh model from ``model_factory``; one record (a dict) per candidate.
 
@@ -181,6 +197,9 @@ def measure(
         on_error: ``"raise"`` stops at the first failing candidate; ``"record"`` stores ``error`` in its record
             (numbers ``None``) and goes on.
         progress: print one line per candidate to stderr.
+        floor_from: where the ``"floor"`` candidate's backward starts: the module whose inputs require grad (the
+            first block, e.g. ``"blocks.0"``); ``None``: the model's inputs (the first embedding's output for
+            token inputs).
     """
     names = [c.name for c in candidates]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -197,7 +216,7 @@ def measure(
     for i, candidate in enumerate(candidates):
         job = _Job(
             model_factory, candidate, batch_factory, loss_fn, steps, warmup, device,
-            tuple(modules_to_save or ()), evaluate, seed, threads, lr, isolate,
+            tuple(modules_to_save or ()), evaluate, seed, threads, lr, isolate, floor_from,
         )  # fmt: skip
         start = time.perf_counter()
         try:
@@ -250,7 +269,7 @@ def _measure_one(job: _Job) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     device = torch.device(job.device)
     torch.manual_seed(job.seed)
-    model, adapted = _build(job.model_factory(), job.candidate, list(job.modules_to_save))
+    model, adapted = _build(job.model_factory(), job.candidate, list(job.modules_to_save), job.floor_from)
     model.to(device).train()
     params = {id(p): p for p in model.parameters()}.values()
     trainable = [p for p in params if p.requires_grad]
@@ -275,6 +294,8 @@ def _measure_one(job: _Job) -> dict[str, Any]:
         if step >= job.warmup:
             step_times.append(time.perf_counter() - start)
     peak_memory = probe.peak_growth()
+    saved = saved_activation_bytes(model, inputs, targets, job.loss_fn)
+    state = training_state_bytes(trainable, optimizer)
     del optimizer, loss
 
     file_size = _file_size(model, adapted, job.candidate, list(job.modules_to_save))
@@ -292,6 +313,9 @@ def _measure_one(job: _Job) -> dict[str, Any]:
         "total_params": n_total,
         "trainable_percent": 100.0 * n_trainable / n_total,
         "file_size": file_size,
+        "saved_bytes": saved,
+        "train_state_bytes": state,
+        "train_bytes": saved + state,
         "peak_memory": peak_memory,
         "peak_memory_kind": probe.kind,
         "model_memory": probe.baseline,
@@ -326,23 +350,88 @@ def _context(job: _Job) -> dict[str, Any]:
 
 
 def _failed_record(job: _Job, err: Exception) -> dict[str, Any]:
-    numbers = ["trainable_params", "total_params", "trainable_percent", "file_size", "peak_memory"]
+    numbers = ["trainable_params", "total_params", "trainable_percent", "file_size", "saved_bytes", "train_state_bytes"]
+    numbers += ["train_bytes", "peak_memory"]
     numbers += ["step_time", "merged_infer_time", "metric", "merged"]
     return {**_context(job), **dict.fromkeys(numbers), "error": f"{type(err).__name__}: {err}"}
 
 
-def _build(model: nn.Module, candidate: Candidate, modules_to_save: list[str]) -> tuple[nn.Module, Any]:
+def _build(
+    model: nn.Module, candidate: Candidate, modules_to_save: list[str], floor_from: str | None = None
+) -> tuple[nn.Module, Any]:
     """The model to train and, for adapter candidates, the :class:`AdaptedModel` (else ``None``)."""
     if candidate.config == "full":
         model.requires_grad_(True)
         return model, None
-    if candidate.config == "head_only":
+    if candidate.config in ("head_only", "floor"):
         model.requires_grad_(False)
         for _, module in modules_to_save_modules(model, modules_to_save):
             module.requires_grad_(True)
+        if candidate.config == "floor":
+            _backward_through_every_block(model, floor_from)
         return model, None
     adapted = mp.adapt(model, candidate.config, modules_to_save=modules_to_save or None)
     return adapted, adapted
+
+
+def _backward_through_every_block(model: nn.Module, start: str | None) -> None:
+    """Make backward run through the frozen ``model`` from ``start`` (a module name, e.g. ``"blocks.0"``: its
+    floating-point inputs become leaves that require grad at every call) or, without ``start``, from the model's own
+    floating-point inputs, or, for token inputs, from the first ``nn.Embedding``'s output."""
+
+    def inputs_require_grad(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        def leaf(x: Any) -> Any:
+            return x.detach().requires_grad_(True) if isinstance(x, Tensor) and x.is_floating_point() else x
+
+        return tuple(leaf(a) for a in args), {k: leaf(v) for k, v in kwargs.items()}
+
+    def output_requires_grad(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        return output.detach().requires_grad_(True)
+
+    if start is not None:
+        try:
+            host = model.get_submodule(start)
+        except AttributeError as err:
+            raise ValueError(f"floor_from={start!r} is not a module of {type(model).__name__}: {err}") from err
+        host.register_forward_pre_hook(inputs_require_grad, with_kwargs=True)
+        return
+    model.register_forward_pre_hook(inputs_require_grad, with_kwargs=True)
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if embedding is not None:
+        embedding.register_forward_hook(output_requires_grad)
+
+
+def saved_activation_bytes(model: nn.Module, inputs: Any, targets: Tensor, loss_fn: LossFn) -> int:
+    """The bytes autograd saves for backward in one forward + loss of ``model`` in its current mode, each storage
+    counted once, the model's parameters and buffers excluded (they are resident anyway). Runs the backward too
+    (to free the graph) and clears the gradients it made; the parameters do not change."""
+    resident = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in resident:
+            saved[pointer] = max(saved.get(pointer, 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_fn(_forward(model, inputs), targets)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(saved.values())
+
+
+def training_state_bytes(trainable: Sequence[Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the trainable parameters, their gradients (one per parameter) and the optimizer's state tensors."""
+    params = sum(p.numel() * p.element_size() for p in trainable)
+    state = sum(
+        value.numel() * value.element_size()
+        for per_param in optimizer.state.values()
+        for value in per_param.values()
+        if isinstance(value, Tensor)
+    )
+    return 2 * params + state
 
 
 def _mergeable(config: Any) -> bool:

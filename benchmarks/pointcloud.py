@@ -60,6 +60,7 @@ def candidates(model: str, batch: int) -> list[Candidate]:
     return [
         Candidate("full", "full"),
         Candidate("head_only", "head_only"),
+        Candidate("floor", "floor"),
         Candidate("lora", peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"])),
         Candidate("pointgst", mp.PointGSTConfig(**preset["pointgst"])),
         Candidate("point_peft", mp.PointPEFTConfig(memory_data=memory, **preset["point_peft"])),
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         args,
         run_info,
         appendix,
+        floor_from="blocks.0",
     )
     return 1 if any(r.get("error") for r in records) else 0
 

@@ -13,7 +13,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("method", "trainable", "%", "file", "peak mem", "step time", "x full", "x lora", "merged infer", "metric")
+COLUMNS = (
+    "method", "trainable", "%", "file", "act. saved", "x floor", "train mem", "x full mem", "peak RSS", "step time",
+    "x full", "x lora", "merged infer", "metric",
+)  # fmt: skip
 
 
 def load_records(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -41,6 +44,10 @@ def markdown_table(records: Sequence[Mapping[str, Any]], run_info: Mapping[str, 
                 _count(r.get("trainable_params")),
                 _percent(r.get("trainable_percent")),
                 _bytes(r.get("file_size")),
+                _bytes(r.get("saved_bytes")),
+                _times(r.get("saved_bytes_vs_floor")),
+                _bytes(r.get("train_bytes")),
+                _times(r.get("train_bytes_vs_full")),
                 _bytes(r.get("peak_memory")),
                 _time(r.get("step_time")),
                 _times(r.get("step_time_vs_full")),
@@ -131,7 +138,12 @@ def _notes(records: Sequence[Mapping[str, Any]]) -> list[str]:
     notes = [
         "- x full / x lora: median training-step time (forward, backward, AdamW) relative to full fine-tuning / "
         "peft LoRA, measured in this run.",
-        f"- peak mem: growth over the built model's resting footprint during training ({', '.join(kinds) or '-'}).",
+        "- act. saved: bytes autograd saves for backward in one step (each storage once, parameters and buffers "
+        "excluded; deterministic); x floor: relative to the frozen model with backward through every block and "
+        "nothing trained inside it (the candidate 'floor').",
+        "- train mem: act. saved + trainable parameters, their gradients and AdamW's state; x full mem: relative to "
+        "full fine-tuning's.",
+        f"- peak RSS: growth over the built model's resting footprint during training ({', '.join(kinds) or '-'}).",
         "- merged infer: median forward time after merge_and_unload (merged), of the adapted model when the "
         "method cannot merge (unmerged), or of the plain model (plain).",
     ]

@@ -82,6 +82,7 @@ def candidates(model: str) -> list[Candidate]:
     return [
         Candidate("full", "full"),
         Candidate("head_only", "head_only"),
+        Candidate("floor", "floor"),
         Candidate("lora", peft.LoraConfig(r=8, lora_alpha=16, target_modules=preset["lora"])),
         Candidate("houlsby", mp.HoulsbyConfig(bottleneck_dim=64)),
         Candidate("pfeiffer", mp.PfeifferConfig(bottleneck_dim=64)),

@@ -41,6 +41,7 @@ CANDIDATES = [
     Candidate("head_only", "head_only"),
     Candidate("lora", peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"])),
     Candidate("bitfit", mp.BitFitConfig()),
+    Candidate("floor", "floor"),
 ]
 KWARGS = dict(batch_factory=batch, loss_fn=nn.functional.cross_entropy, device="cpu", modules_to_save=["head"])
 
@@ -50,16 +51,16 @@ def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     records = measure(
         tiny_vit, CANDIDATES, steps=2, warmup=1, evaluate=fake_metric, out_dir=out, run_name="tiny",
-        run_info={"model": "tiny"}, isolate=False, threads=1, **KWARGS,
+        run_info={"model": "tiny"}, isolate=False, threads=1, floor_from="blocks.0", **KWARGS,
     )  # fmt: skip
     return records, out
 
 
 def test_records_have_every_field(measured):
     records, _ = measured
-    assert [r["method"] for r in records] == ["full", "head_only", "lora", "bitfit"]
+    assert [r["method"] for r in records] == ["full", "head_only", "lora", "bitfit", "floor"]
     for r in records:
-        for key in ("trainable_params", "total_params", "file_size", "peak_memory", "model_memory"):
+        for key in ("trainable_params", "total_params", "file_size", "peak_memory", "model_memory", "saved_bytes"):
             assert isinstance(r[key], int) and r[key] >= 0, key
         assert r["file_size"] > 0 and r["trainable_params"] > 0
         for key in ("step_time", "merged_infer_time", "metric", "trainable_percent"):
@@ -79,6 +80,39 @@ def test_records_have_every_field(measured):
     modes = [by[m]["infer_mode"] for m in ("full", "head_only", "lora", "bitfit")]
     assert modes == ["plain", "plain", "merged", "merged"]
     assert by["lora"]["merged"] and not by["full"]["merged"]
+    # the floor trains the head as head_only does, with backward through every block: it saves more than head_only
+    # (which keeps only the head's input) and no more than full fine-tuning (which also needs every Linear's input)
+    assert by["floor"]["trainable_params"] == by["head_only"]["trainable_params"]
+    assert by["head_only"]["saved_bytes"] < by["floor"]["saved_bytes"] < by["full"]["saved_bytes"]
+    for r in records:  # AdamW: parameter, gradient and two moments of 4 bytes each, plus a step counter per tensor
+        assert 16 * r["trainable_params"] <= r["train_state_bytes"] <= 16 * r["trainable_params"] + 4096
+        assert r["train_bytes"] == r["saved_bytes"] + r["train_state_bytes"]
+
+
+def test_saved_activation_bytes_counts_each_saved_storage_once():
+    x, target = torch.randn(3, 4), torch.zeros(3)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+
+    def total(out, _):
+        return out.sum()
+
+    # the Linear keeps its input for the weight's gradient (3 x 4 floats), Tanh its output (3 x 8); weights excluded
+    assert harness.saved_activation_bytes(model, x, target, total) == 4 * (3 * 4 + 3 * 8)
+    assert all(p.grad is None for p in model.parameters())  # the gradients it made are cleared
+    model[0].requires_grad_(False)  # a frozen Linear needs only its weight for the input's gradient: Tanh's output
+    assert harness.saved_activation_bytes(model, x.requires_grad_(), target, total) == 4 * 3 * 8
+    x2 = torch.randn(3, 4)
+    doubled = nn.Sequential(nn.Identity())  # the same storage saved twice (x * x) counts once
+
+    def square(out, _):
+        return (out * out).sum()
+
+    assert harness.saved_activation_bytes(doubled, x2.requires_grad_(), target, square) == 4 * 3 * 4
+
+
+def test_floor_from_a_module_that_does_not_exist_is_named():
+    with pytest.raises(ValueError, match="floor_from='blocks.9'"):
+        measure(tiny_vit, [Candidate("floor", "floor")], isolate=False, threads=1, floor_from="blocks.9", **KWARGS)
 
 
 def test_ratios_match_raw_numbers(measured):
@@ -153,10 +187,10 @@ def test_run_covers_every_registered_method():
     preset = run.MODELS["vit_tiny_test"]
     chosen = run.candidates(embed_dim=preset["embed_dim"], input_size=(3, preset["img_size"], preset["img_size"]))
     names = [c.name for c in chosen]
-    assert names[:3] == ["full", "head_only", "lora"]
+    assert names[:4] == ["full", "head_only", "floor", "lora"]
     image_methods = {m for m in mp.list_methods() if mp.get_method(m).modality in ("core", "vision")}
     assert image_methods <= set(names)  # point-cloud methods need a point transformer: tests/pointcloud
-    for c in chosen[2:]:  # every setting builds on a ViT of that width
+    for c in chosen[3:]:  # every setting builds on a ViT of that width
         mp.adapt(run.build_model(**preset), copy.deepcopy(c.config), modules_to_save=["head"])
 
 
@@ -172,11 +206,11 @@ def test_pointcloud_run_covers_every_point_method():
 
     chosen = pointcloud.candidates("point_mae_test", batch=2)
     names = [c.name for c in chosen]
-    assert names[:3] == ["full", "head_only", "lora"]
+    assert names[:4] == ["full", "head_only", "floor", "lora"]
     point_methods = {m for m in mp.list_methods() if mp.get_method(m).modality == "pointcloud"}
     assert point_methods and point_methods <= set(names)
     x, _ = pointcloud.synthetic_batch(2, pointcloud.MODELS["point_mae_test"]["points"])
-    for c in chosen[2:]:  # every setting builds on the test model and runs
+    for c in chosen[3:]:  # every setting builds on the test model and runs
         model = mp.adapt(pointcloud.build_model("point_mae_test"), copy.deepcopy(c.config), modules_to_save=["head"])
         assert model(x).shape == (2, pointcloud.NUM_CLASSES)
 
@@ -185,10 +219,10 @@ def test_text_run_covers_every_text_method():
     from benchmarks import text
 
     chosen = text.candidates("bert_test")
-    assert [c.name for c in chosen][:3] == ["full", "head_only", "lora"]
+    assert [c.name for c in chosen][:4] == ["full", "head_only", "floor", "lora"]
     text_methods = {m for m in mp.list_methods() if mp.get_method(m).modality == "text"}
     assert text_methods and text_methods <= {c.name for c in chosen}
     ids, _ = text.synthetic_batch("bert_test", 2)
-    for c in chosen[2:]:  # every setting builds on the test model and runs
+    for c in chosen[3:]:  # every setting builds on the test model and runs
         model = mp.adapt(text.build_model("bert_test"), copy.deepcopy(c.config), modules_to_save=["head"])
         assert model(ids).shape == (2, text.NUM_CLASSES)
