@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..core.api import load_adapter
 from ..core.model import AdaptedModel, class_path
+from ..core.peft_bridge import PeftAdaptedModel
 from ..core.state import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_config
 
 MergeMode = Literal["factors", "delta"]
@@ -264,11 +265,16 @@ class MetricWeightedAveraging(pl.Callback):
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the current adapter state and metric (the oldest save goes once ``keep`` are held)."""
+        model = pl_module.model
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.adapter_state_dict().items()}
+        self.saves.append((trainer.global_step, self._metric(trainer), state))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = getattr(pl_module, "model", None)
         if not isinstance(model, AdaptedModel):
             raise ValueError("MetricWeightedAveraging merges adapters; this task trains no adapter (a baseline?).")
-        state = {k: v.detach().to("cpu", copy=True) for k, v in model.adapter_state_dict().items()}
-        self.saves.append((trainer.global_step, self._metric(trainer), state))
+        if self.mode == "delta" and not isinstance(model, PeftAdaptedModel):  # refused now, not after training
+            model._check_mergeable(model.active_adapter)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         n = self.every_n_train_steps

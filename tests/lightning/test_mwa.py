@@ -163,5 +163,9 @@ def test_callback_refuses_an_unlogged_metric_and_a_baseline(tmp_path) -> None:
         trainer(tmp_path, max_epochs=1, callbacks=[MetricWeightedAveraging(tmp_path / "m")]).fit(
             task("linear"), datamodule=data()
         )
+    mwa = MetricWeightedAveraging(tmp_path / "m", mode="delta")
+    with pytest.raises(ValueError, match="cannot be merged"):  # before training, not after
+        trainer(tmp_path, max_epochs=1, callbacks=[mwa]).fit(task(mp.BottleneckConfig()), datamodule=data())
+    assert not mwa.saves
     with pytest.raises(ValueError, match="keep=0"):
         MetricWeightedAveraging(keep=0)
