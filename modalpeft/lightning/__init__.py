@@ -7,6 +7,7 @@ from .backbones import timm_backbone
 from .checkpoint import AdapterExport
 from .cli import cli_main
 from .data import DigitsDataModule, EpochSeededSampler
+from .growth import RankGrowth
 from .mwa import MetricWeightedAveraging
 from .task import AdapterTask, ClassificationTask, prepare_backbone
 
@@ -17,6 +18,7 @@ __all__ = [
     "DigitsDataModule",
     "EpochSeededSampler",
     "MetricWeightedAveraging",
+    "RankGrowth",
     "cli_main",
     "prepare_backbone",
     "timm_backbone",

@@ -228,3 +228,12 @@ def mtlora(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
 def paca(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     """Spec §8f: ``r · d_out`` per targeted Linear."""
     return sum(cfg.rank * t.out_features for t in _targets(reference, cfg.target_modules))
+
+
+def increlora(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """Spec §11f over the capacity allocated up front: ``(max_rank + pieces per growth) · (d_in + d_out + 1)`` per
+    Linear; the official pieces per growth for an average target rank are {2: 1, 4: 2, 6: 3, 8: 4}."""
+    pieces = cfg.incre_rank_num or {2: 1, 4: 2, 6: 3, 8: 4}[cfg.target_rank]
+    return sum(
+        (cfg.max_rank + pieces) * (t.in_features + t.out_features + 1) for t in _targets(reference, cfg.target_modules)
+    )

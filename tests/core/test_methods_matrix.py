@@ -306,6 +306,24 @@ CASES: dict[str, Case] = {
         ),
         counts.paca,
     ),
+    "increlora": Case(
+        native(
+            "increlora",
+            {
+                "mlp": {
+                    "init_rank": 1,
+                    "target_rank": 2,
+                    "max_rank": 3,
+                    "alpha": 8.0,
+                    "target_modules": ["fc1", "fc2"],
+                },
+                "vit": {"target_rank": 4, "max_rank": 4, "target_modules": ["qkv"], "dropout": 0.2},
+                "mha": {"init_rank": 2, "target_rank": 2, "advance_learn": False, "target_modules": ["linear1"]},
+                "bert": {"target_rank": 2, "incre_rank_num": 2, "target_modules": ["query", "value"]},
+            },
+        ),
+        counts.increlora,
+    ),
 }
 
 

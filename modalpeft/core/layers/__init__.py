@@ -4,6 +4,7 @@ from .bottleneck import Bottleneck
 from .bypass import Bypass
 from .experts import LowRankExperts
 from .factorized import FactorizedVector
+from .growing import GrowingLowRank
 from .kronecker import KroneckerDelta
 from .low_rank import LowRankDelta
 from .partial import PartialColumns
@@ -17,6 +18,7 @@ __all__ = [
     "Bottleneck",
     "Bypass",
     "FactorizedVector",
+    "GrowingLowRank",
     "KroneckerDelta",
     "LowRankDelta",
     "LowRankExperts",

@@ -2,6 +2,7 @@
 
 from .adapter import BottleneckConfig
 from .bitfit import BitFitConfig
+from .increlora import IncreLoRAConfig
 from .krona import KronAConfig
 from .loldu import LoLDUConfig
 from .mtlora import MTLoRAConfig
@@ -11,6 +12,7 @@ from .svfit import SVFitConfig
 
 __all__ = ["BitFitConfig", "BottleneckConfig", "KronAConfig"]
 __all__ += [
+    "IncreLoRAConfig",
     "LoLDUConfig",
     "MTLoRAConfig",
     "NeuroAdaConfig",
