@@ -97,6 +97,7 @@ def candidates(model: str) -> list[Candidate]:
         Candidate("neuroada", mp.NeuroAdaConfig(k=1, target_modules=preset["lora"])),
         Candidate("mtlora", mp.MTLoRAConfig(structure="ICFM", rank=8, target_modules=preset["lora"])),
         Candidate("paca", mp.PaCAConfig(rank=16, alpha=64.0, target_modules=preset["lora"])),  # LoRA r=8's count
+        Candidate("increlora", mp.IncreLoRAConfig(target_rank=2, max_rank=8, target_modules=preset["lora"])),
     ]
 
 

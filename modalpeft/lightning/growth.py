@@ -13,7 +13,8 @@ class RankGrowth(pl.Callback):
     """Run :class:`~modalpeft.core.methods.increlora.RankAllocator` after every optimiser step of ``fit``.
 
     The Lightning tasks add it for an :class:`IncreLoRAConfig` adapter (``configure_callbacks``). The schedule is
-    checked against the run's length when ``fit`` starts, before any step. The pieces are allocated when the model is
+    checked against the run's length when ``fit`` starts, before any step (not under ``fast_dev_run``, which grows
+    nothing). The pieces are allocated when the model is
     adapted and already in the optimiser, so growing changes masks, not parameters (see the increlora module).
     """
 
@@ -23,12 +24,16 @@ class RankGrowth(pl.Callback):
         """``(step, modules that grew)`` for every growth."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run:  # a debugging run of a few steps: no schedule to keep
+            return
         config = pl_module.adapter_config()
         if not isinstance(config, IncreLoRAConfig):
             raise ValueError(f"RankGrowth drives IncreLoRA; this task's adapter is {type(config).__name__}.")
         self.allocator = RankAllocator(pl_module.model, config, int(trainer.estimated_stepping_batches))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.allocator is None:
+            return
         grown = self.allocator.step(trainer.global_step)
         if grown:
             self.history.append((trainer.global_step, grown))
