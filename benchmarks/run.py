@@ -72,6 +72,10 @@ def vit_settings(embed_dim: int, input_size: tuple[int, int, int]) -> dict[str, 
     - vpt: VPT-deep with 10 prompts per block; ssf: the official placement (its defaults).
     - spt: the paper's 0.4M budget on ViT-B (scaled with ``embed_dim²`` for other widths), LoRA structure,
       sensitivity from one synthetic batch of 8 (scoring is part of adapting, not of a training step).
+    - svfit, loldu, neuroada, paca: the attention projections (``qkv``, ``attn.proj``) as krona; SVFit at full rank,
+      LoLDU at its README's rank 15, NeuroAda at k = 1, PaCA at r = 16 (LoRA r = 8's count on a square Linear);
+      mtlora: ICFM at rank 8 on ``qkv``; increlora: the official average target rank 2 with capacity 8 (the benchmark
+      runs no growth: it measures the training step of the allocated adapter).
     """
     factor = most_square_factor(embed_dim)
     return {
@@ -85,6 +89,12 @@ def vit_settings(embed_dim: int, input_size: tuple[int, int, int]) -> dict[str, 
             "batches": 1,
             "sensitivity_data": [synthetic_batch(8, input_size, seed=1)],
         },
+        "svfit": {"target_modules": ["qkv", "attn.proj"]},
+        "loldu": {"target_modules": ["qkv", "attn.proj"], "rank": 15},
+        "neuroada": {"target_modules": ["qkv", "attn.proj"], "k": 1},
+        "mtlora": {"target_modules": ["qkv"], "structure": "ICFM", "rank": 8},
+        "paca": {"target_modules": ["qkv", "attn.proj"], "rank": 16, "alpha": 64.0},
+        "increlora": {"target_modules": ["qkv", "attn.proj"], "target_rank": 2, "max_rank": 8},
     }
 
 

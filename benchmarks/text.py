@@ -94,6 +94,13 @@ def candidates(model: str) -> list[Candidate]:
         Candidate("lofit", mp.LoFiTConfig(stage="scale")),
         Candidate("mam", mp.MAMConfig(bottleneck_dim=16, scaling=2.0, prefix_tokens=16)),
         Candidate("dept", mp.DePTConfig(num_tokens=8 if small else 60, rank=30, max_length=preset["tokens"])),
+        # issue 19: weight-space methods, on LoRA's targets
+        Candidate("svfit", mp.SVFitConfig(target_modules=preset["lora"])),
+        Candidate("loldu", mp.LoLDUConfig(rank=15, target_modules=preset["lora"])),
+        Candidate("neuroada", mp.NeuroAdaConfig(k=1, target_modules=preset["lora"])),
+        Candidate("mtlora", mp.MTLoRAConfig(structure="ICFM", rank=8, target_modules=preset["lora"])),
+        Candidate("paca", mp.PaCAConfig(rank=16, alpha=64.0, target_modules=preset["lora"])),  # LoRA r=8's count
+        Candidate("increlora", mp.IncreLoRAConfig(target_rank=2, max_rank=8, target_modules=preset["lora"])),
     ]
 
 

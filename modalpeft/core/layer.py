@@ -13,6 +13,7 @@ The hooks an adapter module may override, applied by the host in this order::
 
     x   = pre(x)                                   # transform the host's first input (prompt insertion)
     out = base_layer(x, ...)  with  param_deltas  # additive deltas on the base's own parameters (BitFit)
+       or replace_base(base_layer, x)              # the adapted module computed by the adapter (NeuroAda, PaCA)
     out = out + parallel(x)                        # a branch beside the base layer (LoRA, KronA, MoE)
     out = post(out)                                # transform the output (SSF, sequential adapters)
 
@@ -21,7 +22,10 @@ When the base layer returns a tuple (``nn.MultiheadAttention``, Hugging Face lay
 overrides ``around(base, args, kwargs)`` instead, which takes over the whole call (DePT builds ``inputs_embeds``
 from ``input_ids`` and lengthens the attention mask); the four hooks above are then not applied. An adapter
 module with ``skips_base = True`` takes the base module out of the path while it runs (``out = x``;
-:class:`~modalpeft.core.layers.Bypass`), for a base module that a method's own recipe does not have.
+:class:`~modalpeft.core.layers.Bypass`), for a base module that a method's own recipe does not have. An adapter
+module that overrides ``replace_base`` computes the base module's output itself, from its parameters and the
+input: an adapted Linear ``x W'ᵀ + b`` in one product, with a backward pass of its own (NeuroAda's sparse delta,
+PaCA's partial connections), where a parallel branch would cost a second product.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class AdapterModule(nn.Module):
     has_parallel: ClassVar[bool] = False
     has_post: ClassVar[bool] = False
     has_around: ClassVar[bool] = False
+    has_replace_base: ClassVar[bool] = False
     skips_base: ClassVar[bool] = False
     """Set by adapters that replace the base module by the identity while they run (the host returns ``x``)."""
     input_arg: int = 0
@@ -60,7 +65,7 @@ class AdapterModule(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for hook in ("pre", "param_deltas", "parallel", "post", "around"):
+        for hook in ("pre", "param_deltas", "parallel", "post", "around", "replace_base"):
             setattr(cls, f"has_{hook}", getattr(cls, hook) is not getattr(AdapterModule, hook))
 
     def reset_adapter(self, init_weights: InitMode = True) -> None:
@@ -85,6 +90,11 @@ class AdapterModule(nn.Module):
 
     def parallel(self, x: Tensor) -> Tensor:
         """A branch added to the base output; ``x`` is the (pre-transformed) input."""
+        raise NotImplementedError
+
+    def replace_base(self, base: nn.Module, x: Tensor) -> Tensor:
+        """The adapted base module's output on ``x``, in place of ``base(x)`` (single-input modules such as
+        ``nn.Linear``); its update of ``base.weight`` is :meth:`delta_weight`."""
         raise NotImplementedError
 
     def post(self, out: Tensor) -> Tensor:
@@ -115,7 +125,7 @@ class AdapterModule(nn.Module):
         for name, delta in self.param_deltas(base).items():
             param = base.get_parameter(name)
             param.add_(delta.to(param.dtype), alpha=sign)
-        if self.has_parallel:
+        if self.has_parallel or self.has_replace_base:
             weight = base.weight
             weight.add_(self.delta_weight().reshape(weight.shape).to(weight.dtype), alpha=sign)
 
@@ -220,6 +230,8 @@ class AdapterLayer(nn.Module):
                 kwargs = {**kwargs, key: x}
         if adapter.skips_base:
             out = x
+        elif adapter.has_replace_base:
+            out = adapter.replace_base(self.base_layer, x)
         elif adapter.has_param_deltas:
             deltas = adapter.param_deltas(self.base_layer)
             params = {k: self.base_layer.get_parameter(k) + d for k, d in deltas.items()}

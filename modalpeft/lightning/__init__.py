@@ -7,6 +7,8 @@ from .backbones import timm_backbone
 from .checkpoint import AdapterExport
 from .cli import cli_main
 from .data import DigitsDataModule, EpochSeededSampler
+from .growth import RankGrowth
+from .mwa import MetricWeightedAveraging
 from .task import AdapterTask, ClassificationTask, prepare_backbone
 
 __all__ = [
@@ -15,6 +17,8 @@ __all__ = [
     "ClassificationTask",
     "DigitsDataModule",
     "EpochSeededSampler",
+    "MetricWeightedAveraging",
+    "RankGrowth",
     "cli_main",
     "prepare_backbone",
     "timm_backbone",

@@ -217,7 +217,12 @@ class AdapterTask(pl.LightningModule):
 
     # -- checkpoints and export ------------------------------------------------------------------------
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [AdapterExport(), RandomStateCheckpoint()]
+        callbacks: list[pl.Callback] = [AdapterExport(), RandomStateCheckpoint()]
+        if getattr(self.adapter_config(), "grows_rank", False):  # IncreLoRA: ranks grow in the loop
+            from .growth import RankGrowth
+
+            callbacks.append(RankGrowth())
+        return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.baseline != "full":

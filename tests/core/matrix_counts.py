@@ -216,3 +216,36 @@ def mam(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     with its MLP (h = prefix_hidden), on the tiny BERT (d = 32, L = 2)."""
     d, layers, r, n, h = 32, 2, cfg.bottleneck_dim, cfg.prefix_tokens, cfg.prefix_hidden
     return layers * (2 * d * r + r + d) + n * d + (d * h + h) + (h * 2 * layers * d + 2 * layers * d)
+
+
+def factorized(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """SVFit and LoLDU (spec §4f, §5f): ``r`` per targeted Linear, ``min(d_in, d_out)`` when ``rank`` is None."""
+    return sum(
+        cfg.rank if cfg.rank is not None else min(t.in_features, t.out_features)
+        for t in _targets(reference, cfg.target_modules)
+    )
+
+
+def neuroada(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """Spec §13f: ``k · d_out`` per targeted Linear."""
+    return sum(cfg.k * t.out_features for t in _targets(reference, cfg.target_modules))
+
+
+def mtlora(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """Spec §10f: ``r·(d_in + d_out) + r²`` per Linear (SHIM, ICFM), ``+ 2r²`` (CTCM, DTSM)."""
+    square = (2 if cfg.structure in ("CTCM", "DTSM") else 1) * cfg.rank**2
+    return sum(cfg.rank * (t.in_features + t.out_features) + square for t in _targets(reference, cfg.target_modules))
+
+
+def paca(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """Spec §8f: ``r · d_out`` per targeted Linear."""
+    return sum(cfg.rank * t.out_features for t in _targets(reference, cfg.target_modules))
+
+
+def increlora(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """Spec §11f over the capacity allocated up front: ``(max_rank + pieces per growth) · (d_in + d_out + 1)`` per
+    Linear; the official pieces per growth for an average target rank are {2: 1, 4: 2, 6: 3, 8: 4}."""
+    pieces = cfg.incre_rank_num or {2: 1, 4: 2, 6: 3, 8: 4}[cfg.target_rank]
+    return sum(
+        (cfg.max_rank + pieces) * (t.in_features + t.out_features + 1) for t in _targets(reference, cfg.target_modules)
+    )

@@ -253,6 +253,90 @@ CASES: dict[str, Case] = {
         counts.dept,
         identity=None,
     ),
+    # issue 19: weight-space methods on any model with Linears
+    "svfit": Case(
+        native(
+            "svfit",
+            {
+                "mlp": {"rank": 5, "target_modules": ["fc1", "fc2"]},
+                "vit": {"target_modules": ["qkv", "attn.proj"]},  # full rank
+                "mha": {"rank": 3, "target_modules": ["linear1", "linear2"]},
+                "bert": {"rank": 7, "target_modules": ["query", "value"]},
+            },
+        ),
+        counts.factorized,
+    ),
+    "loldu": Case(
+        native(
+            "loldu",
+            {
+                "mlp": {"rank": 4, "alpha": 2.0, "target_modules": ["fc1", "fc2"]},
+                "vit": {"rank": 6, "alpha": 3.0, "target_modules": ["qkv", "fc1"]},
+                "mha": {"alpha": 0.5, "target_modules": ["linear1"]},  # full rank
+            },
+        ),
+        counts.factorized,
+    ),
+    "neuroada": Case(
+        native(
+            "neuroada",
+            {
+                "mlp": {"k": 3, "target_modules": ["fc1", "fc2"]},
+                "vit": {"k": 2, "target_modules": ["qkv", "fc2"]},
+                "mha": {"k": 32, "target_modules": ["linear1"]},  # k = the fan-in: every connection
+                "bert": {"k": 1, "target_modules": ["query", "value", "intermediate.dense"]},
+            },
+        ),
+        counts.neuroada,
+    ),
+    "mtlora": Case(
+        native(
+            "mtlora",
+            {
+                "mlp": {"structure": "SHIM", "rank": 3, "alpha": 6.0, "dropout": 0.2, "target_modules": ["fc1", "fc2"]},
+                "vit": {"structure": "ICFM", "rank": 2, "alpha": 1.0, "target_modules": ["qkv", "fc1"]},
+                "mha": {"structure": "CTCM", "rank": 4, "alpha": 2.0, "target_modules": ["linear1", "linear2"]},
+                "bert": {
+                    "structure": "DTSM",
+                    "rank": 3,
+                    "alpha": 5.0,
+                    "dropout": 0.1,
+                    "target_modules": ["query", "value"],
+                },
+            },
+        ),
+        counts.mtlora,
+    ),
+    "paca": Case(
+        native(
+            "paca",
+            {
+                "mlp": {"rank": 5, "alpha": 10.0, "target_modules": ["fc1", "fc2"]},
+                "vit": {"rank": 3, "alpha": 1.0, "seed": 4, "target_modules": ["qkv", "fc2"]},
+                "mha": {"rank": 32, "target_modules": ["linear1"]},  # every column
+                "bert": {"rank": 2, "alpha": 0.5, "target_modules": ["query", "value", "output.dense"]},
+            },
+        ),
+        counts.paca,
+    ),
+    "increlora": Case(
+        native(
+            "increlora",
+            {
+                "mlp": {
+                    "init_rank": 1,
+                    "target_rank": 2,
+                    "max_rank": 3,
+                    "alpha": 8.0,
+                    "target_modules": ["fc1", "fc2"],
+                },
+                "vit": {"target_rank": 4, "max_rank": 4, "target_modules": ["qkv"], "dropout": 0.2},
+                "mha": {"init_rank": 2, "target_rank": 2, "advance_learn": False, "target_modules": ["linear1"]},
+                "bert": {"target_rank": 2, "incre_rank_num": 2, "target_modules": ["query", "value"]},
+            },
+        ),
+        counts.increlora,
+    ),
 }
 
 

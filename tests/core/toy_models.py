@@ -142,8 +142,6 @@ TOY_MODELS = {
     "mha": MHAModel,
     "points": tiny_point_transformer,
     "unet": TinyUNet,
-
-
     "bert": TinyBert,
 }
 MODALITY = {
@@ -153,8 +151,6 @@ MODALITY = {
     "mha": ("core",),
     "points": ("pointcloud",),
     "unet": ("diffusion",),
-
-
     "bert": ("text",),
 }
 """The modalities each toy model stands for: a method registered for a modality must apply to one of its toys. The

@@ -14,7 +14,6 @@ from modalpeft.text import demo, tiny_model
 from .fixtures import write_tokenizer
 from .test_minibench import write_fortunes, write_wordnet
 
-
 METHODS = ("full fine-tuning", "lora (peft)", "sora", "dept", "lofit")
 
 

@@ -3,8 +3,11 @@
 from .bottleneck import Bottleneck
 from .bypass import Bypass
 from .experts import LowRankExperts
+from .factorized import FactorizedVector
+from .growing import GrowingLowRank
 from .kronecker import KroneckerDelta
 from .low_rank import LowRankDelta
+from .partial import PartialColumns
 from .phm import PHMLinear
 from .prompt import PromptTokens
 from .scale_shift import FoldedScaleShift, ScaleShift, scale_shift_for
@@ -15,10 +18,13 @@ __all__ = [
     "Bottleneck",
     "Bypass",
     "FoldedScaleShift",
+    "FactorizedVector",
+    "GrowingLowRank",
     "KroneckerDelta",
     "LowRankDelta",
     "LowRankExperts",
     "PHMLinear",
+    "PartialColumns",
     "ParamDelta",
     "PromptTokens",
     "ScaleShift",

@@ -15,17 +15,26 @@ from ..layer import AdapterModule, InitMode
 
 # Upper bound on the elements of the (tokens, entries) products formed at once in the backward pass.
 _CHUNK_ELEMENTS = 1 << 24
+# Below this share of non-zero entries, products go through gathers (O(tokens · n)) instead of a dense weight.
+_SPARSE_DENSITY = 1 / 16
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class SparseDelta(AdapterModule):
-    """A parallel update ``y = W x + ΔW x`` where ``ΔW`` is zero except at ``n`` fixed entries.
+    """An update ``y = (W + ΔW) x + b`` where ``ΔW`` is zero except at ``n`` fixed entries.
 
     ``ΔW[rows[k], cols[k]] = values[k]``. Only ``values`` trains; ``indices`` is a persistent buffer, so it is
     saved with the adapter. The backward pass computes the gradient of the ``n`` values directly,
     ``∂L/∂values[k] = Σ_t ∂L/∂y[t, rows[k]] · x[t, cols[k]]`` (summed over every leading position ``t``), in
-    chunks of entries: it never forms the dense ``(d_out, d_in)`` gradient of the weight. SPT's saved flat indices
-    ``f`` convert as ``torch.stack([f // d_in, f % d_in])``.
+    chunks of entries: it never forms the dense ``(d_out, d_in)`` gradient of the weight. Below a density of 1/16
+    (NeuroAda's k entries per row, SPT's small budgets) the products ``ΔW x`` and ``ΔWᵀ ∂L/∂y`` go through gathers
+    and index-adds too (``O(tokens · n)``, no weight-sized tensor at all); denser deltas use one dense ``ΔW``.
+    SPT's saved flat indices ``f`` convert as ``torch.stack([f // d_in, f % d_in])``.
+
+    ``fused=False`` adds ``ΔW x`` beside the base Linear (a parallel branch, any base module with ``weight``);
+    ``fused=True`` replaces the base product by one ``x (W + ΔW)ᵀ + b`` (NeuroAda's ``scatter_add`` forward), whose
+    backward computes ``∂L/∂x = ∂L/∂y (W + ΔW)`` and the entries' gradients as above: it costs the base Linear plus
+    ``O(tokens · n)``, and keeps ``x`` for backward (a frozen ``nn.Linear`` keeps only its weight).
 
     Args:
         in_features: ``d_in`` of the adapted Linear.
@@ -33,6 +42,7 @@ class SparseDelta(AdapterModule):
         indices: ``(2, n)`` integer tensor, row ``0`` the output rows and row ``1`` the input columns of the tuned
             entries; entries must lie inside the weight and be distinct.
         init_weights: ``True``/``"identity"``: zeros (the base weight, as SPT starts); ``False``: random.
+        fused: compute the adapted Linear in one product (``nn.Linear`` bases) instead of a parallel branch.
 
     Shapes:
         - input: ``(*, d_in)``
@@ -49,10 +59,12 @@ class SparseDelta(AdapterModule):
         indices: Tensor,
         *,
         init_weights: InitMode = True,
+        fused: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.has_parallel, self.has_replace_base = not fused, fused
         shape = (out_features, in_features)
         if indices.ndim != 2 or indices.shape[0] != 2 or indices.dtype not in _INDEX_DTYPES:
             raise ValueError(
@@ -88,18 +100,26 @@ class SparseDelta(AdapterModule):
     def parallel(self, x: Tensor) -> Tensor:
         return _SparseDeltaMatmul.apply(x, self.values, self.indices, self.out_features)
 
+    def replace_base(self, base: nn.Module, x: Tensor) -> Tensor:
+        return _SparseLinear.apply(x, base.weight, base.bias, self.values, self.indices)
+
     def delta_weight(self) -> Tensor:
         delta = self.values.new_zeros(self.out_features, self.in_features)
         return delta.index_put((self.indices[0], self.indices[1]), self.values)
 
 
 class _SparseDeltaMatmul(torch.autograd.Function):
-    """``x @ ΔWᵀ`` with ``ΔW`` built from ``(indices, values)``; the backward gives ``values`` a sparse gradient."""
+    """``x @ ΔWᵀ`` with ``ΔW`` built from ``(indices, values)``; the backward gives ``values`` a sparse gradient.
+
+    Gathers work on feature-major copies (``(d, T)``: one contiguous row per feature), which is where they are fast.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, indices: Tensor, out_features: int) -> Tensor:
         ctx.save_for_backward(x, values, indices)
         ctx.out_features = out_features
+        if _is_sparse(values.shape[0], x.shape[-1], out_features):
+            return _gather_matmul(x, values, indices[1], indices[0], out_features)
         return x @ _dense(values, indices, out_features, x.shape[-1], x.dtype).t()
 
     @staticmethod
@@ -107,20 +127,74 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         x, values, indices = ctx.saved_tensors
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ _dense(values, indices, ctx.out_features, x.shape[-1], grad_y.dtype)
+            if _is_sparse(values.shape[0], x.shape[-1], ctx.out_features):
+                grad_x = _gather_matmul(grad_y, values, indices[0], indices[1], x.shape[-1])
+            else:
+                grad_x = grad_y @ _dense(values, indices, ctx.out_features, x.shape[-1], grad_y.dtype)
         if ctx.needs_input_grad[1]:
-            grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])  # (T, d_out), T = all leading positions
-            x2 = x.reshape(-1, x.shape[-1])  # (T, d_in)
-            grad_values = torch.empty_like(values)
-            chunk = max(1, _CHUNK_ELEMENTS // max(1, x2.shape[0]))
-            for start in range(0, values.shape[0], chunk):
-                rows, cols = indices[:, start : start + chunk]
-                # (T, c) · (T, c) summed over T: the gradients of c entries, without a dense (d_out, d_in) matrix.
-                products = grad_y2[:, rows].to(values.dtype) * x2[:, cols].to(values.dtype)
-                grad_values[start : start + chunk] = products.sum(0)
+            grad_values = _entry_grads(grad_y, x, values, indices)
         return grad_x, grad_values, None, None
+
+
+class _SparseLinear(torch.autograd.Function):
+    """``x (W + ΔW)ᵀ + b`` in one product; the backward gives ``values`` a sparse gradient (``W``, ``b`` frozen)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, values, indices)
+        ctx.has_bias = bias is not None
+        return nn.functional.linear(x, _adapted_weight(weight, values, indices), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, values, indices = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ _adapted_weight(weight, values, indices)  # W + ΔW again: a copy, not a gradient
+        if ctx.needs_input_grad[1]:  # a base weight that trains too (not the method's setting)
+            grad_weight = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_values = _entry_grads(grad_y, x, values, indices)
+        return grad_x, grad_weight, grad_bias, grad_values, None
+
+
+def _adapted_weight(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    return weight.index_put((indices[0], indices[1]), values.to(weight.dtype), accumulate=True)
+
+
+def _entry_grads(grad_y: Tensor, x: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    """``∂L/∂values[k] = Σ_t ∂L/∂y[t, rows[k]] · x[t, cols[k]]``, in chunks of entries, never a dense gradient."""
+    grad_t = grad_y.reshape(-1, grad_y.shape[-1]).t().contiguous()  # (d_out, T), T = all leading positions
+    x_t = x.reshape(-1, x.shape[-1]).t().contiguous()  # (d_in, T)
+    grad_values = torch.empty_like(values)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, x_t.shape[1]))
+    for start in range(0, values.shape[0], chunk):
+        rows, cols = indices[:, start : start + chunk]
+        # (c, T) · (c, T) summed over T: the gradients of c entries, without a dense (d_out, d_in) matrix.
+        grad_values[start : start + chunk] = torch.einsum(
+            "ct,ct->c", grad_t[rows].to(values.dtype), x_t[cols].to(values.dtype)
+        )
+    return grad_values
 
 
 def _dense(values: Tensor, indices: Tensor, out_features: int, in_features: int, dtype: torch.dtype) -> Tensor:
     delta = torch.zeros(out_features, in_features, device=values.device, dtype=dtype)
     return delta.index_put_((indices[0], indices[1]), values.to(dtype))
+
+
+def _is_sparse(entries: int, in_features: int, out_features: int) -> bool:
+    return entries <= _SPARSE_DENSITY * in_features * out_features
+
+
+def _gather_matmul(x: Tensor, values: Tensor, src: Tensor, dst: Tensor, width: int) -> Tensor:
+    """``out[..., dst[k]] += values[k] · x[..., src[k]]`` for every entry ``k``, in chunks of entries: the product
+    with the sparse matrix (or its transpose) without forming it; ``(*, width)``."""
+    x_t = x.reshape(-1, x.shape[-1]).t().contiguous()  # (d, T)
+    out = x_t.new_zeros(width, x_t.shape[1])  # (width, T)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, x_t.shape[1]))
+    for start in range(0, values.shape[0], chunk):
+        end = start + chunk
+        out.index_add_(0, dst[start:end], x_t[src[start:end]] * values[start:end, None].to(x_t.dtype))
+    return out.t().reshape(*x.shape[:-1], width)
