@@ -72,7 +72,7 @@ def crop_resize(
     """Resize the shorter side to ``resolution``, crop a square (centred or at random), flip (when ``flip``).
 
     Returns the ``(3, R, R)`` tensor in [-1, 1], the original ``(height, width)`` and the crop's ``(top, left)``
-    (SDXL's ``crops_coords_top_left``, measured after a flip as diffusers' SDXL script does).
+    (SDXL's ``crops_coords_top_left``; after a flip, the crop's place in the flipped image).
     """
     from torchvision.transforms import functional as TF
 

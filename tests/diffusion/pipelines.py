@@ -73,7 +73,15 @@ def tiny_pipeline(sdxl: bool = False, seed: int = 0, prediction_type: str = "eps
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    scheduler = DDIMScheduler(clip_sample=False, steps_offset=1, prediction_type=prediction_type)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )  # fmt: skip  (Stable Diffusion's)
     if sdxl:
         pipe = StableDiffusionXLPipeline(
             vae=_vae(),
