@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.state import atomic_write
 from ..lightning.data import EpochSeededSampler
+from .pipeline import png_bytes
 
 
 def load_images(directory: str | os.PathLike[str], role: str = "instance_dir", allow_empty: bool = False) -> list:
@@ -260,13 +261,4 @@ class DreamBoothDataModule(pl.LightningDataModule):
         )
 
 
-def png_bytes(image: Any) -> bytes:
-    """A PIL image encoded as PNG."""
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-__all__ = ["DreamBoothDataModule", "DreamBoothDataset", "collate", "crop_resize", "load_images", "png_bytes"]
+__all__ = ["DreamBoothDataModule", "DreamBoothDataset", "collate", "crop_resize", "load_images"]

@@ -34,25 +34,9 @@ from ..core.model import AdaptedModel
 from ..core.state import atomic_write
 from ..lightning.optim import OptimizerName, SchedulerName
 from ..lightning.task import AdapterTask
-from .data import png_bytes
+from .pipeline import load_pipeline, png_bytes
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def load_pipeline(name: str, revision: str | None = None, variant: str | None = None) -> Any:
-    """A diffusers text-to-image pipeline by Hub name or local path, with a UNet, a scheduler and text encoder(s)."""
-    from diffusers import DiffusionPipeline
-
-    kwargs = {"revision": revision, "variant": variant}
-    pipe = DiffusionPipeline.from_pretrained(name, **{k: v for k, v in kwargs.items() if v is not None})
-    missing = [c for c in ("unet", "scheduler", "text_encoder", "tokenizer") if getattr(pipe, c, None) is None]
-    if missing:
-        raise ValueError(
-            f"pipeline={name!r} ({type(pipe).__name__}) has no {missing}: DreamBooth needs a text-to-image UNet "
-            "pipeline (Stable Diffusion 1.x/2.x or SDXL)."
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def diffusion_target(scheduler: Any, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -163,7 +147,9 @@ class DreamBoothTask(AdapterTask):
             latents = pixels
         else:
             shift = getattr(vae.config, "shift_factor", None) or 0.0
-            latents = (vae.encode(pixels.to(vae.dtype)).latent_dist.sample() - shift) * vae.config.scaling_factor
+            with torch.autocast(self.device.type, enabled=False):  # SDXL's VAE overflows in fp16: encode in fp32
+                posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+            latents = (posterior.sample() - shift) * vae.config.scaling_factor
         if not self.sdxl:
             embeds, _ = self.pipe.encode_prompt(batch["prompts"], self.device, 1, False)
             return latents, embeds, None
