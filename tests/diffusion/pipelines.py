@@ -47,24 +47,13 @@ def _vae():
 
 
 def _unet(sdxl: bool):
-    from diffusers import UNet2DConditionModel
+    from modalpeft.diffusion.backbones import TEST_UNET, build_unet
 
-    extra = {}
+    extra = {"use_linear_projection": sdxl}
     if sdxl:  # text_embeds (the second encoder's projection, 32) + 6 time ids x 8
-        extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8}
+        extra |= {"addition_embed_type": "text_time", "addition_time_embed_dim": 8}
         extra["projection_class_embeddings_input_dim"] = 32 + 6 * 8
-    return UNet2DConditionModel(
-        sample_size=8,
-        layers_per_block=1,
-        block_out_channels=(64, 128),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        use_linear_projection=sdxl,
-        **extra,
-    )
+    return build_unet(TEST_UNET, **extra)
 
 
 def tiny_pipeline(sdxl: bool = False, seed: int = 0, prediction_type: str = "epsilon"):
