@@ -29,9 +29,20 @@ def pipes(tmp_path_factory) -> dict:
     }
 
 
+class ImageLogger(pl.loggers.CSVLogger):
+    """A CSV logger that also takes images, as Weights & Biases' does (``log_image``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.images: list[tuple] = []
+
+    def log_image(self, key: str, images: list, step: int) -> None:
+        self.images.append((key, step, images[0].size))
+
+
 def _trainer(tmp_path, steps: int = 2) -> pl.Trainer:
     return pl.Trainer(
-        max_steps=steps, accelerator="cpu", default_root_dir=tmp_path, logger=pl.loggers.CSVLogger(tmp_path),
+        max_steps=steps, accelerator="cpu", default_root_dir=tmp_path, logger=ImageLogger(tmp_path),
         enable_model_summary=False, enable_progress_bar=False, log_every_n_steps=1,
     )  # fmt: skip
 
@@ -97,6 +108,7 @@ def test_sd_fit_generates_class_images_once_renders_grids_and_exports(pipes, tmp
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
     run = tmp_path / "lightning_logs" / "version_0"
     assert sorted(p.name for p in (run / "validation").iterdir()) == ["step_000001.png", "step_000002.png"]
+    assert trainer.logger.images == [("validation", 1, (38, 20)), ("validation", 2, (38, 20))]  # 2 x 16 px + padding
     for name, p in task.frozen.named_parameters():
         torch.testing.assert_close(p, frozen[name], rtol=0, atol=0)
     trained = task.model.eval()
