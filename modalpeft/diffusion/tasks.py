@@ -83,7 +83,7 @@ class DreamBoothTask(AdapterTask):
         optimizer: ``"adamw8bit"`` (the official scripts', bitsandbytes on a GPU; AdamW otherwise, with a warning),
             ``"adamw"`` or ``"sgd"``.
         lr, weight_decay, momentum, scheduler, warmup_epochs, min_lr: as :class:`~modalpeft.lightning.AdapterTask`
-            (the official DreamBooth scripts: constant 1e-3 for DiffuseKronA, 1e-4 for LoRA).
+            (DiffuseKronA's official scripts: constant 1e-3; diffusers' LoRA DreamBooth example: 1e-4).
     """
 
     def __init__(

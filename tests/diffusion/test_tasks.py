@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
+import modalpeft as mp
 from modalpeft.diffusion import DiffuseKronAConfig, load_into_pipeline
 from modalpeft.diffusion.data import DreamBoothDataModule
 from modalpeft.diffusion.tasks import DreamBoothTask, load_pipeline
@@ -145,6 +146,18 @@ def test_sdxl_trains_with_two_text_encoders_and_micro_conditioning(pipes, tmp_pa
     after = dict(task.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert (tmp_path / "lightning_logs" / "version_0" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_full_fine_tuning_trains_the_unet_only_and_exports_it(pipes, tmp_path) -> None:
+    task = DreamBoothTask(str(pipes["sd"]), "full", optimizer="adamw", lr=1e-4)
+    assert all(p.requires_grad for p in task.model.parameters())
+    assert not any(p.requires_grad for p in task.frozen.parameters())
+    data = DreamBoothDataModule(str(write_images(tmp_path / "photos", 1)), "a photo of sks dog", resolution=16)
+    _trainer(tmp_path, steps=1).fit(task, data)
+    fresh = load_pipeline(str(pipes["sd"])).unet
+    loaded = mp.load_adapter(fresh, tmp_path / "lightning_logs" / "version_0" / "adapter")
+    for (name, p), q in zip(task.model.named_parameters(), loaded.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
 def test_bad_input_is_refused(pipes, tmp_path) -> None:
