@@ -1,14 +1,15 @@
-"""``make bench``: the ViT benchmark, then the Point-MAE and the text ones, into one run folder.
+"""``make bench``: the ViT benchmark, then the Point-MAE, the text and the diffusion ones, into one run folder.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks                               # ViT-B/16, Point-MAE, RoBERTa-base
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks                     # ViT-B/16, Point-MAE, RoBERTa-base, SD-2.1 UNet
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --quick                       # the test-size models: a check
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --results-dir benchmarks/results  # the committed results
 
 ``--quick`` (also implied by ``--model vit_tiny_test``) runs every benchmark on its test-size model
-(``vit_tiny_test``, ``point_mae_test``, ``bert_test``) in about a minute; the full run takes 10-15 minutes on 2 CPU
-cores. The results go to a new ``outputs/bench/<timestamp>`` (git-ignored, printed at the end) unless
-``--results-dir`` says otherwise. Other options (``--batch``, ``--steps``, ``--warmup``, ``--device``, ``--threads``,
-``--methods``) go to every run; ``--model`` to the ViT run.
+(``vit_tiny_test``, ``point_mae_test``, ``bert_test``, ``unet_test``) in a few minutes; the full run takes 10-15
+minutes on 2 CPU cores, plus the SD-2.1-base UNet's (see ``benchmarks/diffusion.py``). The results go to a new
+``outputs/bench/<timestamp>`` (git-ignored, printed at the end) unless ``--results-dir`` says otherwise. Other
+options (``--batch``, ``--steps``, ``--warmup``, ``--device``, ``--threads``, ``--methods``) go to every run;
+``--model`` to the ViT run.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ import sys
 
 from modalpeft.lightning.demo import run_folder
 
-from . import pointcloud, run, text
+from . import diffusion, pointcloud, run, text
 
-QUICK_MODELS = {"vit": "vit_tiny_test", "pointcloud": "point_mae_test", "text": "bert_test"}
+QUICK_MODELS = {
+    "vit": "vit_tiny_test",
+    "pointcloud": "point_mae_test",
+    "text": "bert_test",
+    "diffusion": "unet_test",
+}
 """The test-size model of each benchmark, for ``--quick``."""
 
 
@@ -37,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         run.main([*vit, "--results-dir", out, *rest]),
         pointcloud.main(["--model", QUICK_MODELS["pointcloud"] if quick else "point_mae", "--results-dir", out, *rest]),
         text.main(["--model", QUICK_MODELS["text"] if quick else "roberta_base", "--results-dir", out, *rest]),
+        diffusion.main(
+            ["--model", QUICK_MODELS["diffusion"] if quick else "sd21_base_unet", "--results-dir", out, *rest]
+        ),
     ]
     print(f"bench: results in {out}/")
     return max(codes)

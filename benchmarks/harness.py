@@ -92,10 +92,13 @@ class Candidate:
         config: a modalpeft config (``mp.BitFitConfig()``), any ``peft.PeftConfig``, ``"full"`` (every
             parameter trains), ``"head_only"`` (a linear probe: only ``modules_to_save`` train) or ``"floor"``
             (as ``"head_only"``, with backward through every block: see the module docstring).
+        modules_to_save: this candidate's own ``modules_to_save`` in place of the run's (``None``: the run's); with
+            ``"head_only"`` it trains exactly these modules (e.g. full fine-tuning of a UNet's attention).
     """
 
     name: str
     config: Any
+    modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.config, str) and self.config not in BASELINES:
@@ -214,9 +217,10 @@ def measure(
     torch.set_num_threads(threads)
     records = []
     for i, candidate in enumerate(candidates):
+        saved = candidate.modules_to_save if candidate.modules_to_save is not None else modules_to_save
         job = _Job(
             model_factory, candidate, batch_factory, loss_fn, steps, warmup, device,
-            tuple(modules_to_save or ()), evaluate, seed, threads, lr, isolate, floor_from,
+            tuple(saved or ()), evaluate, seed, threads, lr, isolate, floor_from,
         )  # fmt: skip
         start = time.perf_counter()
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Literal
 
@@ -11,7 +13,7 @@ from torch import nn
 
 from ..core.inject import hosts
 
-OptimizerName = Literal["adamw", "sgd"]
+OptimizerName = Literal["adamw", "adamw8bit", "sgd"]
 SchedulerName = Literal["cosine", "constant"]
 
 
@@ -44,11 +46,25 @@ def build_optimizer(
     momentum: float = 0.9,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
+    """The optimiser by name. ``"adamw8bit"`` is bitsandbytes' 8-bit AdamW when bitsandbytes is installed and the
+    parameters are on a GPU; otherwise torch's AdamW, with a warning saying why."""
+    if name == "adamw8bit":
+        params = list(params)
+        on_gpu = all(p.is_cuda for group in params for p in group["params"])
+        if importlib.util.find_spec("bitsandbytes") is not None and on_gpu:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=lr, betas=betas)
+        why = (
+            "bitsandbytes is not installed (pip install bitsandbytes)" if on_gpu else "the parameters are not on a GPU"
+        )
+        warnings.warn(f"optimizer='adamw8bit': {why}; training with torch's 32-bit AdamW instead.", stacklevel=2)
+        name = "adamw"
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    raise ValueError(f"optimizer={name!r} is not supported; choose 'adamw' or 'sgd'.")
+    raise ValueError(f"optimizer={name!r} is not supported; choose 'adamw', 'adamw8bit' or 'sgd'.")
 
 
 def warmup_cosine(

@@ -90,7 +90,7 @@ class AdapterTask(pl.LightningModule):
             ``init_args``.
         adapter: a modalpeft method config, a ``peft.PeftConfig``, or a baseline (``"full"``, ``"linear"``).
         modules_to_save: modules trained in place and saved with the adapter (e.g. ``["head"]``).
-        optimizer: ``"adamw"`` or ``"sgd"``.
+        optimizer: ``"adamw"``, ``"adamw8bit"`` (bitsandbytes on a GPU; AdamW otherwise, with a warning) or ``"sgd"``.
         lr: base learning rate.
         weight_decay: decay for parameters with more than one dimension (never for biases, norms,
             scale/shift vectors or prompts).

@@ -1,48 +1,14 @@
-"""UNet configs for the diffusion tests: the real SDXL / SD-2.1-base ones (written out from their public
-``unet/config.json``, built on the meta device: no weights, no download) and a tiny one that runs on CPU."""
+"""UNets for the diffusion tests: the real SDXL / SD-2.1-base configs (``modalpeft.diffusion.backbones``, built on the
+meta device: no weights, no download) and a tiny one that runs on CPU."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-SDXL = {
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
-}
-"""stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (fields at their defaults left out)."""
-
-SD21_BASE = {
-    "act_fn": "silu",
-    "attention_head_dim": [5, 10, 20, 20],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "cross_attention_dim": 1024,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "use_linear_projection": True,
-}
-"""stabilityai/stable-diffusion-2-1-base, unet/config.json (fields at their defaults left out)."""
+from modalpeft.diffusion.backbones import SD21_BASE_UNET as SD21_BASE  # noqa: F401  (re-exported for the tests)
+from modalpeft.diffusion.backbones import SDXL_UNET as SDXL  # noqa: F401
+from modalpeft.diffusion.backbones import build_unet
 
 TINY = {
     "sample_size": 8,
@@ -58,17 +24,12 @@ TINY = {
 
 
 def meta_unet(config: dict) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel(**config)
+    return build_unet(config, meta=True)
 
 
 def tiny_unet(seed: int = 0, **overrides) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**{**TINY, **overrides}).eval()
+    unet = build_unet(TINY, **overrides).eval()
     with torch.no_grad():  # diffusers zero-initialises some biases / output convs; make every weight matter
         for p in unet.parameters():
             p.add_(0.02 * torch.randn_like(p))
