@@ -351,8 +351,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: OneStreamTracker 
         out[key] = torch.stack([parts[j] for j in range(len(parts))])
     if unknown:
         raise ValueError(
-            f"official checkpoint: {len(unknown)} keys are not SPMTrack TMoE, head or embedding tensors: {unknown[:8]}. "
-            "route_compression (one A per expert) is not implemented; is this an SPMTrack model.bin?"
+            f"official checkpoint: {len(unknown)} keys are not SPMTrack TMoE, head or embedding tensors: "
+            f"{unknown[:8]}. route_compression (one A per expert) is not implemented; is this an SPMTrack model.bin?"
         )
     if model is not None:
         _check_fits(out, model)
