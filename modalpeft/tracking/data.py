@@ -25,12 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
-
-from .models import template_mask
-from .transforms import augment, box_in_crop, crop, crop_params, normalize, sample_frame_indices
+from torch.utils.data import DataLoader
 
 LASOT_TEST = Path(__file__).resolve().parent / "lasot_test.txt"
 
@@ -203,104 +201,99 @@ def check_box(box: np.ndarray, size: tuple[int, int], where: str) -> None:
         )
 
 
-class TrackingPairs(Dataset):
-    """SPMTrack training samples drawn from one or more lists of sequences (equal weight per list).
-
-    Each item: ``templates (T, 3, Hz, Wz)``, ``template_masks (T, hz, wz)``, ``searches (S, 3, Hx, Wx)`` (ImageNet
-    normalised) and ``boxes (S, 4)`` (``x1, y1, x2, y2`` normalised to the search crop). Item ``i`` of epoch ``e``
-    is drawn from ``numpy.random.default_rng((seed, e, i))``, so runs repeat.
+class TrackingDataModule(pl.LightningDataModule):
+    """SPMTrack's training data: samples drawn with equal weight from each data set given (GOT-10k train, LaSOT train,
+    TrackingNet); validation and test on GOT-10k val (plain crops for test). Folders left empty are not used.
 
     Args:
-        sources: lists of sequences (one per data set).
-        length: samples per epoch (official: 131,072).
-        template_size, search_size: crop sizes (``(height, width)``; SPMTrack-B 196 and 378).
-        patch_size: the backbone's patch size (the template masks are on its token grid).
-        num_templates, num_search: 3 and 2 officially.
-        max_gap: template gap (200); search frames within ``2 · max_gap`` of the templates (400).
-        train: jitter and augment (the official validation set does too; ``False`` gives plain crops).
-        seed: base seed.
+        got10k: GOT-10k root (holding ``train/``, ``val/``); ``""``: not used.
+        lasot: LaSOT root (category folders); its training sequences are used.
+        trackingnet: TrackingNet root (``TRAIN_<i>``); ``trackingnet_subsets`` picks some (``["TRAIN_0"]``).
+        template_size, search_size: crop sizes in pixels (SPMTrack-B: 196, 378), multiples of ``patch_size``.
+        patch_size: the backbone's patch size (14 for DINOv2).
+        num_templates, num_search: frames per sample (3 and 2).
+        max_gap: template gap in frames (200; search frames within twice that).
+        samples_per_epoch: training samples per epoch (131,072 officially).
+        val_samples: validation (and test) samples.
+        batch_size: per device (the official global batch is 128).
+        num_workers: DataLoader workers.
+        seed: base seed of the draws.
     """
 
     def __init__(
         self,
-        sources: list[list[Sequence]],
-        length: int,
-        template_size: tuple[int, int] = (196, 196),
-        search_size: tuple[int, int] = (378, 378),
+        got10k: str = "",
+        lasot: str = "",
+        trackingnet: str = "",
+        trackingnet_subsets: list[str] | None = None,
+        template_size: int = 196,
+        search_size: int = 378,
         patch_size: int = 14,
         num_templates: int = 3,
         num_search: int = 2,
         max_gap: int = 200,
-        train: bool = True,
+        samples_per_epoch: int = 131072,
+        val_samples: int = 4096,
+        batch_size: int = 32,
+        num_workers: int = 4,
         seed: int = 0,
     ) -> None:
-        self.sources = [s for s in sources if s]
-        if not self.sources:
-            raise ValueError("no sequences to sample from: give at least one data set folder with sequences.")
-        for name, size in (("template_size", template_size), ("search_size", search_size)):
-            if size[0] % patch_size or size[1] % patch_size:
-                raise ValueError(
-                    f"{name}={tuple(size)} is not divisible by patch_size={patch_size}; use a multiple of it "
-                    "(SPMTrack-B: 196 and 378 with patch 14)."
-                )
-        self.length, self.template_size, self.search_size = length, tuple(template_size), tuple(search_size)
-        self.feat_size = (template_size[0] // patch_size, template_size[1] // patch_size)
-        self.num_templates, self.num_search, self.max_gap = num_templates, num_search, max_gap
-        self.train, self.seed, self.epoch = train, seed, 0
+        super().__init__()
+        self.save_hyperparameters()
+        if not (got10k or lasot or trackingnet):
+            raise ValueError("no data: give at least one of got10k, lasot, trackingnet (the data set root folders).")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _pairs(self, sources: list[list[Sequence]], length: int, train: bool, seed: int):
+        from .pairs import TrackingPairs
 
-    def __len__(self) -> int:
-        return self.length
+        hp = self.hparams
+        z, x = (hp.template_size, hp.template_size), (hp.search_size, hp.search_size)
+        return TrackingPairs(
+            sources, length, z, x, hp.patch_size, hp.num_templates, hp.num_search, hp.max_gap, train=train, seed=seed
+        )
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        for _ in range(100):
-            source = self.sources[int(rng.integers(len(self.sources)))]
-            sequence = source[int(rng.integers(len(source)))]
-            n = min(len(sequence), len(sequence.boxes))
-            picked = sample_frame_indices(
-                sequence.visible[:n], rng, self.num_templates, self.num_search, self.max_gap, 2 * self.max_gap
-            )
-            if picked is not None:
-                return self._sample(sequence, *picked, rng)
-        raise ValueError("no sequence has enough visible frames for a sample: check the visibility labels.")
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        val = read_got10k(hp.got10k, "val") if hp.got10k and (Path(hp.got10k) / "val" / "list.txt").is_file() else []
+        self.datasets = {}
+        if stage in (None, "fit"):
+            sources = [
+                read_got10k(hp.got10k, "train") if hp.got10k else [],
+                read_lasot(hp.lasot, "train") if hp.lasot else [],
+                read_trackingnet(hp.trackingnet, hp.trackingnet_subsets) if hp.trackingnet else [],
+            ]
+            self.datasets["train"] = self._pairs(sources, hp.samples_per_epoch, True, hp.seed)
+        if val:
+            self.datasets["val"] = self._pairs([val], hp.val_samples, True, hp.seed + 1)
+            self.datasets["test"] = self._pairs([val], hp.val_samples, False, hp.seed + 2)
 
-    def _load(self, sequence: Sequence, i: int) -> Tensor:
-        frame = load_frame(sequence.frames[i])
-        check_box(sequence.boxes[i], tuple(frame.shape[-2:]), f"{sequence.annotation}, line {i + 1}")
-        return frame
+    def _loader(self, name: str) -> DataLoader | list:
+        from .pairs import EpochIndexSampler
 
-    def _sample(self, sequence: Sequence, z_idx: list[int], x_idx: list[int], rng: np.random.Generator) -> dict:
-        images, boxes = [], []
-        for i in z_idx:
-            scale, shift = crop_params(sequence.boxes[i], 2.0, self.template_size)
-            images.append(crop(self._load(sequence, i), scale, shift, self.template_size))
-            boxes.append(box_in_crop(sequence.boxes[i], scale, shift, self.template_size))
-        for i in x_idx:
-            jitter = dict(rng=rng, scale_jitter=0.25, translation_jitter=3.0, min_object_size=10) if self.train else {}
-            scale, shift = crop_params(sequence.boxes[i], 5.0, self.search_size, **jitter)
-            images.append(crop(self._load(sequence, i), scale, shift, self.search_size))
-            boxes.append(box_in_crop(sequence.boxes[i], scale, shift, self.search_size))
-        if self.train:
-            images, boxes = augment(images, boxes, rng)
-        t = self.num_templates
-        z_boxes = torch.as_tensor(np.stack(boxes[:t]), dtype=torch.float32)
-        x_boxes = torch.as_tensor(np.stack(boxes[t:]), dtype=torch.float32)
-        hx, wx = self.search_size
-        return {
-            "templates": torch.stack([normalize(im) for im in images[:t]]),
-            "template_masks": template_mask(z_boxes, self.template_size, self.feat_size),
-            "searches": torch.stack([normalize(im) for im in images[t:]]),
-            "boxes": x_boxes / torch.tensor([wx, hx, wx, hx], dtype=torch.float32),
-        }
+        if name not in self.datasets:
+            return []
+        dataset = self.datasets[name]
+        sampler = EpochIndexSampler(len(dataset)) if name == "train" else None
+        hp = self.hparams
+        return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._loader("test")
 
 
 __all__ = [
+    "TrackingDataModule",
     "LASOT_TEST",
     "Sequence",
-    "TrackingPairs",
     "check_box",
     "load_frame",
     "make_sequence",

@@ -9,7 +9,7 @@
 - Positional embeddings: the ViT's patch embeddings resampled (bicubic) to the search grid; every template takes the
   top-left ``hz x wz`` corner of them (the official crop). The class and register tokens of the ViT are not used.
 - A token-type embedding ``(3, C)``: template tokens get row 0 (background) or 1 (target foreground, from the box
-  mask :func:`template_mask`), search tokens row 2.
+  mask :func:`~modalpeft.tracking.losses.template_mask`), search tokens row 2.
 - The temporal query: search frame ``t`` starts from ``sg(q_{t-1}) + track_query + query_embed``, where ``q_{t-1}``
   is the output query token of the previous frame (stop-gradient; zero before the first frame). In training the
   search frames of a sample are processed one after the other.
@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 DEFAULT_BACKBONE = "vit_base_patch14_dinov2"
 """timm's DINOv2 ViT-B/14 (the ``dinov2_vitb14_pretrain.pth`` weights SPMTrack-B starts from; with
@@ -264,35 +263,6 @@ class OneStreamTracker(nn.Module):
         return outputs
 
 
-def template_mask(boxes: Tensor, template_size: tuple[int, int], feat_size: tuple[int, int]) -> Tensor:
-    """The official foreground mask of templates: 1 on the tokens the (cropped) box covers, else 0.
-
-    ``boxes``: ``(..., 4)`` x1, y1, x2, y2 in template pixels. The box is divided by the stride and rasterised as the
-    official ``bbox_rasterize`` (``floor(x1)``, ``floor(x2 + 1 - 1e-4)``). Returns ``(..., hz, wz)`` int64.
-    """
-    (hz, wz), (h, w) = feat_size, template_size
-    scale = boxes.new_tensor([wz / w, hz / h, wz / w, hz / h])
-    return _rasterised_mask(boxes * scale, (hz, wz))
-
-
-def _rasterised_mask(boxes: Tensor, map_size: tuple[int, int]) -> Tensor:
-    h, w = map_size
-    x1, y1 = boxes[..., 0].floor(), boxes[..., 1].floor()
-    x2, y2 = (boxes[..., 2] + 1 - 1e-4).floor(), (boxes[..., 3] + 1 - 1e-4).floor()
-    xs = torch.arange(w, device=boxes.device, dtype=boxes.dtype)
-    ys = torch.arange(h, device=boxes.device, dtype=boxes.dtype)
-    in_x = (xs >= x1[..., None]) & (xs < x2[..., None])
-    in_y = (ys >= y1[..., None]) & (ys < y2[..., None])
-    return (in_y[..., :, None] & in_x[..., None, :]).long()
-
-
-def positive_mask(boxes: Tensor, map_size: tuple[int, int]) -> Tensor:
-    """The official positive samples of the score map: the tokens a box covers (``(B, 4)`` normalised x1, y1, x2,
-    y2 -> ``(B, H, W)`` bool), by the same rasterisation as :func:`template_mask`."""
-    h, w = map_size
-    return _rasterised_mask(boxes * boxes.new_tensor([w, h, w, h]), map_size).bool()
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: OneStreamTracker | None = None) -> dict[str, Tensor]:
     """Map an official SPMTrack checkpoint (``model.bin``, a safetensors file of the trainable tensors) onto the keys
     of a TMoE-adapted :class:`OneStreamTracker` as ``save_adapter`` writes them.
@@ -415,59 +385,13 @@ def load_spmtrack_checkpoint(tracker: OneStreamTracker, path: str) -> nn.Module:
     return model
 
 
-def box_iou_pairs(a: Tensor, b: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """IoU and GIoU of aligned ``(N, 4)`` x1, y1, x2, y2 boxes (the official ``bbox_overlaps(..., is_aligned=True)``
-    and ``GIoULoss``'s quantity, ``eps`` as theirs)."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    union = (area_a + area_b - inter).clamp(min=eps)
-    iou = inter / union
-    enclose = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
-    enclose_area = (enclose[:, 0] * enclose[:, 1]).clamp(min=eps)
-    return iou, iou - (enclose_area - union) / enclose_area
-
-
-def tracking_loss(outputs: list[dict[str, Tensor]], boxes: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """The official criterion (``box_with_score_map``, METHODS.md §7b): per search frame, an IoU-aware BCE on the
-    score map and a GIoU loss on the boxes at the positive tokens, each summed and divided by the number of
-    positives (at least 1), weight 1 each, summed over the search frames.
-
-    The BCE target is the IoU of the predicted box with the ground truth at positive tokens (no gradient), 0
-    elsewhere. ``boxes``: ``(B, S, 4)`` normalised x1, y1, x2, y2 in the search crops. Returns the loss and its parts.
-    """
-    total = boxes.new_zeros(())
-    parts: dict[str, Tensor] = {}
-    for i, out in enumerate(outputs):
-        score, pred = out["score_map"], out["boxes"]
-        gt = boxes[:, i].float()
-        pos = positive_mask(gt, tuple(score.shape[-2:]))
-        n = pos.sum().clamp(min=1).float()
-        batch_idx, ys, xs = pos.nonzero(as_tuple=True)
-        pred_pos = pred[batch_idx, ys, xs]
-        gt_pos = gt[batch_idx]
-        iou, giou = box_iou_pairs(pred_pos, gt_pos)
-        target = torch.zeros_like(score)
-        target[batch_idx, ys, xs] = iou.detach()
-        cls = F.binary_cross_entropy_with_logits(score, target, reduction="sum") / n
-        reg = (1 - giou).sum() / n if len(batch_idx) else pred.sum() * 0
-        parts[f"bce_{i}"], parts[f"giou_{i}"] = cls.detach(), reg.detach()
-        total = total + cls + reg
-    return total, parts
-
-
 __all__ = [
     "DEFAULT_BACKBONE",
     "MlpAnchorFreeHead",
     "OneStreamTracker",
     "TrackerEmbeddings",
-    "box_iou_pairs",
     "checkpoint_filter_fn",
     "create_vit",
     "load_spmtrack_checkpoint",
     "official_tmoe_settings",
-    "positive_mask",
-    "template_mask",
-    "tracking_loss",
 ]

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from modalpeft.tracking.data import (
-    TrackingPairs,
     check_box,
     read_got10k,
     read_lasot,
     read_trackingnet,
 )
+from modalpeft.tracking.pairs import TrackingPairs
 from modalpeft.tracking.transforms import box_from_crop, box_in_crop, crop, crop_params, sample_frame_indices
 
 W, H = 64, 48

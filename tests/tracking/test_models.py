@@ -10,15 +10,12 @@ from torch.nn import functional as F
 
 import modalpeft as mp
 from modalpeft.tracking import TMoEConfig
+from modalpeft.tracking.losses import box_iou_pairs, positive_mask, template_mask, tracking_loss
 from modalpeft.tracking.models import (
     OneStreamTracker,
-    box_iou_pairs,
     checkpoint_filter_fn,
     load_spmtrack_checkpoint,
     official_tmoe_settings,
-    positive_mask,
-    template_mask,
-    tracking_loss,
 )
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, init_values=1.0)  # LayerScale kept, at 1 (DINOv2: 1e-5)
