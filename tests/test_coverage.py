@@ -12,12 +12,12 @@ import yaml
 import modalpeft as mp
 import modalpeft.pointcloud  # noqa: F401  (registers the point-cloud methods)
 import modalpeft.text  # noqa: F401  (registers the text methods)
+import modalpeft.tracking  # noqa: F401  (registers the tracking methods)
 import modalpeft.vision  # noqa: F401  (registers the vision methods)
-from benchmarks import pointcloud, run, text
+from benchmarks import pointcloud, run, text, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 PENDING = {
-    "tmoe": "issue 15: its tracking recipes (dinov2_b14_tmoe_got10k.yaml) and tracker benchmark come with TrackingTask",
     "diffusekrona": "issue 14: its DreamBooth recipes and diffusion benchmark come with the DreamBooth task",
 }
 """Methods landed ahead of their modality's task: their recipe and benchmark checks are strict xfails, so the entry
@@ -68,5 +68,8 @@ def test_every_registered_method_is_benchmarked(method) -> None:
         assert all(method in preset for preset in pointcloud.MODELS.values()), "settings for every model in MODELS"
     elif modality == "text":
         assert method in {c.name for c in text.candidates("bert_test")}, f"add {method!r} to benchmarks/text.py"
+    elif modality == "tracking":
+        names = {c.name for c in tracking.candidates("tracker_test")}
+        assert method in names, f"add {method!r} to the candidates of benchmarks/tracking.py"
     else:
         pytest.fail(f"method {method!r} of modality {modality!r} has no benchmark: add one to benchmarks/")
