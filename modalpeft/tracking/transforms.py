@@ -101,12 +101,19 @@ def crop_params(
     return scale, translation
 
 
-def crop(image: Tensor, scale: np.ndarray, translation: np.ndarray, output_size: tuple[int, int]) -> Tensor:
+def crop(
+    image: Tensor,
+    scale: np.ndarray,
+    translation: np.ndarray,
+    output_size: tuple[int, int],
+    fill: Tensor | None = None,
+) -> Tensor:
     """Resample ``image`` ``(3, H, W)`` (float) into the crop ``frame · scale + translation`` of ``output_size``
-    ``(height, width)``, bilinear; pixels outside the frame take the frame's mean colour."""
+    ``(height, width)``, bilinear; pixels outside the frame take ``fill`` (``(3, 1, 1)``; default: the frame's mean
+    colour, as the official crop; the official search crop passes the first frame's mean)."""
     h, w = image.shape[-2:]
     out_h, out_w = output_size
-    mean = image.mean(dim=(-2, -1), keepdim=True)
+    mean = image.mean(dim=(-2, -1), keepdim=True) if fill is None else fill.reshape(-1, 1, 1).to(image)
     xs = ((torch.arange(out_w, dtype=torch.float64) + 0.5) - translation[0]) / scale[0]
     ys = ((torch.arange(out_h, dtype=torch.float64) + 0.5) - translation[1]) / scale[1]
     grid_y, grid_x = torch.meshgrid(2 * ys / h - 1, 2 * xs / w - 1, indexing="ij")
