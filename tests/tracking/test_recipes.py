@@ -8,6 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -17,6 +18,7 @@ from modalpeft.lightning import cli_main
 from modalpeft.lightning.optim import param_groups
 from modalpeft.tracking.models import OneStreamTracker
 from modalpeft.tracking.tasks import TrackingTask
+from modalpeft.tracking.track import track_main
 
 from ..lightning.recipe_checks import SHORT_FIT
 from .test_data import got10k
@@ -142,3 +144,39 @@ def test_recipe_script_runs_in_process(root, tmp_path, monkeypatch) -> None:
         sys, "argv", [*argv, f"--data.init_args.got10k={root}", f"--trainer.default_root_dir={tmp_path}"]
     )
     runpy.run_path(str(ROOT / "recipes" / "tracking.py"), run_name="__main__")
+
+
+def test_track_subcommand_writes_boxes_and_drawings(root, tmp_path, monkeypatch) -> None:
+    from PIL import Image
+
+    recipe = ROOT / "recipes" / "tracking" / "dinov2_b14_tmoe_got10k.yaml"
+    cli = fit(recipe, root, tmp_path, "tmoe")
+    adapter = Path(cli.trainer.log_dir) / "adapter"
+    frames = root / "val" / "GOT-10k_Val_000001"
+    overrides = [
+        "--backbone-arg=backbone=vit_base_patch14_dinov2",
+        "--backbone-arg=pretrained=false",
+        '--backbone-arg=backbone_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}',
+        "--backbone-arg=template_size=28",
+        "--backbone-arg=search_size=56",
+    ]
+    out = tmp_path / "run" / "boxes.txt"
+    base = ["--config", str(recipe), "--adapter", str(adapter), "--input", str(frames), *overrides]
+    argv = ["tracking.py", "track", *base, "--box", "8,14,12,10", "--output", str(out)]
+    argv += ["--draw", str(tmp_path / "run" / "boxes.gif")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "recipes" / "tracking.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 10 and lines[0] == "8.0000,14.0000,12.0000,10.0000"
+    boxes = np.array([[float(v) for v in line.split(",")] for line in lines])
+    assert (boxes[:, 2:] > 0).all() and (boxes[:, 0] + boxes[:, 2] <= 64 + 1e-3).all()
+    with Image.open(tmp_path / "run" / "boxes.gif") as gif:
+        assert gif.n_frames == 10 and gif.size == (64, 48)
+    strip = tmp_path / "strip.png"
+    assert track_main([*base, "--box", "8,14,12,10", "--output", str(tmp_path / "b.txt"), "--draw", str(strip)]) == 0
+    with Image.open(strip) as image:
+        assert image.size == (8 * 64, 48)
+    with pytest.raises(SystemExit):
+        track_main([*base, "--box", "8,14,12", "--output", str(tmp_path / "c.txt")])
