@@ -204,6 +204,8 @@ def check_box(box: np.ndarray, size: tuple[int, int], where: str) -> None:
 class TrackingDataModule(pl.LightningDataModule):
     """SPMTrack's training data: samples drawn with equal weight from each data set given (GOT-10k train, LaSOT train,
     TrackingNet); validation and test on GOT-10k val (plain crops for test). Folders left empty are not used.
+    ``sequences["test"]`` holds the GOT-10k val sequences, which :class:`~modalpeft.tracking.tasks.TrackingTask`
+    also tracks frame by frame at the end of ``test`` (AO, SR@0.5, SR@0.75, as the official test-got10k-val run).
 
     Args:
         got10k: GOT-10k root (holding ``train/``, ``val/``); ``""``: not used.
@@ -263,6 +265,7 @@ class TrackingDataModule(pl.LightningDataModule):
                 read_trackingnet(hp.trackingnet, hp.trackingnet_subsets) if hp.trackingnet else [],
             ]
             self.datasets["train"] = self._pairs(sources, hp.samples_per_epoch, True, hp.seed)
+        self.sequences = {"test": val}
         if val:
             self.datasets["val"] = self._pairs([val], hp.val_samples, True, hp.seed + 1)
             self.datasets["test"] = self._pairs([val], hp.val_samples, False, hp.seed + 2)

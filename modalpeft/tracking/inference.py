@@ -194,6 +194,32 @@ class Tracker:
             state.masks.append(mask)
 
 
+def evaluate_sequences(
+    tracker: Tracker, sequences: Sequence[Any], protocol: Literal["got10k", "ope"] = "got10k", batch_size: int = 8
+) -> Any:
+    """Track annotated sequences (:class:`~modalpeft.tracking.data.Sequence`, ``batch_size`` in parallel) from their
+    first box and score them: GOT-10k's AO/SR (frames visible per the sequence's flags counted) or OPE's success
+    AUC / precision / normalised precision (:mod:`modalpeft.tracking.metrics`)."""
+    from .metrics import got10k_metrics, ope_metrics
+
+    if protocol not in ("got10k", "ope"):
+        raise ValueError(f"protocol={protocol!r}: choose 'got10k' or 'ope'.")
+    unannotated = [s.name for s in sequences if len(s.boxes) < len(s.frames)]
+    if unannotated:
+        raise ValueError(
+            f"sequences {unannotated[:5]} have only their first box (a test split): they cannot be scored here; "
+            "write their results (modalpeft.tracking.metrics.write_got10k_results) and submit them to the server."
+        )
+    predictions: list[np.ndarray] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        predictions += tracker.track_batch([s.frames for s in chunk], [s.boxes[0] for s in chunk])
+    truths = [s.boxes for s in sequences]
+    if protocol == "got10k":
+        return got10k_metrics(predictions, truths, covers=[s.visible.astype(int) for s in sequences])
+    return ope_metrics(predictions, truths, visible=[s.visible for s in sequences])
+
+
 def read_video(path: str | Path) -> Iterator[Tensor]:
     """The frames of a video file (PyAV) or of a folder of images (sorted by name), as ``(3, H, W)`` tensors."""
     path = Path(path)
@@ -219,4 +245,4 @@ def _decode(container: Any) -> Iterator[Tensor]:
             yield torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float() / 255.0
 
 
-__all__ = ["Frame", "Tracker", "as_frame", "read_video"]
+__all__ = ["Frame", "Tracker", "as_frame", "evaluate_sequences", "read_video"]

@@ -3,7 +3,9 @@
 Batches are :class:`~modalpeft.tracking.pairs.TrackingPairs` dicts (``templates``, ``template_masks``, ``searches``,
 ``boxes``). ``fit``/``validate``/``test`` log the official loss (``loss``, and its parts ``bce`` and ``giou``) and
 ``iou``: the mean IoU, over the search frames of the batch, of the box the official post-processing picks (Hann
-window penalty 0.45) with the ground truth. ``predict`` returns those boxes and their confidences.
+window penalty 0.45) with the ground truth. ``predict`` returns those boxes and their confidences. At the end of
+``test``, when the data module has ``sequences["test"]`` (GOT-10k val), the task tracks them frame by frame
+(:class:`~modalpeft.tracking.inference.Tracker`) and logs GOT-10k's ``test/ao``, ``test/sr50`` and ``test/sr75``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class TrackingTask(AdapterTask):
 
     Args:
         window_penalty: the Hann-window weight of the box selection for the ``iou`` metric and ``predict`` (0.45).
+        track_sequences: at most this many test sequences are tracked frame by frame at the end of ``test``
+            (``0``: none; ``-1``: all).
     """
 
     no_decay = r"(token_type_embed|query_embed|pos_embed|patch_embed)"
@@ -48,6 +52,7 @@ class TrackingTask(AdapterTask):
         warmup_epochs: float = 2.0,
         min_lr: float = 1e-6,
         window_penalty: float = 0.45,
+        track_sequences: int = -1,
     ) -> None:
         if modules_to_save is None:
             modules_to_save = list(getattr(backbone, "trainable_modules", ()))
@@ -56,7 +61,7 @@ class TrackingTask(AdapterTask):
         super().__init__(
             backbone, adapter, modules_to_save, optimizer, lr, weight_decay, momentum, scheduler, warmup_epochs, min_lr
         )
-        self.window_penalty = window_penalty
+        self.window_penalty, self.track_sequences = window_penalty, track_sequences
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_iou", torchmetrics.MeanMetric())
 
@@ -79,6 +84,19 @@ class TrackingTask(AdapterTask):
             self.log(f"{stage}/{name}", value, sync_dist=sync, batch_size=len(boxes))
         self.log(f"{stage}/iou", metric, prog_bar=stage == "val", on_step=False, on_epoch=True)
         return loss
+
+    def on_test_epoch_end(self) -> None:
+        from .inference import Tracker, evaluate_sequences
+
+        sequences = getattr(getattr(self.trainer, "datamodule", None), "sequences", {}).get("test") or []
+        if self.track_sequences >= 0:
+            sequences = sequences[: self.track_sequences]
+        if not sequences:
+            return
+        tracker = Tracker(self.model, self.window_penalty, device=self.device)
+        result = evaluate_sequences(tracker, sequences, "got10k")
+        for name in ("ao", "sr50", "sr75"):
+            self.log(f"test/{name}", getattr(result, name))
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         outputs = self.model(batch["templates"], batch["template_masks"], batch["searches"])

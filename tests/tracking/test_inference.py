@@ -9,9 +9,11 @@ import torch
 
 import modalpeft as mp
 from modalpeft.tracking import TMoEConfig
-from modalpeft.tracking.inference import Tracker, read_video
+from modalpeft.tracking.data import read_got10k
+from modalpeft.tracking.inference import Tracker, evaluate_sequences, read_video
 from modalpeft.tracking.transforms import box_in_crop, crop_params
 
+from .test_data import got10k
 from .test_models import tiny_tracker
 
 W, H = 80, 60
@@ -114,3 +116,24 @@ def test_read_video_and_frame_folders(tmp_path) -> None:
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
     with pytest.raises(ValueError, match=r"broken.mp4 cannot be opened by PyAV"):
         read_video(tmp_path / "broken.mp4")
+
+
+def test_evaluate_sequences_scores_the_visible_frames(tmp_path) -> None:
+    (sequence,) = read_got10k(got10k(tmp_path), "val")  # 8 frames, absent at 3, fully covered at 5
+    model = tiny_tracker()
+    scale, shift = crop_params(sequence.boxes[0], 5.0, model.search_size)
+    inside = box_in_crop(sequence.boxes[0], scale, shift, model.search_size) / model.search_size[0]
+    model.head = FixedHead(torch.tensor(inside, dtype=torch.float32), model.x_size)  # keeps the first box
+    result = evaluate_sequences(Tracker(model), [sequence], "got10k")
+    assert result.num_frames == 5  # frames 1..7 without 3 and 5
+    truth = sequence.boxes[[1, 2, 4, 6, 7]]
+    first = sequence.boxes[0]
+    x1, x2 = np.maximum(truth[:, 0], first[0]), np.minimum(truth[:, 0] + truth[:, 2], first[0] + first[2])
+    inter = np.clip(x2 - x1, 0, None) * first[3]  # same y and size, the square moves 3 px right per frame
+    expected = inter / (2 * first[2] * first[3] - inter)
+    assert result.ao == pytest.approx(expected.mean(), abs=1e-4)
+    ope = evaluate_sequences(Tracker(model), [sequence], "ope")
+    assert 0 < ope.success_auc < 1
+    sequence.boxes = sequence.boxes[:1]
+    with pytest.raises(ValueError, match="only their first box"):
+        evaluate_sequences(Tracker(model), [sequence])

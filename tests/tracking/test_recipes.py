@@ -117,7 +117,9 @@ def test_recipe_tests_and_predicts_from_its_checkpoint(root, tmp_path) -> None:
     checkpoint = fit(recipe, root, tmp_path, "tmoe").trainer.checkpoint_callback.best_model_path
     common = ["--config", str(recipe), *TINY, *TINY_ADAPTER["tmoe"], f"--data.init_args.got10k={root}"]
     test = cli_main(["test", *common, f"--ckpt_path={checkpoint}"], *CLASSES)
-    assert {"test/loss", "test/iou"} <= set(test.trainer.callback_metrics)
+    metrics = test.trainer.callback_metrics
+    assert {"test/loss", "test/iou", "test/ao", "test/sr50", "test/sr75"} <= set(metrics)  # GOT-10k val tracked
+    assert 0 <= metrics["test/sr75"] <= metrics["test/sr50"] <= 1
     predict = cli_main(["predict", *common, f"--ckpt_path={checkpoint}", "--trainer.limit_predict_batches=1"], *CLASSES)
     (out,) = predict.trainer.predict_loop.predictions
     assert out["boxes"].shape == (2, 2, 4) and out["confidence"].shape == (2, 2)
