@@ -6,8 +6,10 @@
 - Tokens ``[track query (1), template 1 .. T (hz·wz each), search region (hx·wx)]`` go through the ViT's blocks and
   final norm together (one stream). SPMTrack-B: DINOv2 ViT-B/14, three 196 x 196 templates (14 x 14 tokens), a
   378 x 378 search region (27 x 27 tokens).
-- Positional embeddings: the ViT's patch embeddings resampled (bicubic) to the search grid; every template takes the
-  top-left ``hz x wz`` corner of them (the official crop). The class and register tokens of the ViT are not used.
+- Positional embeddings: the ViT's patch embeddings resampled to the search grid as the official
+  ``interpolate_pos_encoding(..., interpolate_offset=0)`` does (bicubic to the new size; DINOv2: 37 x 37 -> 27 x 27);
+  every template takes the top-left ``hz x wz`` corner of them (the official crop). The class and register tokens
+  of the ViT are not used (SPMTrack uses DINOv2 without registers; a ``*_reg4_dinov2`` ViT works the same way).
 - A token-type embedding ``(3, C)``: template tokens get row 0 (background) or 1 (target foreground, from the box
   mask :func:`~modalpeft.tracking.losses.template_mask`), search tokens row 2.
 - The temporal query: search frame ``t`` starts from ``sg(q_{t-1}) + track_query + query_embed``, where ``q_{t-1}``
@@ -37,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 DEFAULT_BACKBONE = "vit_base_patch14_dinov2"
 """timm's DINOv2 ViT-B/14 (the ``dinov2_vitb14_pretrain.pth`` weights SPMTrack-B starts from; with
@@ -118,12 +121,12 @@ def _grid(size: int | tuple[int, int], patch: tuple[int, int], what: str) -> tup
     return hw[0] // patch[0], hw[1] // patch[1]
 
 
-def create_vit(name: str, pretrained: bool = False, img_size: int | tuple[int, int] = 378, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name, pretrained=..., img_size=..., num_classes=0, **kwargs)``: a timm ViT whose position
-    embedding timm resamples to ``img_size`` when it loads pretrained weights."""
+def create_vit(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, pretrained=..., num_classes=0, **kwargs)``, at the model's own image size (DINOv2:
+    518 px, a 37 x 37 grid), so that the tracker resamples the pretrained position embedding as SPMTrack does."""
     import timm
 
-    return timm.create_model(name, pretrained=pretrained, img_size=img_size, num_classes=0, **kwargs)
+    return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
 
 
 class OneStreamTracker(nn.Module):
@@ -159,7 +162,7 @@ class OneStreamTracker(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(backbone, str):
-            vit = create_vit(backbone, pretrained, search_size, **(backbone_kwargs or {}))
+            vit = create_vit(backbone, pretrained, **(backbone_kwargs or {}))
         elif isinstance(backbone, nn.Module):
             vit = backbone
         else:
@@ -203,9 +206,10 @@ class OneStreamTracker(nn.Module):
             return pos.reshape(1, -1, self.embed_dim).clone()
         if pos.device.type == "meta":
             return pos.new_empty(1, self.x_size[0] * self.x_size[1], self.embed_dim)
-        from timm.layers import resample_abs_pos_embed
-
-        return resample_abs_pos_embed(pos, list(self.x_size), list(old), num_prefix_tokens=0)
+        # the official interpolate_pos_encoding(..., interpolate_offset=0): bicubic to the new size, float32
+        grid = pos.float().reshape(1, old[0], old[1], -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=self.x_size, mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim).to(pos.dtype)
 
     # -- tokens ----------------------------------------------------------------------------------------
     def _patchify(self, x: Tensor) -> Tensor:

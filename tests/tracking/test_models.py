@@ -257,3 +257,28 @@ def test_wrong_crop_size_is_refused() -> None:
     templates, masks, searches = inputs()
     with pytest.raises(ValueError, match="template_size"):
         model(templates[..., :14, :14], masks, searches)
+
+
+def test_position_embedding_is_resampled_as_the_official_interpolate_pos_encoding() -> None:
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_base_patch14_dinov2", pretrained=False, num_classes=0, **TINY)  # 518 px: 37 x 37
+    model = OneStreamTracker(vit, template_size=28, search_size=56)
+    pos = vit.pos_embed.detach()[:, 1:]  # num_prefix_tokens=1 (the class token), interpolate_offset=0
+    official = F.interpolate(pos.reshape(1, 37, 37, 32).permute(0, 3, 1, 2), size=(4, 4), mode="bicubic")
+    torch.testing.assert_close(model.pos_embed.detach(), official.permute(0, 2, 3, 1).reshape(1, 16, 32))
+    assert not model.pos_embed.requires_grad
+
+
+def test_a_vit_with_registers_works_too() -> None:
+    torch.manual_seed(0)
+    model = OneStreamTracker("vit_base_patch14_reg4_dinov2", template_size=28, search_size=56, backbone_kwargs=TINY)
+    assert model.pos_embed.shape == (1, 16, 32)  # registers have no position embedding (no_embed_class)
+    out = model.eval()(*inputs(b=1))
+    assert out[1]["boxes"].shape == (1, 4, 4, 4)
+
+
+def test_backbone_of_another_kind_is_refused() -> None:
+    with pytest.raises(TypeError, match="give a timm VisionTransformer"):
+        OneStreamTracker(torch.nn.Linear(3, 3))
