@@ -236,12 +236,26 @@ def read_video(path: str | Path) -> Iterator[Tensor]:
         raise ValueError(
             f"video {path} cannot be opened by PyAV ({error}); give a readable video or a frame folder."
         ) from None
-    return _decode(container)
+    return _decode(container, path)
 
 
-def _decode(container: Any) -> Iterator[Tensor]:
+def _decode(container: Any, path: Path) -> Iterator[Tensor]:
+    import av
+
+    index = 0
     with container:
-        for frame in container.decode(video=0):
+        frames = container.decode(video=0)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                return
+            except av.error.FFmpegError as error:
+                raise ValueError(
+                    f"video {path}: frame {index} cannot be decoded ({error}); re-encode the video or extract its "
+                    "frames to a folder."
+                ) from None
+            index += 1
             yield torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float() / 255.0
 
 

@@ -113,6 +113,9 @@ def test_read_video_and_frame_folders(tmp_path) -> None:
     for i in range(3):
         Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
     assert len(list(read_video(folder))) == 3
+    (folder / "0001.png").write_bytes(b"corrupt")  # a corrupt frame in the middle is reported with its path
+    with pytest.raises(ValueError, match=r"frame .*0001.png cannot be read"):
+        list(read_video(folder))
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
     with pytest.raises(ValueError, match=r"broken.mp4 cannot be opened by PyAV"):
         read_video(tmp_path / "broken.mp4")
