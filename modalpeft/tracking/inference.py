@@ -20,6 +20,7 @@ keeps every frame's template crop, as the official pipeline does (0.46 MB per fr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ class _State:
     query: Tensor | None = None
     boxes: list[np.ndarray] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
 
 
 class Tracker:
@@ -129,7 +131,8 @@ class Tracker:
         self, sequences: Sequence[Iterable[Frame]], init_boxes: Sequence[Sequence[float]], with_scores: bool = False
     ) -> list[np.ndarray] | list[tuple[np.ndarray, np.ndarray]]:
         """Track several sequences at once (one batched forward per frame index); ``with_scores`` also returns each
-        frame's confidence (1.0 for frame 0)."""
+        frame's confidence (1.0 for frame 0). Each frame's wall time (of the whole batched step) is kept in
+        ``self.last_times`` (one array per sequence), for the GOT-10k time files."""
         if len(sequences) != len(init_boxes):
             raise ValueError(f"{len(sequences)} sequences but {len(init_boxes)} initial boxes: give one box each.")
         iterators: list[Iterator[Frame]] = [iter(s) for s in sequences]
@@ -143,17 +146,23 @@ class Tracker:
             if box.shape != (4,):
                 raise ValueError(f"init box {list(box)} of sequence {i}: give x, y, w, h (four numbers).")
             check_box(box, tuple(frame.shape[-2:]), f"init box of sequence {i}")
+            start = time.perf_counter()
             state = _State(mean=frame.mean(dim=(-2, -1), keepdim=True), box=box, boxes=[box], scores=[1.0])
             z, mask = self._template(frame, box)
             state.memory.append(z)
             state.masks.append(mask)
+            state.times.append(time.perf_counter() - start)
             states.append(state)
         active = list(range(len(states)))
         while active:
             frames = {i: next(iterators[i], None) for i in active}
             active = [i for i in active if frames[i] is not None]
             if active:
+                start = time.perf_counter()
                 self._step([states[i] for i in active], [as_frame(frames[i]) for i in active])
+                for i in active:  # a batched step: each sequence's frame took the step's time
+                    states[i].times.append(time.perf_counter() - start)
+        self.last_times = [np.asarray(s.times) for s in states]
         if with_scores:
             return [(np.stack(s.boxes), np.asarray(s.scores)) for s in states]
         return [np.stack(s.boxes) for s in states]

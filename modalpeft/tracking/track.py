@@ -1,4 +1,4 @@
-"""``python recipes/tracking.py track``: run a trained tracker on a video file or a frame folder from a first box.
+"""``python recipes/tracking.py track`` / ``evaluate``: run a trained tracker on a video or a benchmark's sequences.
 
     python recipes/tracking.py track --config recipes/tracking/dinov2_b14_tmoe_got10k.yaml \\
         --adapter outputs/lightning_logs/version_0/adapter --input clip.mp4 --box 120,80,40,60 \\
@@ -9,6 +9,14 @@ argument, the value read as JSON when it parses), then the adapter directory tha
 (``<log_dir>/adapter``: an adapter, or a baseline's trained tensors) is loaded into it. The boxes (``x,y,w,h`` per
 frame, frame 0 the given box) go to ``--output``; ``--draw`` writes the frames with the boxes drawn: a ``.gif``,
 an ``.mp4`` (PyAV) or a ``.png`` strip of up to 8 evenly spaced frames.
+
+    python recipes/tracking.py evaluate --config ... --adapter ... --dataset got10k --root /path/to/GOT-10k \
+        --split test --results results/got10k_test
+
+tracks every sequence of a split (``--batch`` in parallel) and writes the official result files: GOT-10k's
+``<seq>/<seq>_001.txt`` and ``<seq>_time.txt`` (zip the folder for the evaluation server), one ``<seq>.txt`` per
+sequence for LaSOT and TrackingNet; on GOT-10k val and LaSOT test it also prints and writes ``metrics.json`` (AO,
+SR@0.5, SR@0.75 / success AUC, precision, normalised precision).
 """
 
 from __future__ import annotations
@@ -128,4 +136,63 @@ def track_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_from_recipe", "draw", "track_main", "write_drawing"]
+def _read(dataset: str, root: str, split: str) -> list:
+    from .data import read_got10k, read_lasot, read_trackingnet
+
+    if dataset == "got10k":
+        return read_got10k(root, split)
+    if dataset == "lasot":
+        return read_lasot(root, split)
+    return read_trackingnet(root, [split] if split != "train" else None)
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """``python recipes/tracking.py evaluate``: track a benchmark's sequences, write the official result files and,
+    where the annotations are complete (GOT-10k val, LaSOT test), print and write the metrics."""
+    parser = argparse.ArgumentParser(prog="tracking.py evaluate", description=evaluate_main.__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the tracking recipe the adapter was trained with")
+    parser.add_argument("--adapter", required=True, help="the adapter directory fit wrote (<log_dir>/adapter)")
+    parser.add_argument("--dataset", required=True, choices=["got10k", "lasot", "trackingnet"])
+    parser.add_argument("--root", required=True, help="the data set's root folder")
+    parser.add_argument("--split", default="test", help="got10k: val or test; lasot: test; trackingnet: TEST")
+    parser.add_argument("--results", required=True, help="folder for the per-sequence result files")
+    parser.add_argument("--batch", type=int, default=8, help="sequences tracked in parallel")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N sequences (0: all)")
+    parser.add_argument("--memory", choices=["segments", "thirds"], default=None, help="default: thirds for LaSOT")
+    parser.add_argument("--backbone-arg", action="append", type=_override, default=[], help="key=value override")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    from ..core.api import load_adapter
+    from .metrics import got10k_metrics, ope_metrics, write_got10k_results, write_ope_results
+
+    sequences = _read(args.dataset, args.root, args.split)[: args.limit or None]
+    memory = args.memory or ("thirds" if args.dataset == "lasot" else "segments")
+    model = load_adapter(build_from_recipe(args.config, dict(args.backbone_arg)), args.adapter)
+    tracker = Tracker(model, memory=memory, device=args.device)
+    results, predictions = Path(args.results), []
+    for start in range(0, len(sequences), args.batch):
+        chunk = sequences[start : start + args.batch]
+        boxes = tracker.track_batch([s.frames for s in chunk], [s.boxes[0] for s in chunk])
+        for sequence, predicted, seconds in zip(chunk, boxes, tracker.last_times, strict=True):
+            if args.dataset == "got10k":
+                write_got10k_results(results, sequence.name, predicted, seconds)
+            else:
+                write_ope_results(results, sequence.name, predicted)
+        predictions += boxes
+    print(f"tracked {len(sequences)} sequences; results in {results}/")
+    if not sequences or any(len(s.boxes) < len(s.frames) for s in sequences):
+        return 0  # a test split without annotations: submit the files to the benchmark's server
+    truths = [s.boxes for s in sequences]
+    if args.dataset == "got10k":
+        result = got10k_metrics(predictions, truths, covers=[s.visible.astype(int) for s in sequences])
+        metrics = {"ao": result.ao, "sr50": result.sr50, "sr75": result.sr75}
+    else:
+        result = ope_metrics(predictions, truths, visible=[s.visible for s in sequences])
+        metrics = {"success_auc": result.success_auc, "precision": result.precision}
+        metrics["norm_precision"] = result.norm_precision
+    atomic_write({"metrics.json": {k: round(v, 6) for k, v in metrics.items()}}, results)
+    print(", ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items()))
+    return 0
+
+
+__all__ = ["build_from_recipe", "draw", "evaluate_main", "track_main", "write_drawing"]

@@ -182,3 +182,32 @@ def test_track_subcommand_writes_boxes_and_drawings(root, tmp_path, monkeypatch)
         assert image.size == (8 * 64, 48)
     with pytest.raises(SystemExit):
         track_main([*base, "--box", "8,14,12", "--output", str(tmp_path / "c.txt")])
+
+
+def test_evaluate_subcommand_writes_official_results(root, tmp_path) -> None:
+    import json
+    import shutil
+
+    from modalpeft.tracking.track import evaluate_main
+
+    recipe = ROOT / "recipes" / "tracking" / "dinov2_b14_head_got10k.yaml"
+    adapter = Path(fit(recipe, root, tmp_path, "head").trainer.log_dir) / "adapter"
+    data = tmp_path / "GOT-10k"
+    shutil.copytree(root, data)
+    test_seq = data / "test" / "GOT-10k_Test_000001"
+    shutil.copytree(data / "val" / "GOT-10k_Val_000001", test_seq)
+    (test_seq / "groundtruth.txt").write_text((test_seq / "groundtruth.txt").read_text().splitlines()[0] + "\n")
+    for label in ("absence.label", "cover.label"):
+        (test_seq / label).unlink()
+    (data / "test" / "list.txt").write_text("GOT-10k_Test_000001\n")
+    common = ["--config", str(recipe), "--adapter", str(adapter), "--dataset", "got10k", "--root", str(data)]
+    common += [f"--backbone-arg={a.split('init_args.', 2)[2]}" for a in TINY if a.startswith("--model.")]
+    assert evaluate_main([*common, "--split", "val", "--results", str(tmp_path / "val")]) == 0
+    metrics = json.loads((tmp_path / "val" / "metrics.json").read_text())
+    assert set(metrics) == {"ao", "sr50", "sr75"} and 0 <= metrics["ao"] <= 1
+    assert evaluate_main([*common, "--split", "test", "--results", str(tmp_path / "test")]) == 0
+    folder = tmp_path / "test" / "GOT-10k_Test_000001"
+    rows = (folder / "GOT-10k_Test_000001_001.txt").read_text().splitlines()
+    assert len(rows) == 10 and rows[0] == "8.000,14.000,12.000,10.000"
+    assert len((folder / "GOT-10k_Test_000001_time.txt").read_text().splitlines()) == 10
+    assert not (tmp_path / "test" / "metrics.json").exists()  # no annotations: files for the server only
