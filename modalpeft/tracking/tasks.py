@@ -85,6 +85,12 @@ class TrackingTask(AdapterTask):
         self.log(f"{stage}/iou", metric, prog_bar=stage == "val", on_step=False, on_epoch=True)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        # new samples every epoch also where the sampler's indices do not carry the epoch (DDP wraps the sampler)
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}).get("train")
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
     def on_test_epoch_end(self) -> None:
         from .inference import Tracker, evaluate_sequences
 

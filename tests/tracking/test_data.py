@@ -132,6 +132,10 @@ def test_training_pairs(tmp_path) -> None:
     assert item["template_masks"].shape == (3, 2, 2) and item["template_masks"].sum() > 0
     assert item["boxes"].shape == (2, 4) and (item["boxes"] >= 0).all() and (item["boxes"] <= 1).all()
     torch.testing.assert_close(pairs[0]["searches"], item["searches"])  # item i is a function of (seed, epoch, i)
+    later = pairs[4]["searches"]  # index length + i: item i of epoch 1 (EpochIndexSampler's indices)
+    assert not torch.equal(later, item["searches"])
+    pairs.set_epoch(1)
+    torch.testing.assert_close(pairs[0]["searches"], later)
     plain = TrackingPairs([sequences], 2, (28, 28), (56, 56), train=False, seed=1)[0]
     centre = (plain["boxes"][:, :2] + plain["boxes"][:, 2:]) / 2
     torch.testing.assert_close(centre, torch.full((2, 2), 0.5), atol=1e-5, rtol=0)  # unjittered: box at the centre
