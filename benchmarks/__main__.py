@@ -1,12 +1,15 @@
-"""``make bench``: the ViT benchmark, then the Point-MAE, the text and the diffusion ones, into one run folder.
+"""``make bench``: the ViT benchmark, then the Point-MAE, the text, the diffusion and the tracking ones, into one run
+folder.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks                     # ViT-B/16, Point-MAE, RoBERTa-base, SD-2.1 UNet
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --quick                       # the test-size models: a check
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --results-dir benchmarks/results  # the committed results
 
 ``--quick`` (also implied by ``--model vit_tiny_test``) runs every benchmark on its test-size model
-(``vit_tiny_test``, ``point_mae_test``, ``bert_test``, ``unet_test``) in a few minutes; the full run takes 10-15
-minutes on 2 CPU cores, plus the SD-2.1-base UNet's (see ``benchmarks/diffusion.py``). The results go to a new
+(``vit_tiny_test``, ``point_mae_test``, ``bert_test``, ``unet_test``, ``tracker_test``) in a few minutes; the full
+run takes 10-15 minutes on 2 CPU cores without the SD-2.1-base UNet's (see ``benchmarks/diffusion.py``) and the
+tracker's, whose SPMTrack-B shape (1,318 tokens, two passes per sample) runs at batch 2 here and takes far longer
+(``python -m benchmarks.tracking`` alone runs batch 8, about 20 GB on a CPU). The results go to a new
 ``outputs/bench/<timestamp>`` (git-ignored, printed at the end) unless ``--results-dir`` says otherwise. Other
 options (``--batch``, ``--steps``, ``--warmup``, ``--device``, ``--threads``, ``--methods``) go to every run;
 ``--model`` to the ViT run.
@@ -19,15 +22,19 @@ import sys
 
 from modalpeft.lightning.demo import run_folder
 
-from . import diffusion, pointcloud, run, text
+from . import diffusion, pointcloud, run, text, tracking
 
 QUICK_MODELS = {
     "vit": "vit_tiny_test",
     "pointcloud": "point_mae_test",
     "text": "bert_test",
     "diffusion": "unet_test",
+    "tracking": "tracker_test",
 }
 """The test-size model of each benchmark, for ``--quick``."""
+TRACKER_BATCH = ["--batch", "2"]
+"""The tracker's batch here (a ``--batch`` given on the command line overrides it): at batch 8 the SPMTrack-B shape
+needs about 20 GB on a CPU; ``python -m benchmarks.tracking`` runs batch 8."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick or args.model == QUICK_MODELS["vit"]
     out = args.out or str(run_folder("outputs/bench"))
     vit = ["--model", args.model or (QUICK_MODELS["vit"] if quick else "vit_base_patch16_224")]
+    tracker = ["--model", QUICK_MODELS["tracking"]] if quick else ["--model", "spmtrack_b", *TRACKER_BATCH]
     codes = [
         run.main([*vit, "--results-dir", out, *rest]),
         pointcloud.main(["--model", QUICK_MODELS["pointcloud"] if quick else "point_mae", "--results-dir", out, *rest]),
@@ -46,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         diffusion.main(
             ["--model", QUICK_MODELS["diffusion"] if quick else "sd21_base_unet", "--results-dir", out, *rest]
         ),
+        tracking.main([*tracker, "--results-dir", out, *rest]),
     ]
     print(f"bench: results in {out}/")
     return max(codes)

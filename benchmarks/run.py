@@ -168,11 +168,13 @@ def measure_and_report(
     run_info: dict[str, Any],
     appendix: Callable[[list[dict[str, Any]], str], str] | None = None,
     floor_from: str | None = None,
+    loss_fn: Callable[[Any, Tensor], Tensor] = nn.functional.cross_entropy,
+    modules_to_save: tuple[str, ...] = ("head",),
 ) -> list[dict[str, Any]]:
-    """:func:`measure` with the command line's settings (:func:`add_run_arguments`; cross-entropy, the ``head``
-    trained too, failures recorded), then the table printed and written to ``<out>/<model>_b<batch>_<device>.json``
-    / ``.md``, followed by ``appendix(records, device)`` when given; returns the records. ``floor_from``: where
-    the ``"floor"`` candidate's backward starts (see :func:`measure`)."""
+    """:func:`measure` with the command line's settings (:func:`add_run_arguments`; by default cross-entropy and the
+    ``head`` trained too; failures recorded), then the table printed and written to
+    ``<out>/<model>_b<batch>_<device>.json`` / ``.md``, followed by ``appendix(records, device)`` when given;
+    returns the records. ``floor_from``: where the ``"floor"`` candidate's backward starts (see :func:`measure`)."""
     start = time.perf_counter()
     if args.out is None:
         args.out = run_folder("outputs/bench")
@@ -182,11 +184,11 @@ def measure_and_report(
         factory,
         chosen,
         batch_factory=batch_factory,
-        loss_fn=nn.functional.cross_entropy,
+        loss_fn=loss_fn,
         steps=args.steps,
         warmup=args.warmup,
         device=device,
-        modules_to_save=["head"],
+        modules_to_save=list(modules_to_save),
         out_dir=args.out,
         run_name=stem.name,
         run_info=run_info,

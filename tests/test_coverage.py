@@ -13,13 +13,12 @@ import modalpeft as mp
 import modalpeft.diffusion  # noqa: F401  (registers the diffusion methods)
 import modalpeft.pointcloud  # noqa: F401  (registers the point-cloud methods)
 import modalpeft.text  # noqa: F401  (registers the text methods)
+import modalpeft.tracking  # noqa: F401  (registers the tracking methods)
 import modalpeft.vision  # noqa: F401  (registers the vision methods)
-from benchmarks import diffusion, pointcloud, run, text
+from benchmarks import diffusion, pointcloud, run, text, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
-PENDING = {
-    "tmoe": "issue 15: its tracking recipes (dinov2_b14_tmoe_got10k.yaml) and tracker benchmark come with TrackingTask",
-}
+PENDING: dict[str, str] = {}
 """Methods landed ahead of their modality's task: their recipe and benchmark checks are strict xfails, so the entry
 must go (and the check then holds) as soon as the recipe or benchmark exists."""
 METHODS = [
@@ -71,5 +70,8 @@ def test_every_registered_method_is_benchmarked(method) -> None:
     elif modality == "diffusion":
         names = {c.name for c in diffusion.candidates("unet_test")}
         assert method in names, f"add {method!r} to the candidates of benchmarks/diffusion.py"
+    elif modality == "tracking":
+        names = {c.name for c in tracking.candidates("tracker_test")}
+        assert method in names, f"add {method!r} to the candidates of benchmarks/tracking.py"
     else:
         pytest.fail(f"method {method!r} of modality {modality!r} has no benchmark: add one to benchmarks/")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import warnings
 from collections.abc import Iterable
 from typing import Literal
@@ -17,11 +18,12 @@ OptimizerName = Literal["adamw", "adamw8bit", "sgd"]
 SchedulerName = Literal["cosine", "constant"]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, no_decay: str | None = None) -> list[dict]:
     """Trainable parameters in two groups: with ``weight_decay``, and without it.
 
     No decay, as SSF, VPT and timm do: 1-D parameters (biases, norms, scale/shift vectors, sparse values)
-    and every parameter of an adapter module whose class sets ``no_weight_decay = True`` (prompt tokens).
+    and every parameter of an adapter module whose class sets ``no_weight_decay = True`` (prompt tokens); with
+    ``no_decay`` (a regex), also every parameter whose name it matches (``re.search``; SPMTrack: ``embed``).
     """
     exempt = {
         id(p)
@@ -30,12 +32,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if getattr(adapter, "no_weight_decay", False)
         for p in adapter.parameters()
     }
-    decay, no_decay = [], []
+    if no_decay is not None:
+        exempt |= {id(p) for name, p in model.named_parameters() if re.search(no_decay, name)}
+    decay, exempted = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or id(p) in exempt else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (exempted if p.ndim <= 1 or id(p) in exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": exempted, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 

@@ -100,6 +100,9 @@ class AdapterTask(pl.LightningModule):
         min_lr: the cosine's final learning rate.
     """
 
+    no_decay: str | None = None
+    """A regex of parameter names that get no weight decay besides the 1-D ones (see :func:`param_groups`)."""
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -197,7 +200,7 @@ class AdapterTask(pl.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        groups = param_groups(self.model, hp.weight_decay)
+        groups = param_groups(self.model, hp.weight_decay, self.no_decay)
         # a method whose parameters follow their own update rule (SoRA's proximal gate step) defines
         # ``build_optimizer(model, groups, lr)`` -> optimizer; the schedule below applies to it as to any other
         custom = getattr(self.adapter_config(), "build_optimizer", None)
