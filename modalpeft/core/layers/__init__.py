@@ -9,11 +9,14 @@ from .phm import PHMLinear
 from .prompt import PromptTokens
 from .scale_shift import ScaleShift
 from .selectors import ParamDelta
+from .sequence import AttentionStage, DilatedConvStage, SequenceStage
 from .sparse import SparseDelta
 
 __all__ = [
+    "AttentionStage",
     "Bottleneck",
     "Bypass",
+    "DilatedConvStage",
     "KroneckerDelta",
     "LowRankDelta",
     "LowRankExperts",
@@ -21,5 +24,6 @@ __all__ = [
     "ParamDelta",
     "PromptTokens",
     "ScaleShift",
+    "SequenceStage",
     "SparseDelta",
 ]
