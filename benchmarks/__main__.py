@@ -1,14 +1,14 @@
-"""``make bench``: the ViT benchmark, then the Point-MAE and the text ones, into one run folder.
+"""``make bench``: the ViT benchmark, then the Point-MAE, the text and the audio ones, into one run folder.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks                               # ViT-B/16, Point-MAE, RoBERTa-base
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks                  # ViT-B/16, Point-MAE, RoBERTa-base, MusicGen-small
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --quick                       # the test-size models: a check
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --results-dir benchmarks/results  # the committed results
 
-``--quick`` (also implied by ``--model vit_tiny_test``) runs both benchmarks on their test-size models
-(``vit_tiny_test``, ``point_mae_test``, ``bert_test``) in about a minute; the full run takes 10-15 minutes on 2 CPU cores. The
-results go to a new ``outputs/bench/<timestamp>`` (git-ignored, printed at the end) unless ``--results-dir`` says
-otherwise. Other options (``--batch``, ``--steps``, ``--warmup``, ``--device``, ``--threads``, ``--methods``) go
-to both runs; ``--model`` to the ViT run.
+``--quick`` (also implied by ``--model vit_tiny_test``) runs every benchmark on its test-size model
+(``vit_tiny_test``, ``point_mae_test``, ``bert_test``, ``musicgen_test``) in a few minutes; the full run takes
+25-35 minutes on 2 CPU cores. The results go to a new ``outputs/bench/<timestamp>`` (git-ignored, printed at the
+end) unless ``--results-dir`` says otherwise. Other options (``--batch``, ``--steps``, ``--warmup``, ``--device``,
+``--threads``, ``--methods``) go to every run; ``--model`` to the ViT run.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 
 from modalpeft.lightning.demo import run_folder
 
-from . import pointcloud, run, text
+from . import audio, pointcloud, run, text
 
-QUICK_MODELS = {"vit": "vit_tiny_test", "pointcloud": "point_mae_test", "text": "bert_test"}
+QUICK_MODELS = {"vit": "vit_tiny_test", "pointcloud": "point_mae_test", "text": "bert_test", "audio": "musicgen_test"}
 """The test-size model of each benchmark, for ``--quick``."""
 
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         run.main([*vit, "--results-dir", out, *rest]),
         pointcloud.main(["--model", QUICK_MODELS["pointcloud"] if quick else "point_mae", "--results-dir", out, *rest]),
         text.main(["--model", QUICK_MODELS["text"] if quick else "roberta_base", "--results-dir", out, *rest]),
+        audio.main(["--model", QUICK_MODELS["audio"] if quick else "musicgen_small", "--results-dir", out, *rest]),
     ]
     print(f"bench: results in {out}/")
     return max(codes)

@@ -14,13 +14,12 @@ import modalpeft.audio  # noqa: F401  (registers the audio methods)
 import modalpeft.pointcloud  # noqa: F401  (registers the point-cloud methods)
 import modalpeft.text  # noqa: F401  (registers the text methods)
 import modalpeft.vision  # noqa: F401  (registers the vision methods)
-from benchmarks import pointcloud, run, text
+from benchmarks import audio, pointcloud, run, text
 
 ROOT = Path(__file__).resolve().parents[1]
 PENDING = {
     "tmoe": "issue 15: its tracking recipes (dinov2_b14_tmoe_got10k.yaml) and tracker benchmark come with TrackingTask",
     "diffusekrona": "issue 14: its DreamBooth recipes and diffusion benchmark come with the DreamBooth task",
-    "music_adapter": "issue 16: its MusicGen recipes and audio benchmark come with MusicGenTask",
 }
 """Methods landed ahead of their modality's task: their recipe and benchmark checks are strict xfails, so the entry
 must go (and the check then holds) as soon as the recipe or benchmark exists."""
@@ -70,5 +69,7 @@ def test_every_registered_method_is_benchmarked(method) -> None:
         assert all(method in preset for preset in pointcloud.MODELS.values()), "settings for every model in MODELS"
     elif modality == "text":
         assert method in {c.name for c in text.candidates("bert_test")}, f"add {method!r} to benchmarks/text.py"
+    elif modality == "audio":
+        assert method in {c.name for c in audio.candidates("musicgen_test")}, f"add {method!r} to benchmarks/audio.py"
     else:
         pytest.fail(f"method {method!r} of modality {modality!r} has no benchmark: add one to benchmarks/")
