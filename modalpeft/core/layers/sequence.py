@@ -146,6 +146,10 @@ class SequenceStage(nn.Module):
         """Forget the state of the last cached call."""
         self._state, self._state_cache = None, None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (spawned processes, deepcopy) starts without the decoding state: its cache is not copied along
+        return {**self.__dict__, "_call": None, "_state": None, "_state_cache": None}
+
 
 def _reset_norm(norm: nn.LayerNorm, init_weights: InitMode) -> None:
     if init_weights is False:

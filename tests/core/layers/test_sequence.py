@@ -153,3 +153,11 @@ def test_bottleneck_with_a_middle_stage() -> None:
     assert 0 < kept.float().mean() < 1
     with pytest.raises(ValueError, match="cannot be combined with conv=True"):
         Bottleneck(10, 6, conv=True, middle=middle)
+
+
+def test_a_copy_starts_without_the_decoding_state() -> None:
+    import copy
+
+    s = stage("conv")
+    run(s, torch.randn(1, 3, 6), cache=Cache())
+    assert s._state is not None and copy.deepcopy(s)._state is None
