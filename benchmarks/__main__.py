@@ -1,18 +1,18 @@
-"""``make bench``: the ViT benchmark, then the Point-MAE, the text, the diffusion and the tracking ones, into one run
-folder.
+"""``make bench``: the ViT benchmark, then the Point-MAE, the text, the diffusion, the tracking and the audio ones,
+into one run folder.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks                     # ViT-B/16, Point-MAE, RoBERTa-base, SD-2.1 UNet
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks                               # every benchmark, full size
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --quick                       # the test-size models: a check
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks --results-dir benchmarks/results  # the committed results
 
 ``--quick`` (also implied by ``--model vit_tiny_test``) runs every benchmark on its test-size model
-(``vit_tiny_test``, ``point_mae_test``, ``bert_test``, ``unet_test``, ``tracker_test``) in a few minutes; the full
-run takes 10-15 minutes on 2 CPU cores without the SD-2.1-base UNet's (see ``benchmarks/diffusion.py``) and the
-tracker's, whose SPMTrack-B shape (1,318 tokens, two passes per sample) runs at batch 2 here and takes far longer
-(``python -m benchmarks.tracking`` alone runs batch 8, about 20 GB on a CPU). The results go to a new
-``outputs/bench/<timestamp>`` (git-ignored, printed at the end) unless ``--results-dir`` says otherwise. Other
-options (``--batch``, ``--steps``, ``--warmup``, ``--device``, ``--threads``, ``--methods``) go to every run;
-``--model`` to the ViT run.
+(``vit_tiny_test``, ``point_mae_test``, ``bert_test``, ``unet_test``, ``tracker_test``, ``musicgen_test``) in a few
+minutes; the full run takes 25-35 minutes on 2 CPU cores without the SD-2.1-base UNet's (see
+``benchmarks/diffusion.py``) and the tracker's, whose SPMTrack-B shape (1,318 tokens, two passes per sample) runs at
+batch 2 here and takes far longer (``python -m benchmarks.tracking`` alone runs batch 8, about 20 GB on a CPU). The
+results go to a new ``outputs/bench/<timestamp>`` (git-ignored, printed at the end) unless ``--results-dir`` says
+otherwise. Other options (``--batch``, ``--steps``, ``--warmup``, ``--device``, ``--threads``, ``--methods``) go to
+every run; ``--model`` to the ViT run.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 
 from modalpeft.lightning.demo import run_folder
 
-from . import diffusion, pointcloud, run, text, tracking
+from . import audio, diffusion, pointcloud, run, text, tracking
 
 QUICK_MODELS = {
     "vit": "vit_tiny_test",
@@ -30,6 +30,7 @@ QUICK_MODELS = {
     "text": "bert_test",
     "diffusion": "unet_test",
     "tracking": "tracker_test",
+    "audio": "musicgen_test",
 }
 """The test-size model of each benchmark, for ``--quick``."""
 TRACKER_BATCH = ["--batch", "2"]
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             ["--model", QUICK_MODELS["diffusion"] if quick else "sd21_base_unet", "--results-dir", out, *rest]
         ),
         tracking.main([*tracker, "--results-dir", out, *rest]),
+        audio.main(["--model", QUICK_MODELS["audio"] if quick else "musicgen_small", "--results-dir", out, *rest]),
     ]
     print(f"bench: results in {out}/")
     return max(codes)

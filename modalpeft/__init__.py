@@ -10,6 +10,7 @@ the core, torch and the modality's model library; data modules and Lightning tas
 
 __version__ = "0.1.0"
 
+from .audio import MusicAdapterConfig  # noqa: E402  (registers music_adapter)
 from .core import *  # noqa: E402,F403
 from .core import __all__ as _core_all  # noqa: E402
 from .diffusion import DiffuseKronAConfig  # noqa: E402  (registers diffusekrona)
@@ -34,6 +35,7 @@ __all__ = [
     *_core_all,
     *_vision_all,
     "DiffuseKronAConfig",
+    "MusicAdapterConfig",
     "PointGSTConfig",
     "PointPEFTConfig",
     "CompacterConfig",

@@ -10,12 +10,13 @@ import pytest
 import yaml
 
 import modalpeft as mp
+import modalpeft.audio  # noqa: F401  (registers the audio methods)
 import modalpeft.diffusion  # noqa: F401  (registers the diffusion methods)
 import modalpeft.pointcloud  # noqa: F401  (registers the point-cloud methods)
 import modalpeft.text  # noqa: F401  (registers the text methods)
 import modalpeft.tracking  # noqa: F401  (registers the tracking methods)
 import modalpeft.vision  # noqa: F401  (registers the vision methods)
-from benchmarks import diffusion, pointcloud, run, text, tracking
+from benchmarks import audio, diffusion, pointcloud, run, text, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 PENDING: dict[str, str] = {}
@@ -73,5 +74,7 @@ def test_every_registered_method_is_benchmarked(method) -> None:
     elif modality == "tracking":
         names = {c.name for c in tracking.candidates("tracker_test")}
         assert method in names, f"add {method!r} to the candidates of benchmarks/tracking.py"
+    elif modality == "audio":
+        assert method in {c.name for c in audio.candidates("musicgen_test")}, f"add {method!r} to benchmarks/audio.py"
     else:
         pytest.fail(f"method {method!r} of modality {modality!r} has no benchmark: add one to benchmarks/")

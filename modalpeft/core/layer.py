@@ -3,7 +3,7 @@
 Two kinds of object work together:
 
 * an :class:`AdapterModule` holds *one* adapter's parameters at *one* place in the model and says how
-  they act there, through any of four hooks (see below);
+  they act there, through any of the hooks below;
 * an :class:`AdapterLayer` is the host that replaces a base module in the model tree. It keeps the
   original module as ``base_layer``, one :class:`AdapterModule` per adapter name in ``adapters``, and
   runs the active adapter around the base module. Freezing, saving and merging find adapters by
@@ -11,6 +11,7 @@ Two kinds of object work together:
 
 The hooks an adapter module may override, applied by the host in this order::
 
+    context(args, kwargs)                          # read the call's other inputs (attention mask, KV cache)
     x   = pre(x)                                   # transform the host's first input (prompt insertion)
     out = base_layer(x, ...)  with  param_deltas  # additive deltas on the base's own parameters (BitFit)
        or replace_base(base_layer, x)              # the adapted module computed by the adapter (NeuroAda, PaCA)
@@ -51,6 +52,7 @@ class AdapterModule(nn.Module):
     mergeable: ClassVar[bool] = False
     no_weight_decay: ClassVar[bool] = False
     """Set by layers whose parameters the papers never decay (prompts, scale/shift vectors)."""
+    has_context: ClassVar[bool] = False
     has_pre: ClassVar[bool] = False
     has_param_deltas: ClassVar[bool] = False
     has_parallel: ClassVar[bool] = False
@@ -65,7 +67,7 @@ class AdapterModule(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for hook in ("pre", "param_deltas", "parallel", "post", "around", "replace_base"):
+        for hook in ("context", "pre", "param_deltas", "parallel", "post", "around", "replace_base"):
             setattr(cls, f"has_{hook}", getattr(cls, hook) is not getattr(AdapterModule, hook))
 
     def reset_adapter(self, init_weights: InitMode = True) -> None:
@@ -79,6 +81,10 @@ class AdapterModule(nn.Module):
     def merge_hint(self) -> str:
         """Why a non-mergeable adapter cannot be merged and what to use instead, for ``merge_and_unload``'s error."""
         return ""
+
+    def context(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """See the host call's inputs before the other hooks run (an adapter that mixes positions over time
+        reads the attention mask and the key/value cache of an autoregressive decoder block here)."""
 
     def pre(self, x: Tensor) -> Tensor:
         """Transform the host's first input."""
@@ -217,6 +223,8 @@ class AdapterLayer(nn.Module):
         adapter = self._running()
         if adapter is None:
             return self.base_layer(*args, **kwargs)
+        if adapter.has_context:
+            adapter.context(args, kwargs)
         if adapter.has_around:
             return adapter.around(self.base_layer, args, kwargs)
         x, key = _first_input(args, kwargs, adapter.input_arg)

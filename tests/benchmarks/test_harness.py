@@ -226,3 +226,18 @@ def test_text_run_covers_every_text_method():
     for c in chosen[3:]:  # every setting builds on the test model and runs
         model = mp.adapt(text.build_model("bert_test"), copy.deepcopy(c.config), modules_to_save=["head"])
         assert model(ids).shape == (2, text.NUM_CLASSES)
+
+
+def test_audio_run_covers_every_audio_method_and_generates():
+    from benchmarks import audio
+
+    chosen = audio.candidates("musicgen_test")
+    audio_methods = {m for m in mp.list_methods() if mp.get_method(m).modality == "audio"}
+    assert audio_methods and audio_methods <= {c.name for c in chosen}
+    assert {c.config.kind for c in chosen if c.name.startswith("music_adapter")} == {"linear", "conv", "transformer"}
+    ids, targets = audio.synthetic_batch("musicgen_test", 2)
+    for c in chosen[2:]:
+        model = mp.adapt(audio.build_model("musicgen_test"), copy.deepcopy(c.config), modules_to_save=["head"])
+        assert model(ids).shape == (targets.numel(), 16)
+    speed = audio.generation_speed("musicgen_test", chosen[-1], batch=1, device="cpu", repeats=1)
+    assert speed["gen_frames_per_s"] > 0 and speed["gen_realtime_factor"] == speed["gen_frames_per_s"] / 50

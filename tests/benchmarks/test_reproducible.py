@@ -37,4 +37,5 @@ def test_quick_bench_writes_a_run_folder(tmp_path, monkeypatch, capsys) -> None:
     names = sorted(p.name for p in folders[0].iterdir())
     assert "vit_tiny_test_b8_cpu.json" in names and "point_mae_test_b8_cpu.json" in names
     assert "tracker_test_b8_cpu.json" in names
+    assert "musicgen_test_b2_cpu.json" in names and "musicgen_test_b2_cpu_generation.json" in names
     assert f"bench: results in {folders[0].relative_to(tmp_path)}/" in capsys.readouterr().out

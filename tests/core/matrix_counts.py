@@ -249,3 +249,25 @@ def increlora(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
     return sum(
         (cfg.max_rank + pieces) * (t.in_features + t.out_features + 1) for t in _targets(reference, cfg.target_modules)
     )
+
+
+def music_adapter(reference: nn.Module, adapted: nn.Module, cfg: Any) -> int:
+    """METHODS.md §9 / the paper's designs, per adapted block of width d, bottleneck m: down and up ``2·d·m + m + d``;
+    conv: per dilated block ``k·m² + m`` and its 1x1 mix ``m² + m``, SE ``m·h + h + h·m + m`` (h = m // r);
+    transformer: two LayerNorms ``4m``, qkv ``3m² + 3m``, out ``m² + m``, FFN ``m·f + f + f·m + m`` (f = ffn_mult·m).
+    Default placement on the tiny MusicGen: after each of its decoder layers."""
+    if cfg.target_modules is None:
+        widths = [layer.fc2.out_features for layer in reference.decoder.model.decoder.layers]
+    else:
+        found = _targets(reference, cfg.target_modules)
+        widths = [t.out_features if isinstance(t, nn.Linear) else t.linear2.out_features for t in found]
+    m = cfg.bottleneck
+    if cfg.kind == "conv":
+        h = m // cfg.se_reduction
+        stage = len(cfg.dilations) * (cfg.kernel_size * m * m + m + m * m + m) + (m * h + h + h * m + m)
+    elif cfg.kind == "transformer":
+        f = cfg.ffn_mult * m
+        stage = 4 * m + (3 * m * m + 3 * m) + (m * m + m) + (m * f + f + f * m + m)
+    else:
+        stage = 0
+    return sum(2 * d * m + m + d + stage for d in widths)

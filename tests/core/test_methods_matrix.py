@@ -70,8 +70,9 @@ def via_peft(cls: type, init_field: str | None, per_model: dict[str, dict | None
     return build
 
 
-# the text toy (bert) joins only the text methods' cases: BitFit's key bias never changes under softmax there
-ALL = {m: {} for m in TOY_MODELS if m != "bert"}
+# the text toy (bert) and the audio toy (musicgen) join only their modality's cases: BitFit's key bias never
+# changes under softmax there
+ALL = {m: {} for m in TOY_MODELS if m not in ("bert", "musicgen")}
 _SPT = {"mlp": ((4, 16), 300), "vit": ((2, 3, 16, 16), 2000), "mha": ((2, 5, 16), 300)}  # input shape, budget
 
 
@@ -336,6 +337,19 @@ CASES: dict[str, Case] = {
             },
         ),
         counts.increlora,
+    ),
+    # music adapters, one kind per toy: the transformer kind after the blocks of a tiny MusicGen decoder (causal),
+    # the conv kind after a bidirectional torch encoder layer, the linear kind after a Linear
+    "music_adapter": Case(
+        native(
+            "music_adapter",
+            {
+                "musicgen": {"kind": "transformer", "bottleneck": 8, "num_heads": 2, "ffn_mult": 2, "scaling": 1.5},
+                "mha": {"kind": "conv", "bottleneck": 6, "target_modules": ["encoder"], "dilations": [1, 3]},
+                "mlp": {"kind": "linear", "bottleneck": 5, "target_modules": ["fc2"], "scaling": 0.5},
+            },
+        ),
+        counts.music_adapter,
     ),
 }
 

@@ -135,6 +135,38 @@ class TinyBert(nn.Module):
         return torch.randint(0, 128, (2, 6))
 
 
+class TinyMusicgen(nn.Module):
+    """A 2-block transformers ``MusicgenForCausalLM`` (width 16, 2 codebooks of 16 codes), a causal decoder; the
+    head maps each position's logits to 4 outputs. Input: code ids ``(B·K, T)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+
+        config = MusicgenDecoderConfig(
+            vocab_size=16,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            ffn_dim=32,
+            num_codebooks=2,
+            max_position_embeddings=32,
+            pad_token_id=16,
+            bos_token_id=16,
+            decoder_start_token_id=16,
+            dropout=0.0,
+        )
+        self.decoder = MusicgenForCausalLM(config)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decoder(input_ids=input_ids, use_cache=False).logits)
+
+    @staticmethod
+    def make_input() -> torch.Tensor:
+        return torch.randint(0, 16, (2 * 2, 6))
+
+
 TOY_MODELS = {
     "mlp": MLP,
     "conv": ConvNet,
@@ -143,6 +175,7 @@ TOY_MODELS = {
     "points": tiny_point_transformer,
     "unet": TinyUNet,
     "bert": TinyBert,
+    "musicgen": TinyMusicgen,
 }
 MODALITY = {
     "mlp": ("core",),
@@ -152,6 +185,7 @@ MODALITY = {
     "points": ("pointcloud",),
     "unet": ("diffusion",),
     "bert": ("text",),
+    "musicgen": ("audio",),
 }
 """The modalities each toy model stands for: a method registered for a modality must apply to one of its toys. The
 ViT stands for tracking too: a tracker is a ViT with tokens and heads around it, and its methods adapt the ViT."""

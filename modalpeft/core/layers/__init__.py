@@ -12,11 +12,14 @@ from .phm import PHMLinear
 from .prompt import PromptTokens
 from .scale_shift import FoldedScaleShift, ScaleShift, scale_shift_for
 from .selectors import ParamDelta
+from .sequence import AttentionStage, DilatedConvStage, SequenceStage
 from .sparse import SparseDelta
 
 __all__ = [
+    "AttentionStage",
     "Bottleneck",
     "Bypass",
+    "DilatedConvStage",
     "FoldedScaleShift",
     "FactorizedVector",
     "GrowingLowRank",
@@ -28,6 +31,7 @@ __all__ = [
     "ParamDelta",
     "PromptTokens",
     "ScaleShift",
+    "SequenceStage",
     "SparseDelta",
     "scale_shift_for",
 ]

@@ -1,11 +1,13 @@
-"""Bottleneck adapter: ``f(h) = s · up(drop(act(down(h))))``, sequential, parallel or on the input.
+"""Bottleneck adapter: ``f(h) = s · up(drop(act(mid(down(h)))))``, sequential, parallel or on the input.
 
 The same small module serves the sequential adapters of Houlsby et al. (2019) and Pfeiffer et al. (2020),
 placed on a module's output as ``h + f(h)``, the parallel adapters of AdaptFormer (Chen et al., 2022) and
 He et al. (2022), whose branch ``f(x)`` runs beside a module on its input, and LLM-Adapters' input-side
 adapter ``W(x + f(x))`` (Hu et al., 2023). Its projections are Linears, 1x1 Convs, or PHM layers
 (:class:`~modalpeft.core.layers.phm.PHMLinear`, Compacter). With the default init the up projection
-starts at zero, so the adapter starts as the identity.
+starts at zero, so the adapter starts as the identity. A pluggable middle stage ``mid`` (identity by default)
+runs on the bottleneck features: the music adapters' dilated convolutions and small transformer
+(:mod:`~modalpeft.core.layers.sequence`) are such stages.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from torch import Tensor, nn
 from ..layer import AdapterModule, InitMode
 from .phm import PHMLinear
 
-Activation = Literal["gelu", "gelu_tanh", "relu", "quick_gelu", "silu", "tanh"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "quick_gelu", "silu", "tanh", "identity"]
 BottleneckMode = Literal["sequential", "parallel", "input"]
+DropoutPlace = Literal["hidden", "output"]
 LayerNormPlace = Literal["none", "in", "out"]
 ProjectionInit = Literal["lora", "bert"]
 
@@ -43,6 +46,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "quick_gelu": QuickGELU,
     "silu": nn.SiLU,
     "tanh": nn.Tanh,
+    "identity": nn.Identity,
 }
 
 
@@ -52,7 +56,7 @@ def _choice(name: str, value: object, choices: tuple) -> None:
 
 
 class Bottleneck(AdapterModule):
-    """A bottleneck MLP adapter, ``f(h) = s · up(drop(act(down(h))))``.
+    """A bottleneck adapter, ``f(h) = s · up(drop(act(mid(down(h)))))``.
 
     ``mode="sequential"`` transforms the host's output, ``out + f(out)`` (Houlsby / Pfeiffer placement);
     ``mode="parallel"`` adds ``f(x)`` of the host's input to its output (AdaptFormer, He et al.);
@@ -65,8 +69,14 @@ class Bottleneck(AdapterModule):
         mode: ``"sequential"``, ``"parallel"`` or ``"input"``.
         scaling: ``s``; a float, or ``"learnable"`` for a trained scalar starting at 1 (AdaptFormer's option).
         act: the non-linearity: ``"gelu"``, ``"gelu_tanh"`` (transformers' ``gelu_new``), ``"relu"``,
-            ``"quick_gelu"``, ``"silu"`` or ``"tanh"``.
-        dropout: dropout after the activation.
+            ``"quick_gelu"``, ``"silu"``, ``"tanh"`` or ``"identity"`` (none: a middle stage brings its own).
+        dropout: dropout after the activation (``dropout_at="hidden"``) or on the up projection's output
+            (``"output"``: ``s · drop(up(act(mid(down(h)))))``, the music adapters' order).
+        dropout_at: where the dropout acts, ``"hidden"`` or ``"output"``.
+        middle: a module on the bottleneck features, ``(*, m) -> (*, m)``, between ``down`` and ``act``
+            (``None``: the identity). If it has ``context(args, kwargs)`` (see
+            :class:`~modalpeft.core.layers.sequence.SequenceStage`), the host's call inputs reach it; if it has
+            ``reset_adapter(init_weights)``, :meth:`reset_adapter` calls it. Linear projections only.
         layer_norm: a LayerNorm on the adapter's input (``"in"``), on the up projection's output before the
             scaling (``"out"``), or none.
         conv: ``True``: 1x1 ``Conv1d`` projections over channels-first input ``(B, C, *)`` (the spatial dims
@@ -90,7 +100,8 @@ class Bottleneck(AdapterModule):
         - input: ``(*, dim)``, or ``(B, dim, *)`` with ``conv=True``
         - output: ``(*, out_dim)``, or ``(B, out_dim, *)`` with ``conv=True``
         - parameters (dense): ``dim·m + m·out_dim``, ``+ m + out_dim`` with biases, plus ``2·dim``
-          (``layer_norm="in"``) or ``2·out_dim`` (``"out"``), plus 1 with a learnable scaling; PHM: see
+          (``layer_norm="in"``) or ``2·out_dim`` (``"out"``), plus 1 with a learnable scaling, plus the middle
+          stage's; PHM: see
           :class:`~modalpeft.core.layers.phm.PHMLinear`
     """
 
@@ -105,6 +116,8 @@ class Bottleneck(AdapterModule):
         scaling: float | Literal["learnable"] = 1.0,
         act: Activation = "gelu",
         dropout: float = 0.0,
+        dropout_at: DropoutPlace = "hidden",
+        middle: nn.Module | None = None,
         layer_norm: LayerNormPlace = "none",
         conv: bool = False,
         out_dim: int | None = None,
@@ -123,6 +136,9 @@ class Bottleneck(AdapterModule):
         _choice("act", act, get_args(Activation))
         _choice("layer_norm", layer_norm, get_args(LayerNormPlace))
         _choice("proj_init", proj_init, get_args(ProjectionInit))
+        _choice("dropout_at", dropout_at, get_args(DropoutPlace))
+        if middle is not None and conv:
+            raise ValueError("a middle stage acts on (*, m) features; it cannot be combined with conv=True")
         if bottleneck_dim < 1:
             raise ValueError(f"bottleneck_dim={bottleneck_dim} must be >= 1")
         if isinstance(scaling, str) and scaling != "learnable":
@@ -139,6 +155,7 @@ class Bottleneck(AdapterModule):
         self.has_parallel = mode == "parallel"
         self.has_post = mode == "sequential"
         self.has_pre = mode == "input"
+        self.has_context = callable(getattr(middle, "context", None))
         self.input_arg = input_arg
         self.mode, self.conv, self.layer_norm, self.proj_init = mode, conv, layer_norm, proj_init
         self.dim, self.bottleneck_dim, self.out_dim = dim, bottleneck_dim, out_dim
@@ -156,6 +173,8 @@ class Bottleneck(AdapterModule):
             self.up = nn.Linear(bottleneck_dim, out_dim, bias=bias, **kw)
         self.act = _ACTIVATIONS[act]()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_at = dropout_at
+        self.middle = middle
         self.scaling = scaling
         self.scale = nn.Parameter(torch.ones(1, **kw)) if scaling == "learnable" else None
         self.reset_adapter(init_weights)
@@ -180,6 +199,8 @@ class Bottleneck(AdapterModule):
                 nn.init.normal_(self.norm.bias, std=0.1)
             else:
                 self.norm.reset_parameters()
+        if callable(getattr(self.middle, "reset_adapter", None)):
+            self.middle.reset_adapter(init_weights)
         if self.scale is not None:
             if init_weights is False:
                 nn.init.uniform_(self.scale, 0.5, 1.5)
@@ -214,13 +235,20 @@ class Bottleneck(AdapterModule):
             h = h.flatten(2)  # (B, C, *S) -> (B, C, L)
         if self.layer_norm == "in":
             h = self._norm(h)
-        h = self.up(self.drop(self.act(self.down(h))))
+        h = self.down(h)
+        if self.middle is not None:
+            h = self.middle(h)
+        h = self.act(h)
+        h = self.drop(self.up(h)) if self.dropout_at == "output" else self.up(self.drop(h))
         if self.layer_norm == "out":
             h = self._norm(h)
         h = h * (self.scale if self.scale is not None else self.scaling)
         if self.conv:
             h = h.reshape(shape[0], self.out_dim, *shape[2:])  # (B, C_out, L) -> (B, C_out, *S)
         return h
+
+    def context(self, args: tuple, kwargs: dict) -> None:
+        self.middle.context(args, kwargs)
 
     def pre(self, x: Tensor) -> Tensor:
         return x + self.branch(x)
