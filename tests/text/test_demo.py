@@ -9,6 +9,7 @@ import json
 import pytest
 from rich.console import Console
 
+from modalpeft.demo import SECTIONS
 from modalpeft.text import demo, tiny_model
 
 from .fixtures import write_tokenizer
@@ -54,3 +55,13 @@ def test_missing_data_is_reported_with_the_install_command(tmp_path) -> None:
     assert demo.run(quick=True, out_dir=tmp_path, console=console, model="unused", wordnet=str(tmp_path / "none"))
     assert "apt-get install wordnet-base fortunes" in console.export_text()
     assert not (tmp_path / "text.md").exists()
+
+
+def test_the_demo_wires_the_text_section(tmp_path, monkeypatch) -> None:
+    """``modalpeft demo --modality text``: SECTIONS["text"] runs this demo into <out>/text with the steps override
+    (the run itself is the test above; with the real MiniLM it takes too long for the suite)."""
+    calls = []
+    monkeypatch.setattr(demo, "run", lambda *args, **kwargs: calls.append((args, kwargs)) or True)
+    console = Console(record=True)
+    assert SECTIONS["text"](True, tmp_path, None, console, steps=7, tasks=("faces",), methods=("ssf",))
+    assert calls == [((True, tmp_path / "text"), {"console": console, "results_dir": None, "steps": 7})]
