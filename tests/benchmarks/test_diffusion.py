@@ -51,10 +51,12 @@ def test_other_benchmarks_method_names_are_skipped(capsys) -> None:
 @pytest.mark.slow
 def test_quick_run_writes_the_table_with_the_relative_columns(tmp_path) -> None:
     argv = ["--model", "unet_test", "--steps", "1", "--warmup", "0", "--threads", "1", "--results-dir", str(tmp_path)]
+    argv += ["--gradient-checkpointing"]
     assert diffusion.main([*argv, "--methods", "diffusekrona", "lora", "full_attention"]) == 0
     data = json.loads((tmp_path / "unet_test_b1_cpu.json").read_text())
     records = {r["method"]: r for r in data["records"]}
     assert set(records) == {"diffusekrona", "lora", "full_attention"} and data["run"]["batch"] == 1
+    assert data["run"]["gradient_checkpointing"] is True
     assert records["diffusekrona"]["trainable_params"] == 29_760 and records["lora"]["step_time_vs_lora"] == 1.0
     assert records["lora"]["step_time_vs_full_attention"] is not None
     assert "step x full_attention" in (tmp_path / "unet_test_b1_cpu.md").read_text()
