@@ -9,7 +9,7 @@ into one run folder.
 (``vit_tiny_test``, ``point_mae_test``, ``bert_test``, ``unet_test``, ``tracker_test``, ``musicgen_test``) in a few
 minutes; the full run takes 25-35 minutes on 2 CPU cores without the SD-2.1-base UNet's (see
 ``benchmarks/diffusion.py``) and the tracker's, whose SPMTrack-B shape (1,318 tokens, two passes per sample) runs at
-batch 2 here and takes far longer (``python -m benchmarks.tracking`` alone runs batch 8, about 20 GB on a CPU). The
+batch 2 here and takes far longer (``python -m benchmarks.tracking`` alone runs batch 8, tens of GB on a CPU). The
 results go to a new ``outputs/bench/<timestamp>`` (git-ignored, printed at the end) unless ``--results-dir`` says
 otherwise. Other options (``--batch``, ``--steps``, ``--warmup``, ``--device``, ``--threads``, ``--methods``) go to
 every run; ``--model`` to the ViT run.
@@ -34,8 +34,9 @@ QUICK_MODELS = {
 }
 """The test-size model of each benchmark, for ``--quick``."""
 TRACKER_BATCH = ["--batch", "2"]
-"""The tracker's batch here (a ``--batch`` given on the command line overrides it): at batch 8 the SPMTrack-B shape
-needs about 20 GB on a CPU; ``python -m benchmarks.tracking`` runs batch 8."""
+"""The tracker's batch here (a ``--batch`` given on the command line overrides it): on a CPU one training step of the
+SPMTrack-B shape grew the process by 1.6-4.2 GiB at batch 1 (head only .. TMoE), so batch 8 needs tens of GB;
+``python -m benchmarks.tracking`` runs batch 8 (on a GPU or a large machine)."""
 
 
 def main(argv: list[str] | None = None) -> int:
