@@ -1,6 +1,7 @@
 """The music adapters on MusicGen's decoder with random weights, beside LoRA and full fine-tuning (cost only).
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.audio                               # MusicGen-small's decoder
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.audio --frames 100 --gen-frames 50 --batch 1  # a shorter run
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.audio --model musicgen_test --threads 1  # seconds: a check
 
 Candidates: full fine-tuning of the decoder, its LM heads only, peft LoRA (r=4, alpha=16 on the attention's q/v,
@@ -63,10 +64,10 @@ def build_model(model: str) -> nn.Module:
     return MusicLM(MODELS[model]["size"])
 
 
-def synthetic_batch(model: str, batch: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+def synthetic_batch(model: str, batch: int, frames: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
     config = decoder_config(MODELS[model]["size"])
     g = torch.Generator().manual_seed(seed)
-    frames, books = MODELS[model]["frames"], config.num_codebooks
+    frames, books = frames or MODELS[model]["frames"], config.num_codebooks
     codes = torch.randint(0, config.vocab_size, (batch, books, frames + 1), generator=g)
     return codes[..., :-1].reshape(batch * books, frames), codes[..., 1:].flatten()
 
@@ -83,15 +84,18 @@ def candidates(model: str) -> list[Candidate]:
     ]
 
 
-def generation_speed(model: str, candidate: Candidate, batch: int, device: str, repeats: int = 2) -> dict[str, float]:
-    """Greedy cached generation of ``gen_frames`` frames from a start frame with ``candidate`` in place: the median
-    over ``repeats`` runs (after one untimed run) of frames per second, and its real-time factor."""
+def generation_speed(
+    model: str, candidate: Candidate, batch: int, device: str, repeats: int = 2, frames: int | None = None
+) -> dict[str, float]:
+    """Greedy cached generation of ``frames`` frames (default: the model's ``gen_frames``) from a start frame with
+    ``candidate`` in place: the median over ``repeats`` runs (after one untimed run) of frames per second, and its
+    real-time factor."""
     torch.manual_seed(0)
     lm = musicgen_decoder(MODELS[model]["size"])
     if not isinstance(candidate.config, str):
         lm = mp.adapt(lm, candidate.config)
     lm.to(device).eval()
-    frames = MODELS[model]["gen_frames"]
+    frames = frames or MODELS[model]["gen_frames"]
     start = torch.full((batch * lm.num_codebooks, 1), lm.config.pad_token_id, device=device)
     kwargs = {"max_new_tokens": frames, "do_sample": False, "num_return_sequences": 1}
     times = []
@@ -107,14 +111,14 @@ def generation_speed(model: str, candidate: Candidate, batch: int, device: str, 
     return {"gen_frames_per_s": per_second, "gen_realtime_factor": per_second / FRAME_RATE / batch}
 
 
-def generation_appendix(model: str, batch: int, chosen: list[Candidate], out_json: Any):
+def generation_appendix(model: str, batch: int, chosen: list[Candidate], out_json: Any, frames: int):
     """The report's appendix: each candidate's generation speed (also written to ``out_json``)."""
 
     def appendix(records: list[dict[str, Any]], device: str) -> str:
-        speeds = {c.name: generation_speed(model, c, batch, device) for c in chosen}
+        speeds = {c.name: generation_speed(model, c, batch, device, frames=frames) for c in chosen}
         base = speeds.get("full", {}).get("gen_frames_per_s")
         lines = [
-            f"Greedy generation with the key/value cache, {MODELS[model]['gen_frames']} frames x batch {batch} on "
+            f"Greedy generation with the key/value cache, {frames} frames x batch {batch} on "
             f"{device} (frames/s: one code per codebook each; real time = {FRAME_RATE} frames/s per clip):",
             "",
             "| method | frames/s | x real time | vs plain decoder |",
@@ -132,12 +136,16 @@ def generation_appendix(model: str, batch: int, chosen: list[Candidate], out_jso
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="musicgen_small", choices=list(MODELS))
+    parser.add_argument("--frames", type=int, default=None, help="training clip length in frames (50 per second)")
+    parser.add_argument("--gen-frames", type=int, default=None, help="frames generated per clip")
     add_run_arguments(parser)
     parser.set_defaults(batch=2, steps=3, warmup=1)
     args = parser.parse_args(argv)
     chosen = select(candidates(args.model), args.methods, parser)
-    frames = MODELS[args.model]["frames"]
+    frames = args.frames or MODELS[args.model]["frames"]
+    gen_frames = args.gen_frames or MODELS[args.model]["gen_frames"]
     run_info = {"model": args.model, "batch": args.batch, "input_size": [frames], "metric": None}
+    run_info["gen_frames"] = gen_frames
     run_info["note"] = "random weights and random codes: a cost-only run, metric is n/a"
     if args.out is None:
         args.out = run_folder("outputs/bench")
@@ -146,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     records = measure_and_report(
         functools.partial(build_model, args.model),
         chosen,
-        functools.partial(synthetic_batch, args.model, args.batch),
+        functools.partial(synthetic_batch, args.model, args.batch, frames),
         args,
         run_info,
-        appendix=generation_appendix(args.model, args.batch, chosen, gen_json),
+        appendix=generation_appendix(args.model, args.batch, chosen, gen_json, gen_frames),
     )
     return 1 if any(r.get("error") for r in records) else 0
 

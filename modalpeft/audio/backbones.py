@@ -21,7 +21,8 @@ DECODER_SHAPES: dict[str, dict[str, int]] = {
     "medium": {"hidden_size": 1536, "num_hidden_layers": 48, "num_attention_heads": 24, "ffn_dim": 6144},
     "large": {"hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32, "ffn_dim": 8192},
 }
-"""The decoders of ``facebook/musicgen-{small,medium,large}`` (300M, 1.5B, 3.3B; 4 codebooks of 2048 codes) and a
+"""The decoders of ``facebook/musicgen-{small,medium,large}`` (audiocraft's 300M, 1.5B and 3.3B; as transformers builds
+them the small decoder has 420M parameters with its cross-attention; 4 codebooks of 2048 codes) and a
 test size."""
 
 
