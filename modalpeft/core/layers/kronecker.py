@@ -68,7 +68,10 @@ class KroneckerDelta(AdapterModule):
 
     With ``x`` viewed as ``X ∈ R^{a2×b2}`` (row-major, ``X[j, l] = x[j·b2 + l]``), ``(A ⊗ B) x`` is
     ``vec(A X Bᵀ)`` read row-major, since ``(A ⊗ B)[i·b1 + k, j·b2 + l] = A[i, j] B[k, l]``; this is exactly
-    ``x @ torch.kron(A, B).T``. The branch costs ``O(d_in · (a1 + b1))`` per token instead of ``O(d_in·d_out)``.
+    ``x @ torch.kron(A, B).T``. ``A X Bᵀ`` is evaluated in the cheaper order: ``(A X) Bᵀ`` costs
+    ``a1·d_in + d_out·b2`` multiply-adds per token and keeps an ``(a1, b2)`` intermediate for the backward pass,
+    ``A (X Bᵀ)`` costs ``b1·d_in + d_out·a2`` and keeps ``(a2, b1)`` (DiffuseKronA's a1=64, a2=8 on a 1280-wide
+    projection: 286,720 against 35,840, and 10,240 floats against 160), instead of ``d_in·d_out`` for the dense ``ΔW``.
 
     Args:
         in_features: ``d_in`` of the adapted Linear.
@@ -112,6 +115,7 @@ class KroneckerDelta(AdapterModule):
         self.a1, self.a2 = a1, a2
         self.b1, self.b2 = out_features // a1, in_features // a2
         self.scaling = scaling
+        self.right_first = self.b1 * in_features + out_features * a2 < a1 * in_features + out_features * self.b2
         self.A = nn.Parameter(torch.empty(a1, a2, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(self.b1, self.b2, device=device, dtype=dtype))
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -128,7 +132,8 @@ class KroneckerDelta(AdapterModule):
     def parallel(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x = self.drop(x).reshape(*lead, self.a2, self.b2)  # (*, a2, b2)
-        y = self.A @ x @ self.B.t()  # (a1, a2) @ (*, a2, b2) @ (b2, b1) -> (*, a1, b1)
+        # (a1, a2) @ (*, a2, b2) @ (b2, b1) -> (*, a1, b1), in the cheaper order (see the class docstring)
+        y = self.A @ (x @ self.B.t()) if self.right_first else (self.A @ x) @ self.B.t()
         if self.layout == "official":
             y = y.transpose(-1, -2)  # (*, b1, a1): out[r·a1 + s] = y[s, r]
         return y.reshape(*lead, self.a1 * self.b1) * self.scaling
