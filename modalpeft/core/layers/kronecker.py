@@ -68,7 +68,11 @@ class KroneckerDelta(AdapterModule):
 
     With ``x`` viewed as ``X ∈ R^{a2×b2}`` (row-major, ``X[j, l] = x[j·b2 + l]``), ``(A ⊗ B) x`` is
     ``vec(A X Bᵀ)`` read row-major, since ``(A ⊗ B)[i·b1 + k, j·b2 + l] = A[i, j] B[k, l]``; this is exactly
-    ``x @ torch.kron(A, B).T``. The branch costs ``O(d_in · (a1 + b1))`` per token instead of ``O(d_in·d_out)``.
+    ``x @ torch.kron(A, B).T``. ``A X Bᵀ`` is evaluated in the cheaper order: ``(A X) Bᵀ`` costs
+    ``a1·d_in + d_out·b2`` multiply-adds per token, ``A (X Bᵀ)`` costs ``b1·d_in + d_out·a2`` (DiffuseKronA's a1=64,
+    a2=8 on a 1280-wide projection: 286,720 against 35,840), instead of ``d_in·d_out`` for the dense ``ΔW``. Either
+    way only ``X`` is kept for the backward pass, which recomputes the intermediates it needs (autograd's two
+    matmuls would also keep ``A X`` or ``X Bᵀ``).
 
     Args:
         in_features: ``d_in`` of the adapted Linear.
@@ -112,6 +116,7 @@ class KroneckerDelta(AdapterModule):
         self.a1, self.a2 = a1, a2
         self.b1, self.b2 = out_features // a1, in_features // a2
         self.scaling = scaling
+        self.right_first = self.b1 * in_features + out_features * a2 < a1 * in_features + out_features * self.b2
         self.A = nn.Parameter(torch.empty(a1, a2, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(self.b1, self.b2, device=device, dtype=dtype))
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -128,7 +133,8 @@ class KroneckerDelta(AdapterModule):
     def parallel(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x = self.drop(x).reshape(*lead, self.a2, self.b2)  # (*, a2, b2)
-        y = _KroneckerProduct.apply(x, self.A, self.B)  # A X Bᵀ: (a1, a2) @ (*, a2, b2) @ (b2, b1) -> (*, a1, b1)
+        # (a1, a2) @ (*, a2, b2) @ (b2, b1) -> (*, a1, b1), in the cheaper order (see the class docstring)
+        y = _KroneckerProduct.apply(x, self.A, self.B, self.right_first)
         if self.layout == "official":
             y = y.transpose(-1, -2)  # (*, b1, a1): out[r·a1 + s] = y[s, r]
         return y.reshape(*lead, self.a1 * self.b1) * self.scaling
@@ -146,23 +152,31 @@ class KroneckerDelta(AdapterModule):
 class _KroneckerProduct(torch.autograd.Function):
     """``Y = A X Bᵀ`` per token (``X``: ``(*, a2, b2)``), keeping only ``X`` (and the parameters) for backward:
     autograd's two matmuls would also keep the intermediate ``A X``, as large as the input, at every adapted layer.
-    Backward recomputes ``A X`` and ``X Bᵀ`` (two small matmuls):
-    ``dX = Aᵀ G B``, ``dA = Σ G (X Bᵀ)ᵀ``, ``dB = Σ Gᵀ (A X)`` over tokens."""
+    Backward recomputes what it needs in the forward's cheaper order: ``dX = Aᵀ G B``, and over tokens
+    ``dA = Σ G (X Bᵀ)ᵀ = Σ (G B) Xᵀ``, ``dB = Σ Gᵀ (A X) = Σ (Aᵀ G)ᵀ X``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor, right_first: bool) -> Tensor:
         ctx.save_for_backward(x, a, b)
-        return a @ x @ b.t()
+        ctx.right_first = right_first
+        return a @ (x @ b.t()) if right_first else (a @ x) @ b.t()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         x, a, b = (t.to(grad.dtype) for t in saved)  # under autocast the forward ran in grad's dtype
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (a.t() @ grad @ b).to(saved[0].dtype)
-        if ctx.needs_input_grad[1]:
-            grad_a = torch.einsum("...sr,...tr->st", grad, x @ b.t()).to(saved[1].dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.einsum("...sr,...sq->rq", grad, a @ x).to(saved[2].dtype)
-        return grad_x, grad_a, grad_b
+        if ctx.right_first:  # the cheap products are X Bᵀ and Aᵀ G: dB = Σ (Aᵀ G)ᵀ X
+            a_grad = a.t() @ grad  # (*, a2, b1)
+            grad_x = a_grad @ b
+            grad_a = torch.einsum("...sr,...tr->st", grad, x @ b.t())
+            grad_b = torch.einsum("...tr,...tq->rq", a_grad, x)
+        else:  # the cheap products are A X and G B: dA = Σ (G B) Xᵀ
+            grad_b_ = grad @ b  # (*, a1, b2)
+            grad_x = a.t() @ grad_b_
+            grad_a = torch.einsum("...sq,...tq->st", grad_b_, x)
+            grad_b = torch.einsum("...sr,...sq->rq", grad, a @ x)
+        needs = ctx.needs_input_grad
+        grad_x = grad_x.to(saved[0].dtype) if needs[0] else None
+        grad_a = grad_a.to(saved[1].dtype) if needs[1] else None
+        grad_b = grad_b.to(saved[2].dtype) if needs[2] else None
+        return grad_x, grad_a, grad_b, None
