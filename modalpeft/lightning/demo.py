@@ -10,12 +10,16 @@ allow.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import io
+import logging
 import os
 import platform
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ __all__ = [
     "dir_size",
     "environment_note",
     "leftover_wrappers",
+    "quiet_lightning",
     "run_environment",
     "run_folder",
     "train",
@@ -150,3 +155,22 @@ def dir_size(path: Path) -> int:
 def leftover_wrappers(model: nn.Module) -> list[str]:
     """Modules of a merged model that still come from modalpeft or peft (there must be none)."""
     return [n for n, m in model.named_modules() if type(m).__module__.split(".")[0] in ("modalpeft", "peft")]
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's banners and the task's "what trains" table, printed for every contender, are noise in a demo: its
+    loggers at ERROR and stdout swallowed within the block."""
+    roots = ("lightning.pytorch", "pytorch_lightning", "lightning.fabric")
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(roots)]  # their rank_zero loggers too
+    loggers = [logging.getLogger(n) for n in {*roots, *names}]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="pytorch_lightning|lightning")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -21,11 +21,8 @@ with ``--results-dir docs/results``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -39,7 +36,7 @@ from ..core.compare import delta, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.registry import create_config, get_method
 from ..core.state import atomic_write
-from ..lightning.demo import environment_note, run_environment
+from ..lightning.demo import environment_note, quiet_lightning, run_environment
 from . import minibench
 
 Contender = Callable[["TextSettings"], Any]
@@ -131,21 +128,6 @@ class Result:
         return sum(self.accuracy.values()) / max(len(self.accuracy), 1)
 
 
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """Lightning's banners and the task's "what trains" table, 30 times over, are noise here."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def _trainer(settings: TextSettings, steps: int, root: Path) -> Any:
     import pytorch_lightning as pl
 
@@ -201,7 +183,7 @@ class TaskRun:
         torch.manual_seed(self.s.seed)  # the same batches for every contender
         trainer = _trainer(self.s, steps, root)
         start = time.perf_counter()
-        with _quiet():
+        with quiet_lightning():
             trainer.fit(task, datamodule=self.data)
         return (time.perf_counter() - start) / max(steps, 1)
 
@@ -209,7 +191,7 @@ class TaskRun:
         import pytorch_lightning as pl
 
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=root)
-        with _quiet():
+        with quiet_lightning():
             return float(trainer.validate(task, datamodule=self.data, verbose=False)[0]["val/accuracy"])
 
     @torch.no_grad()

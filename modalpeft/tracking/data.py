@@ -35,11 +35,12 @@ LASOT_TEST = Path(__file__).resolve().parent / "lasot_test.txt"
 
 @dataclass
 class Sequence:
-    """One annotated video: frame paths, ``(N, 4)`` boxes ``x, y, w, h`` (0-based pixels; ``N`` may be 1 for a test
-    sequence, whose later frames are not annotated) and ``(N,)`` visibility flags."""
+    """One annotated video: frame paths (or frames held in memory, as :func:`~modalpeft.tracking.inference.as_frame`
+    takes them), ``(N, 4)`` boxes ``x, y, w, h`` (0-based pixels; ``N`` may be 1 for a test sequence, whose later
+    frames are not annotated) and ``(N,)`` visibility flags."""
 
     name: str
-    frames: list[Path]
+    frames: list[Path] | list[np.ndarray]
     boxes: np.ndarray
     visible: np.ndarray
     annotation: Path

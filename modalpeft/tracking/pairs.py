@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from .data import Sequence, check_box, load_frame
+from .data import Sequence, check_box
+from .inference import as_frame
 from .losses import template_mask
 from .transforms import augment, box_in_crop, crop, crop_params, normalize, sample_frame_indices
 
@@ -47,6 +48,8 @@ class TrackingPairs(Dataset):
         max_gap: template gap (200); search frames within ``2 · max_gap`` of the templates (400).
         train: jitter and augment (the official validation set does too; ``False`` gives plain crops).
         seed: base seed.
+        search_factor, template_factor: SiamFC area factors of the crops (official: 5 and 2; give a
+            :class:`~modalpeft.tracking.inference.Tracker` the same).
     """
 
     def __init__(
@@ -61,6 +64,8 @@ class TrackingPairs(Dataset):
         max_gap: int = 200,
         train: bool = True,
         seed: int = 0,
+        search_factor: float = 5.0,
+        template_factor: float = 2.0,
     ) -> None:
         self.sources = [s for s in sources if s]
         if not self.sources:
@@ -75,6 +80,7 @@ class TrackingPairs(Dataset):
         self.feat_size = (template_size[0] // patch_size, template_size[1] // patch_size)
         self.num_templates, self.num_search, self.max_gap = num_templates, num_search, max_gap
         self.train, self.seed, self.epoch = train, seed, 0
+        self.search_factor, self.template_factor = search_factor, template_factor
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -97,19 +103,19 @@ class TrackingPairs(Dataset):
         raise ValueError("no sequence has enough visible frames for a sample: check the visibility labels.")
 
     def _load(self, sequence: Sequence, i: int) -> Tensor:
-        frame = load_frame(sequence.frames[i])
+        frame = as_frame(sequence.frames[i])  # a file, or a frame held in memory (the embedded demo's sequences)
         check_box(sequence.boxes[i], tuple(frame.shape[-2:]), f"{sequence.annotation}, line {i + 1}")
         return frame
 
     def _sample(self, sequence: Sequence, z_idx: list[int], x_idx: list[int], rng: np.random.Generator) -> dict:
         images, boxes = [], []
         for i in z_idx:
-            scale, shift = crop_params(sequence.boxes[i], 2.0, self.template_size)
+            scale, shift = crop_params(sequence.boxes[i], self.template_factor, self.template_size)
             images.append(crop(self._load(sequence, i), scale, shift, self.template_size))
             boxes.append(box_in_crop(sequence.boxes[i], scale, shift, self.template_size))
         for i in x_idx:
             jitter = dict(rng=rng, scale_jitter=0.25, translation_jitter=3.0, min_object_size=10) if self.train else {}
-            scale, shift = crop_params(sequence.boxes[i], 5.0, self.search_size, **jitter)
+            scale, shift = crop_params(sequence.boxes[i], self.search_factor, self.search_size, **jitter)
             images.append(crop(self._load(sequence, i), scale, shift, self.search_size))
             boxes.append(box_in_crop(sequence.boxes[i], scale, shift, self.search_size))
         if self.train:
