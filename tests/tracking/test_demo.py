@@ -1,0 +1,78 @@
+"""The embedded tracking demo: the exact RGB patch embedding of the pretrained ViT, the sprite sequences' exact
+boxes, and the ``--quick`` pipeline end to end (train, track, reload, merge, report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from modalpeft.demo import SECTIONS, SIDE_BY_SIDE
+from modalpeft.tracking import demo
+from modalpeft.tracking.backbones import grey_patch_embed_to_rgb
+from modalpeft.tracking.sprites import FASHION_MNIST_ROOT, SpriteSettings, sprite_sequences
+from modalpeft.tracking.transforms import normalize
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not Path(FASHION_MNIST_ROOT).is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
+)
+
+
+def test_rgb_patch_embedding_sees_the_grey_image_it_was_trained_on() -> None:
+    torch.manual_seed(0)
+    grey = torch.nn.Conv2d(1, 8, 4, 4)
+    rgb = grey_patch_embed_to_rgb(grey)
+    image = torch.rand(2, 3, 16, 16)
+    expected = grey((image.mean(1, keepdim=True) - 0.5) / 0.5)
+    torch.testing.assert_close(rgb(normalize(image)), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="1-channel"):
+        grey_patch_embed_to_rgb(rgb)
+
+
+@needs_fashion_mnist
+def test_sprite_sequences_have_exact_boxes_and_repeat() -> None:
+    settings = SpriteSettings(num_frames=6)
+    sequences, covers = sprite_sequences("test", 3, settings, seed=1)
+    again, _ = sprite_sequences("test", 3, settings, seed=1)
+    for sequence, cover, same in zip(sequences, covers, again, strict=True):
+        assert len(sequence.frames) == len(sequence.boxes) == len(cover) == 6
+        assert sequence.frames[0].shape == (120, 160, 3) and sequence.frames[0].dtype == np.uint8
+        assert all((a == b).all() for a, b in zip(sequence.frames, same.frames, strict=True))
+        x, y, w, h = sequence.boxes.T
+        assert (w > 0).all() and (h > 0).all() and (x >= 0).all() and (x + w <= 160).all() and (y + h <= 120).all()
+        assert (sequence.visible == (cover < 1)).all()
+    # sequences continue a split's numbering: the validation sequences are new draws, not copies
+    later, _ = sprite_sequences("test", 1, settings, seed=1, first=3)
+    assert not all((a == b).all() for a, b in zip(later[0].frames, sequences[0].frames, strict=True))
+
+
+def test_the_demo_wires_the_tracking_section() -> None:
+    assert "tracking" in SECTIONS and "tracking" in SIDE_BY_SIDE
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_quick_demo(tmp_path) -> None:
+    """Every contender trains, tracks the held-out sequences, reloads to the same outputs; LoRA merges, TMoE says
+    why it cannot; the report, plot and pictures are written to the run folder and nowhere else."""
+    console = Console(record=True, width=200)
+    assert demo.run(quick=True, out_dir=tmp_path / "run", console=console)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    rows = {r["method"]: r for r in results["results"]}
+    assert list(rows) == list(demo.CONTENDERS)
+    assert all(r["reload_ok"] for r in rows.values())
+    assert rows["lora (peft)"]["merge"].startswith("ok")
+    assert rows["tmoe"]["merge"].startswith("not mergeable")
+    assert rows["full fine-tuning"]["share_of_full"] == 1.0
+    assert rows["tmoe"]["share_of_full"] < 0.35  # the issue's parameter budget
+    assert all(0.0 <= r["ao"] <= 1.0 and len(r["success_curve"]) == 21 for r in rows.values())
+    for name in ("tracking.md", "tracking_success.png", "tracking_frames.png"):
+        assert (tmp_path / "run" / name).is_file()
+    page = (tmp_path / "run" / "tracking.md").read_text()
+    assert "| tmoe |" in page and "Environment: Python" in page
+    if demo.clip_path() is not None:
+        assert (tmp_path / "run" / "tracking_clip.png").is_file() and results["clip"]["frames"] == 4
