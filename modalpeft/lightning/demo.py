@@ -33,6 +33,7 @@ __all__ = [
     "NUMERIC_ENVIRONMENT",
     "accuracy",
     "batches",
+    "demo_trainer",
     "dir_size",
     "environment_note",
     "leftover_wrappers",
@@ -174,3 +175,22 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+def demo_trainer(steps: int, root: str | os.PathLike[str], callbacks: Sequence[Any] = ()) -> Any:
+    """A plain CPU Lightning ``Trainer`` for ``steps`` training steps: no logger, checkpoints, progress bar, summary
+    or validation (the demos measure after training)."""
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+        default_root_dir=root,
+    )

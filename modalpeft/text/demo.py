@@ -36,7 +36,7 @@ from ..core.compare import delta, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.registry import create_config, get_method
 from ..core.state import atomic_write
-from ..lightning.demo import environment_note, quiet_lightning, run_environment
+from ..lightning.demo import demo_trainer, environment_note, quiet_lightning, run_environment
 from . import minibench
 
 Contender = Callable[["TextSettings"], Any]
@@ -128,22 +128,6 @@ class Result:
         return sum(self.accuracy.values()) / max(len(self.accuracy), 1)
 
 
-def _trainer(settings: TextSettings, steps: int, root: Path) -> Any:
-    import pytorch_lightning as pl
-
-    return pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
-
-
 class TaskRun:
     """One task: its data, and every contender trained and checked on it."""
 
@@ -181,7 +165,7 @@ class TaskRun:
 
     def fit(self, task: Any, steps: int, root: Path) -> float:
         torch.manual_seed(self.s.seed)  # the same batches for every contender
-        trainer = _trainer(self.s, steps, root)
+        trainer = demo_trainer(steps, root)
         start = time.perf_counter()
         with quiet_lightning():
             trainer.fit(task, datamodule=self.data)

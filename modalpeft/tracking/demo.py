@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..core.compare import delta
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.state import atomic_write
-from ..lightning.demo import environment_note, quiet_lightning, run_environment
+from ..lightning.demo import demo_trainer, environment_note, quiet_lightning, run_environment
 from ..lightning.memory import MemoryProbe
 from .sprites import FASHION_MNIST_ROOT, SpriteSettings, sprite_sequences
 
@@ -233,18 +233,7 @@ class Demo:
         timer = StepTimes()
         probe = MemoryProbe(torch.device("cpu"))
         with quiet_lightning():
-            trainer = pl.Trainer(
-                max_steps=len(self.batches),
-                accelerator="cpu",
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                limit_val_batches=0,
-                callbacks=[timer],
-                default_root_dir=Path(self.s.out) / "lightning",
-            )
+            trainer = demo_trainer(len(self.batches), Path(self.s.out) / "lightning", [timer])
             probe.start()
             start = time.perf_counter()
             trainer.fit(task, DataLoader(self.batches, batch_size=None))

@@ -68,6 +68,20 @@ def test_boxes_are_clipped_to_the_frame() -> None:
     np.testing.assert_allclose(boxes[2:], np.tile([0.0, 0.0, W, H], (2, 1)), atol=1e-4)  # larger: clipped both ways
 
 
+def test_max_scale_change_limits_each_frames_size_step() -> None:
+    """A head that always predicts the whole search region: with the limit, the box grows by at most the factor per
+    frame around the same centre (official: it jumps to the whole region at once)."""
+    model = tiny_tracker()
+    model.head = FixedHead(torch.tensor([0.0, 0.0, 1.0, 1.0]), model.x_size)
+    init = np.array([30.0, 20.0, 16.0, 12.0])
+    boxes = Tracker(model, max_scale_change=1.1).track(frames(3), init)
+    np.testing.assert_allclose(boxes[1, 2:], init[2:] * 1.1, atol=1e-4)
+    np.testing.assert_allclose(boxes[1, :2] + boxes[1, 2:] / 2, init[:2] + init[2:] / 2, atol=1e-4)
+    np.testing.assert_allclose(boxes[2, 2:], init[2:] * 1.1**2, atol=1e-4)
+    with pytest.raises(ValueError, match="max_scale_change"):
+        Tracker(model, max_scale_change=0.9)
+
+
 def test_sequences_in_parallel_track_as_one_by_one() -> None:
     model = mp.adapt(tiny_tracker(), TMoEConfig(rank=4), modules_to_save=["head", "embeddings"]).eval()
     tracker = Tracker(model)
