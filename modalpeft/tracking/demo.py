@@ -365,9 +365,10 @@ def _draw(frame: Tensor | np.ndarray, boxes: dict[str, np.ndarray], scale: int) 
     array = frame if isinstance(frame, np.ndarray) else (frame.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
     image = Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
     pen = ImageDraw.Draw(image)
-    for name, (x, y, w, h) in boxes.items():
-        pen.rectangle([x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1],
-                      outline=ImageColor.getrgb(COLOURS[name]), width=2)  # fmt: skip
+    for name, (x, y, w, h) in boxes.items():  # a box clipped to an empty one is drawn as a line
+        x1, y1 = x * scale, y * scale
+        x2, y2 = max(x1, (x + w) * scale - 1), max(y1, (y + h) * scale - 1)
+        pen.rectangle([x1, y1, x2, y2], outline=ImageColor.getrgb(COLOURS[name]), width=2)
     return np.asarray(image)
 
 
