@@ -75,7 +75,7 @@ BETA_SCHEDULE = "squaredcos_cap_v2"
 FMNIST_DIFFUSION_FILE = Path(__file__).resolve().parent / "pretrained" / "fmnist_unet.safetensors"
 """The committed weights: ``unet.*`` and ``text_encoder.*`` (fp32)."""
 
-FMNIST_DIFFUSION_SHA256 = "0" * 64
+FMNIST_DIFFUSION_SHA256 = "3d1bba7efd9d13d89e782f7c1bfd4f1e1f7734f02f49eaf83c799fc70098a22b"
 """sha256 of :data:`FMNIST_DIFFUSION_FILE`, checked before every load."""
 
 

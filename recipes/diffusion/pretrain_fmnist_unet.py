@@ -130,7 +130,8 @@ def export(args: argparse.Namespace) -> None:
     acc = class_accuracy(model, args.eval_per_class, 1234, 20, 3.0)
     subject_index, subject = pick_subject(args.data)
     tmp = Path(args.export).with_suffix(".export.safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp), metadata={"format": "pt"})  # the bytes atomic_write writes below
     digest = sha256_of(tmp)
     unet = sum(p.numel() for p in model.unet.parameters())
     text = sum(p.numel() for p in model.text_encoder.parameters())
@@ -173,7 +174,7 @@ python recipes/diffusion/pretrain_fmnist_unet.py --export outputs/fmnist_unet/{P
 ```
 """
     files = {
-        FMNIST_DIFFUSION_FILE.name: tmp.read_bytes(),
+        FMNIST_DIFFUSION_FILE.name: weights,
         "fmnist_unet.json": manifest,
         "README.md": readme.encode(),
         "subject.png": png_bytes(Image.fromarray(subject.numpy())),
@@ -194,7 +195,7 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", help="a saved step to evaluate and commit (instead of training)")
-    parser.add_argument("--eval-per-class", type=int, default=20)
+    parser.add_argument("--eval-per-class", type=int, default=10)
     parser.add_argument("--runtime", default="", help="the training's measured wall time, for the manifest")
     args = parser.parse_args()
     torch.set_num_threads(1)
