@@ -25,7 +25,7 @@ MODALITIES = ("vision", "pointcloud", "diffusion", "tracking", "audio", "text")
 
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-DEMO_SECTIONS = ("vision", "deepfake", "pointcloud", "text", "tracking")
+DEMO_SECTIONS = ("vision", "deepfake", "pointcloud", "text", "diffusion", "tracking")
 """``modalpeft demo --modality`` choices (``modalpeft.demo.SECTIONS``, named here so that parsing imports no torch)."""
 
 
@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adapt each modality's committed pretrained model on offline tasks with linear probing, full "
         "fine-tuning and the PEFT methods; save, reload and merge each, print tables and write the reports to a run "
         "folder (outputs/demo/<timestamp>/, printed at the end; the checkout is left unchanged). "
-        "Vision: the Fashion-MNIST ViT on mini-VTAB (digits, LFW faces, counting).",
+        "Vision: the Fashion-MNIST ViT on mini-VTAB (digits, LFW faces, counting). Diffusion: DreamBooth on a small "
+        "Fashion-MNIST text-to-image UNet.",
     )
     p.add_argument("--modality", nargs="+", choices=DEMO_SECTIONS, help="sections to run (default: all of them)")
     p.add_argument("--out", default=None, help="the run folder (default: a new outputs/demo/<timestamp>)")

