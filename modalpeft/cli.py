@@ -25,7 +25,7 @@ MODALITIES = ("vision", "pointcloud", "diffusion", "tracking", "audio", "text")
 
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-DEMO_SECTIONS = ("vision", "deepfake", "pointcloud", "text")
+DEMO_SECTIONS = ("vision", "deepfake", "pointcloud", "text", "audio")
 """``modalpeft demo --modality`` choices (``modalpeft.demo.SECTIONS``, named here so that parsing imports no torch)."""
 
 

@@ -92,7 +92,9 @@ SYMBOLIC_SHAPES: dict[str, dict[str, int]] = {
 cross-attentions' 263,168 stay unused without a text condition); ``test`` a tiny one."""
 
 
-def symbolic_music_lm(size: Literal["test", "demo"] = "demo", vocab_size: int | None = None, **overrides: Any) -> nn.Module:
+def symbolic_music_lm(
+    size: Literal["test", "demo"] = "demo", vocab_size: int | None = None, **overrides: Any
+) -> nn.Module:
     """A MusicGen decoder over symbolic tokens: ``MusicgenForCausalLM`` with one codebook whose codes are the tokens of
     :class:`~modalpeft.audio.symbolic.MelodyTokenizer` (``vocab_size``, default its size), start/pad id = the
     vocabulary size, sinusoidal positions up to 1,024 tokens; random weights (seed the caller's RNG). The music

@@ -100,7 +100,9 @@ class MelodyTokenizer:
             midi -= 12
         return self.pitch_ids[midi - lo]
 
-    def encode_line(self, notes: Sequence[tuple[float, float, int]], bars: Sequence[float], meter: str | None) -> list[int]:
+    def encode_line(
+        self, notes: Sequence[tuple[float, float, int]], bars: Sequence[float], meter: str | None
+    ) -> list[int]:
         """Tokens of one line: ``notes`` are ``(onset, duration, midi)`` in quarter notes (any order, overlaps
         allowed: the skyline is kept), ``bars`` the onsets of its measures, ``meter`` its time signature."""
         top: dict[float, tuple[float, int]] = {}

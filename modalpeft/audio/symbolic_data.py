@@ -36,9 +36,11 @@ from .symbolic import ENCODING_VERSION, PITCH_RANGE, MelodyTokenizer, corpus_sou
 IGNORE = -100
 
 
-def source_pieces(source: str, cache_dir: str | os.PathLike[str] | None = None) -> list[list[list[int]]]:
-    """The token lines of every piece of one source (``"corpus:<collection>"`` or a folder), from the cache when
-    it holds them (pieces music21 cannot parse are skipped with a warning; see
+def source_pieces(
+    source: str, cache_dir: str | os.PathLike[str] | None = None, limit: int | None = None
+) -> list[list[list[int]]]:
+    """The token lines of every piece of one source (``"corpus:<collection>"`` or a folder; its first ``limit``
+    scores when given), from the cache when it holds them (pieces music21 cannot parse are skipped with a warning; see
     :func:`~modalpeft.audio.symbolic.tokenize_sources`)."""
     import music21
 
@@ -46,6 +48,7 @@ def source_pieces(source: str, cache_dir: str | os.PathLike[str] | None = None) 
         scores = corpus_sources(source.split(":", 1)[1])
     else:
         scores = folder_sources(source)
+    scores = scores[:limit] if limit is not None else scores
     digest = hashlib.sha256(f"{source}|{music21.__version__}|{ENCODING_VERSION}".encode())
     for s in scores:
         if isinstance(s, tuple):

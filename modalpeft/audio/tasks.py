@@ -180,7 +180,9 @@ def token_nll(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
     """The summed negative log-likelihood (nats) of ``batch["labels"]`` (``-100``: no loss) and the token count."""
     logits = token_logits(model, batch["input_ids"])
     labels = batch["labels"]
-    nll = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    nll = nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
     return nll, int((labels != -100).sum())
 
 
@@ -302,4 +304,12 @@ class SymbolicMusicTask(AdapterTask):
         return [Path(out_dir) / n for n in files]
 
 
-__all__ = ["MusicGenTask", "SymbolicMusicTask", "delay_pattern", "musicgen", "sample_tokens", "token_logits", "token_nll"]
+__all__ = [
+    "MusicGenTask",
+    "SymbolicMusicTask",
+    "delay_pattern",
+    "musicgen",
+    "sample_tokens",
+    "token_logits",
+    "token_nll",
+]

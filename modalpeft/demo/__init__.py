@@ -14,6 +14,9 @@ shares :mod:`modalpeft.lightning.demo`:
   ScanObjectNN-like clouds from those meshes.
 - ``text`` (:mod:`modalpeft.text.demo`): the offline all-MiniLM-L6-v2 on the mini-GLUE built from WordNet and
   fortunes, with linear probing, full fine-tuning, peft's LoRA and AdaLoRA and the native text methods.
+- ``audio`` (:mod:`modalpeft.audio.demo`): a one-codebook MusicGen decoder pretrained on the music21 corpus
+  (committed) adapted to O'Neill's Irish jigs with the linear, conv and transformer music adapters, peft's LoRA and
+  full fine-tuning; held-out NLL, style distances, and samples rendered with a soundfont.
 
 A run writes everything (``results.json``, the markdown reports, saved adapters) to its run folder,
 ``outputs/demo/<timestamp>/`` by default (git-ignored), and prints it at the end; nothing in the checkout changes.
@@ -84,15 +87,23 @@ def _text(quick: bool, out: Path, results_dir: str | None, console: Console, **o
     return demo.run(quick, out / "text", console=console, results_dir=results_dir, **options)
 
 
+def _audio(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
+    from modalpeft.audio import demo
+
+    options = {k: overrides[k] for k in ("steps",) if overrides.get(k) is not None}
+    return demo.run(quick, out / "audio", results_dir=results_dir, console=console, **options)
+
+
 SECTIONS: dict[str, Callable[..., bool]] = {
     "vision": _vision,
     "deepfake": _deepfake,
     "pointcloud": _pointcloud,
     "text": _text,
+    "audio": _audio,
 }
 """Each modality's section: ``(quick, out, results_dir, console, **overrides) -> all checks passed``."""
 
-SIDE_BY_SIDE: tuple[str, ...] = ("deepfake", "pointcloud")
+SIDE_BY_SIDE: tuple[str, ...] = ("deepfake", "pointcloud", "audio")
 """Single-process sections (one torch thread each) that run in parallel worker processes when more than one of them
 is selected: on 2 CPU cores this saves the shorter one's time."""
 
