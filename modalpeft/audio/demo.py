@@ -505,9 +505,8 @@ def run(
         atomic_write(pictures, target / "audio")
         atomic_write({m: (out / "samples" / m).read_bytes() for m in media}, target / "audio" / "samples")
         atomic_write({"audio.md": text.encode()}, target)
-    console.print(
-        f"audio: wrote {out}/audio.md{f' and {settings.results_dir}/audio.md' if settings.results_dir else ''} ({seconds:.0f} s)"
-    )
+    also = f" and {settings.results_dir}/audio.md" if settings.results_dir else ""
+    console.print(f"audio: wrote {out}/audio.md{also} ({seconds:.0f} s)")
     failed = [r.method for r in results if not r.ok]
     if failed:
         console.print(f"[bold red]audio: reload or merge checks failed for: {', '.join(failed)}[/]")

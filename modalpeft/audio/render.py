@@ -47,7 +47,10 @@ def soundfont_missing_reason() -> str | None:
     except ImportError:
         return "tinysoundfont is not installed (pip install --no-deps tinysoundfont; make setup does)"
     if find_soundfont() is None:
-        return "no General MIDI soundfont found (apt-get install musescore-general-soundfont-small, or set $MODALPEFT_SOUNDFONT)"
+        return (
+            "no General MIDI soundfont found (apt-get install musescore-general-soundfont-small, or set "
+            "$MODALPEFT_SOUNDFONT)"
+        )
     return None
 
 

@@ -177,7 +177,8 @@ class MelodyTokenizer:
 
     def to_stream(self, ids: Iterable[int], tempo: float = 120.0) -> Any:
         """A music21 ``Stream`` of the decoded events (``.write("midi", path)`` writes a MIDI file)."""
-        from music21 import meter, note, stream, tempo as m21tempo
+        from music21 import meter, note, stream
+        from music21 import tempo as m21tempo
 
         events, ratio, _ = self.decode(ids)
         part = stream.Part()

@@ -19,8 +19,8 @@ import hashlib
 import json
 import os
 import warnings
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,7 @@ def source_pieces(
     :func:`~modalpeft.audio.symbolic.tokenize_sources`)."""
     import music21
 
-    if source.startswith("corpus:"):
-        scores = corpus_sources(source.split(":", 1)[1])
-    else:
-        scores = folder_sources(source)
+    scores = corpus_sources(source.split(":", 1)[1]) if source.startswith("corpus:") else folder_sources(source)
     scores = scores[:limit] if limit is not None else scores
     digest = hashlib.sha256(f"{source}|{music21.__version__}|{ENCODING_VERSION}".encode())
     for s in scores:
