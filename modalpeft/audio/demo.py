@@ -72,7 +72,7 @@ class AudioSettings:
     samples: int = 24
     sample_tokens: int = 320
     temperature: float = 1.0
-    render_seconds: float = 12.0
+    render_seconds: float = 10.0
     tempo: float = 150.0
     """Quarter notes per minute of the rendered samples (a jig's dotted quarter at 100)."""
     program: int = 40

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 SYMBOLIC_FILE = Path(__file__).resolve().parent / "symbolic_lm_music21.safetensors"
-SYMBOLIC_SHA256 = ""
+SYMBOLIC_SHA256 = "04b6f52dd381de7899e38a120c3eb9f7e8a24579a86a5c4a9ac77564f76db210"
 """The sha256 of :data:`SYMBOLIC_FILE` (also in ``README.md``)."""
 
 
