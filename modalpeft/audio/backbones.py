@@ -84,4 +84,47 @@ def tiny_musicgen(**decoder_overrides: Any) -> nn.Module:
     return MusicgenForConditionalGeneration(config)
 
 
-__all__ = ["DECODER_SHAPES", "decoder_config", "musicgen_decoder", "tiny_musicgen"]
+SYMBOLIC_SHAPES: dict[str, dict[str, int]] = {
+    "test": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "ffn_dim": 32},
+    "demo": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "ffn_dim": 512},
+}
+"""Symbolic music LMs: ``demo`` is the committed pretrained model's shape (1,074,304 parameters, of which the 4
+cross-attentions' 263,168 stay unused without a text condition); ``test`` a tiny one."""
+
+
+def symbolic_music_lm(
+    size: Literal["test", "demo"] = "demo", vocab_size: int | None = None, **overrides: Any
+) -> nn.Module:
+    """A MusicGen decoder over symbolic tokens: ``MusicgenForCausalLM`` with one codebook whose codes are the tokens of
+    :class:`~modalpeft.audio.symbolic.MelodyTokenizer` (``vocab_size``, default its size), start/pad id = the
+    vocabulary size, sinusoidal positions up to 1,024 tokens; random weights (seed the caller's RNG). The music
+    adapters, peft and every MusicGen code path run on it unchanged."""
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+
+    if size not in SYMBOLIC_SHAPES:
+        raise ValueError(f"size={size!r} is not valid; choose one of {list(SYMBOLIC_SHAPES)}.")
+    if vocab_size is None:
+        from .symbolic import MelodyTokenizer
+
+        vocab_size = len(MelodyTokenizer())
+    kwargs: dict[str, Any] = {
+        **SYMBOLIC_SHAPES[size],
+        "vocab_size": vocab_size,
+        "num_codebooks": 1,
+        "max_position_embeddings": 1024,
+        "pad_token_id": vocab_size,
+        "bos_token_id": vocab_size,
+        "decoder_start_token_id": vocab_size,
+    }
+    kwargs.update(overrides)
+    return MusicgenForCausalLM(MusicgenDecoderConfig(**kwargs))
+
+
+__all__ = [
+    "DECODER_SHAPES",
+    "SYMBOLIC_SHAPES",
+    "decoder_config",
+    "musicgen_decoder",
+    "symbolic_music_lm",
+    "tiny_musicgen",
+]

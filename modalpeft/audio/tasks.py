@@ -170,4 +170,146 @@ class MusicGenTask(AdapterTask):
             self.generate_wav(list(prompts), datamodule.tokenizer, out, self.hparams.sample_seconds)
 
 
-__all__ = ["MusicGenTask", "delay_pattern", "musicgen"]
+def token_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """``(B, T, V)`` next-token logits of a one-codebook MusicGen decoder (or any LM returning ``.logits``)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return logits.reshape(input_ids.shape[0], input_ids.shape[1], -1)  # MusicGen: (B * K, T, V) with K = 1
+
+
+def token_nll(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """The summed negative log-likelihood (nats) of ``batch["labels"]`` (``-100``: no loss) and the token count."""
+    logits = token_logits(model, batch["input_ids"])
+    labels = batch["labels"]
+    nll = nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return nll, int((labels != -100).sum())
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: nn.Module,
+    count: int,
+    max_tokens: int,
+    start: int,
+    eos: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    prompt: list[int] | None = None,
+) -> list[list[int]]:
+    """``count`` token sequences sampled from a one-codebook decoder with its key/value cache (plain sampling at
+    ``temperature``, a generator seeded by ``seed``), each cut at its first ``eos`` (kept) or after ``max_tokens``;
+    ``prompt`` tokens follow the start token and begin every sequence."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = torch.tensor([[start, *(prompt or [])]] * count, device=device)
+    was_training = model.training
+    model.eval()
+    out, cache, tokens = None, None, [list(prompt or []) for _ in range(count)]
+    done = torch.zeros(count, dtype=torch.bool)
+    step = ids
+    for _ in range(max_tokens - len(prompt or [])):
+        out = model(input_ids=step, cache=cache, use_cache=True)
+        cache = out.cache
+        logits = out.logits.reshape(count, step.shape[1], -1)[:, -1].float().cpu() / max(temperature, 1e-6)
+        nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        for i in range(count):
+            if not done[i]:
+                tokens[i].append(int(nxt[i]))
+        done |= nxt == eos
+        if bool(done.all()):
+            break
+        step = nxt[:, None].to(device)
+    model.train(was_training)
+    return tokens
+
+
+class SymbolicMusicTask(AdapterTask):
+    """A causal LM over symbolic music tokens (pretraining with ``adapter="full"``, or adaptation to a genre).
+
+    The backbone is a one-codebook MusicGen decoder (:func:`~modalpeft.audio.backbones.symbolic_music_lm`, or the
+    committed pretrained one: :func:`~modalpeft.audio.pretrained.pretrained_symbolic_lm`); batches are dicts from
+    :class:`~modalpeft.audio.symbolic_data.SymbolicMusicDataModule` (``input_ids``, ``labels``). The loss is the
+    mean next-token cross-entropy; ``<stage>/bits_per_token`` is logged beside it. Args as
+    :class:`~modalpeft.lightning.AdapterTask` (``adapter``, ``lr``, ...), plus:
+
+    Args:
+        export_name: when fit ends, write the backbone's weights (the whole LM, float32) as safetensors to
+            ``<log_dir>/<export_name>`` (how the committed pretrained LM was made); ``None``: no export.
+        sample_count: tunes sampled to ``<log_dir>/samples`` (MIDI, and WAV with ``soundfont``) when fit ends.
+        sample_tokens: the longest sample, in tokens.
+        temperature: sampling temperature.
+        soundfont: a General MIDI soundfont (``.sf2``/``.sf3``) to render the samples with; ``"default"``: the
+            system's (:func:`~modalpeft.audio.render.find_soundfont`).
+        tempo: quarter notes per minute of the rendered samples.
+        seed: seeds the sampling.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        export_name: str | None = None,
+        sample_count: int = 0,
+        sample_tokens: int = 256,
+        temperature: float = 1.0,
+        soundfont: str | None = None,
+        tempo: float = 120.0,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        config = getattr(backbone, "config", None)
+        if getattr(config, "num_codebooks", None) != 1:
+            raise TypeError(
+                f"SymbolicMusicTask needs a one-codebook MusicGen decoder (MusicgenForCausalLM), got "
+                f"{type(backbone).__name__}; build it with modalpeft.audio.backbones.symbolic_music_lm()."
+            )
+        super().__init__(backbone, **kwargs)
+        self.start = int(config.bos_token_id)
+        self.lm = [backbone]  # a list: registered once, as self.model
+
+    def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        nll, count = token_nll(self.model, batch)
+        loss = nll / max(count, 1)
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", sync_dist=sync, batch_size=count)
+        self.log(f"{stage}/bits_per_token", loss.detach() / math.log(2), sync_dist=sync, batch_size=count)
+        return loss
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        hp = self.hparams
+        if hp.export_name:
+            state = {k: v.detach().float() for k, v in self.lm[0].state_dict().items()}
+            atomic_write({hp.export_name: state}, folder)
+        if hp.sample_count:
+            self.write_samples(folder / "samples")
+
+    def write_samples(self, out_dir: str | Path) -> list[Path]:
+        """Sample ``sample_count`` tunes and write them as ``sample_<i>.mid`` (and ``.wav`` with a soundfont)."""
+        from .render import render_events, write_midi
+        from .symbolic import MelodyTokenizer
+
+        hp, tokenizer = self.hparams, MelodyTokenizer()
+        tunes = sample_tokens(self.model, hp.sample_count, hp.sample_tokens, self.start, tokenizer.eos, hp.temperature,
+                              hp.seed)  # fmt: skip
+        files: dict[str, Any] = {}
+        for i, tune in enumerate(tunes):
+            events = tokenizer.decode(tune)[0]
+            files[f"sample_{i}.mid"] = write_midi(events, hp.tempo)
+            if hp.soundfont:
+                files[f"sample_{i}.wav"] = render_events(events, hp.tempo, soundfont=hp.soundfont)
+        atomic_write(files, out_dir)
+        return [Path(out_dir) / n for n in files]
+
+
+__all__ = [
+    "MusicGenTask",
+    "SymbolicMusicTask",
+    "delay_pattern",
+    "musicgen",
+    "sample_tokens",
+    "token_logits",
+    "token_nll",
+]

