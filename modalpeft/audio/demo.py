@@ -432,13 +432,16 @@ def markdown(results: list[Result], settings: AudioSettings, meta: dict[str, Any
         f"One sample per contender (the one with the most notes of the {settings.samples}), rendered with the "
         f"General MIDI violin of MuseScore_General_Lite (tinysoundfont) at {settings.tempo:g} quarter notes per "
         f"minute, first {settings.render_seconds:g} s; the first row is a real held-out jig for comparison. "
-        "Files in `audio/samples/` (`.wav` and `.mid`).",
+        "The run folder has each as `samples/<name>.mid` and `samples/<name>.wav`; the committed page keeps the MIDI "
+        "files only (the renderings are 0.3 MB each: `make demo MODALITY=audio` writes them).",
         "",
         "![piano rolls of one sample per contender](audio/audio_pianoroll.png)",
         "",
     ]
-    wavs = [m for m in media if m.endswith(".wav")]
-    lines += [f"- [{w}](audio/samples/{w})" for w in wavs] or ["(no WAV: tinysoundfont or the soundfont is missing)"]
+    midis = [m for m in media if m.endswith(".mid")]
+    lines += [f"- [{m}](audio/samples/{m})" for m in midis]
+    if not any(m.endswith(".wav") for m in media):
+        lines += ["", "(no WAV renderings: tinysoundfont or the soundfont is missing)"]
     lines += ["", "![held-out NLL vs trainable parameters](audio/audio_nll_vs_params.png)", ""]
     return "\n".join(lines)
 
@@ -503,7 +506,8 @@ def run(
         target = Path(settings.results_dir)
         pictures = {n: (out / n).read_bytes() for n in ("audio_pianoroll.png", "audio_nll_vs_params.png")}
         atomic_write(pictures, target / "audio")
-        atomic_write({m: (out / "samples" / m).read_bytes() for m in media}, target / "audio" / "samples")
+        midis = {m: (out / "samples" / m).read_bytes() for m in media if m.endswith(".mid")}
+        atomic_write(midis, target / "audio" / "samples")
         atomic_write({"audio.md": text.encode()}, target)
     also = f" and {settings.results_dir}/audio.md" if settings.results_dir else ""
     console.print(f"audio: wrote {out}/audio.md{also} ({seconds:.0f} s)")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from modalpeft.cli import main
-from modalpeft.demo import run_demo
+from modalpeft.demo import SECTIONS, run_demo
 from modalpeft.lightning.demo import NUMERIC_ENVIRONMENT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,12 +38,7 @@ def test_each_section_gives_identical_tables_twice(tmp_path) -> None:
         out = tmp_path / name
         methods = ("linear probe", "full fine-tuning", "lora (peft)", "ssf", "spt")
         assert run_demo(quick=True, out=out, tasks=("faces",), methods=methods) == 0
-        runs.append(
-            {
-                s: json.loads((out / s / "results.json").read_text())
-                for s in ("vision", "deepfake", "pointcloud", "diffusion")
-            }
-        )
+        runs.append({s: json.loads((out / s / "results.json").read_text()) for s in SECTIONS})
     for section in runs[0]:
         first, second = (figures(run[section]) for run in runs)
         assert first == second, section
@@ -79,3 +74,21 @@ def test_a_quick_demo_leaves_the_checkout_clean(monkeypatch, capsys) -> None:
         assert status() == before
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_failing_section_is_reported_and_the_others_still_run(tmp_path) -> None:
+    """A section that raises is named with its error, the side-by-side sections still write their results, and the
+    run returns 1."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(file=StringIO(), width=200)
+    code = run_demo(["vision", "deepfake", "pointcloud"], quick=True, out=tmp_path, console=console, seeds=0)
+    printed = console.file.getvalue()
+    assert code == 1
+    assert "vision: failed with ValueError" in printed and "seeds=0" in printed
+    assert "checks failed in: vision" in printed
+    for section in ("deepfake", "pointcloud"):
+        assert json.loads((tmp_path / section / "results.json").read_text())["environment"]["torch_threads"] == 1
+        assert f"{section}: " in printed
