@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..core.compare import delta, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.state import atomic_write
-from ..lightning.demo import environment_note, run_environment
+from ..lightning.demo import environment_note, metric_vs_params_png, run_environment
 
 IDLE = "encoder_attn"
 """The MusicGen decoder's cross-attention modules: unused without a text condition."""
@@ -326,32 +326,13 @@ def write_media(demo: AudioDemo, results: list[Result], folder: Path, console: A
 
 def plot(results: list[Result], path: Path) -> None:
     """Held-out bits per token vs trainable parameters (log scale); the frozen LM as a dashed line."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for r in results:
-        if r.trainable_params == 0:
-            ax.axhline(r.bits_per_token, color="0.5", ls="--", lw=1, label=r.method)
-            continue
-        ax.scatter(r.trainable_params, r.bits_per_token, s=30)
-        ax.annotate(
-            r.method, (r.trainable_params, r.bits_per_token), fontsize=7, xytext=(4, 3), textcoords="offset points"
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("held-out bits per token")
-    ax.set_title("Irish jigs: held-out NLL vs trainable parameters", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write({path.name: buffer.getvalue()}, path.parent)
+    png = metric_vs_params_png(
+        [(r.method, r.trainable_params, r.bits_per_token) for r in results if r.trainable_params],
+        ylabel="held-out bits per token",
+        title="Irish jigs: held-out NLL vs trainable parameters",
+        baselines=[(r.method, r.bits_per_token) for r in results if not r.trainable_params],
+    )
+    atomic_write({path.name: png}, path.parent)
 
 
 def markdown(results: list[Result], settings: AudioSettings, meta: dict[str, Any], media: list[str]) -> str:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..core.compare import delta, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.state import atomic_write
-from ..lightning.demo import dir_size, environment_note, leftover_wrappers, run_environment
+from ..lightning.demo import dir_size, environment_note, leftover_wrappers, metric_vs_params_png, run_environment
 from .methods.diffusekrona import UNET_ATTENTION_TARGETS
 from .metrics import mean_pairwise_similarity
 from .pipeline import png_bytes
@@ -383,30 +383,12 @@ def grid(demo: Demo, images: dict[str, Tensor], scale: int = 3) -> bytes:
 
 def plot(results: list[Result]) -> bytes:
     """Subject fidelity against trainable parameters (log scale), one point per method; the base model as a line."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for r in results[1:]:
-        ax.plot(r.trainable_params, r.subject_fidelity, "o")
-        ax.annotate(r.method, (r.trainable_params, r.subject_fidelity), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)  # fmt: skip
-    ax.axhline(results[0].subject_fidelity, color="grey", linestyle="--", label="base model")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("subject fidelity (ViT cosine similarity)")
-    ax.set_title("DreamBooth on the Fashion-MNIST diffusion model")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return metric_vs_params_png(
+        [(r.method, r.trainable_params, r.subject_fidelity) for r in results[1:]],
+        ylabel="subject fidelity (ViT cosine similarity)",
+        title="DreamBooth on the Fashion-MNIST diffusion model",
+        baselines=[("base model", results[0].subject_fidelity)],
+    )
 
 
 def targets(results: list[Result]) -> dict[str, Any]:

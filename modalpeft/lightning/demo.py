@@ -37,6 +37,7 @@ __all__ = [
     "dir_size",
     "environment_note",
     "leftover_wrappers",
+    "metric_vs_params_png",
     "quiet_lightning",
     "run_environment",
     "run_folder",
@@ -108,6 +109,42 @@ def environment_note(env: dict[str, Any], used_extras: Sequence[str] = ()) -> st
         f"optional extras: {extras} ({used}). The figures are deterministic in this environment; on another CPU "
         "kernel family or thread count, float rounding differs and short fine-tuning runs can move by points."
     )
+
+
+def metric_vs_params_png(
+    points: Sequence[tuple[str, int, float]],
+    *,
+    ylabel: str,
+    title: str,
+    baselines: Sequence[tuple[str, float]] = (),
+    spread: Sequence[float] | None = None,
+) -> bytes:
+    """Every demo's summary plot as PNG bytes: one labelled point per method at (trainable parameters, metric) with
+    a log-scale x axis, optional error bars (``spread``, one per point) and dashed horizontal lines for reference
+    models that train nothing (``baselines``: (label, metric))."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for i, (label, params, value) in enumerate(points):
+        ax.errorbar(params, value, yerr=None if spread is None else spread[i], fmt="o", capsize=3)
+        ax.annotate(label, (params, value), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for label, value in baselines:
+        ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=label)
+    if baselines:
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def run_folder(root: str | os.PathLike[str] = "outputs/demo") -> Path:

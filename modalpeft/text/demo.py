@@ -36,7 +36,7 @@ from ..core.compare import delta, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.registry import create_config, get_method
 from ..core.state import atomic_write
-from ..lightning.demo import demo_trainer, environment_note, quiet_lightning, run_environment
+from ..lightning.demo import demo_trainer, environment_note, metric_vs_params_png, quiet_lightning, run_environment
 from . import minibench
 
 Contender = Callable[["TextSettings"], Any]
@@ -253,11 +253,72 @@ def run_text(settings: TextSettings, log: Callable[[str], None] = print) -> list
         assert row is not None
         rows.append(row)
     report = markdown(settings, rows)
-    results = {"settings": asdict(settings), "environment": run_environment(), "rows": [asdict(r) for r in rows]}
-    atomic_write({"results.json": json.dumps(results, indent=1).encode(), "text.md": report.encode()}, out)
+    results = {
+        "settings": asdict(settings),
+        "environment": run_environment(),
+        "rows": [asdict(r) for r in rows],
+        "targets": targets(rows),
+    }
+    page = {"text.md": report.encode(), PLOT: plot(rows)}
+    atomic_write({"results.json": json.dumps(results, indent=1).encode(), **page}, out)
     if settings.results_dir:
-        atomic_write({"text.md": report.encode()}, Path(settings.results_dir))
+        atomic_write(page, Path(settings.results_dir))
     return rows
+
+
+PLOT = "text_accuracy_vs_params.png"
+"""The report's plot, written beside ``text.md``."""
+
+TARGETED = ("lora (peft)", "parallel_adapter", "compacter", "sora")
+"""The contenders issue 18 sets targets for."""
+
+
+def plot(rows: list[Result]) -> bytes:
+    """Mean dev accuracy against trainable parameters (log scale), one point per contender (SoRA also pruned)."""
+    points = [(r.method, r.trainable, 100 * r.mean) for r in rows]
+    points += [
+        ("sora, pruned", r.pruned_trainable, 100 * sum(r.pruned_accuracy.values()) / len(r.pruned_accuracy))
+        for r in rows
+        if r.pruned_trainable is not None and r.pruned_accuracy
+    ]
+    return metric_vs_params_png(
+        points, ylabel="mini-GLUE mean dev accuracy (%)", title="all-MiniLM-L6-v2 on the offline mini-GLUE"
+    )
+
+
+def targets(rows: list[Result]) -> list[str]:
+    """The issue's targets, each as a sentence that says whether this run meets it (empty without both baselines).
+
+    Full fine-tuning must beat the linear probe by at least 5 points on the mean (else the tasks have no
+    headroom); LoRA, the parallel adapter, Compacter and SoRA each beat the probe clearly (by at least 2 points)
+    and come within 2 points of full fine-tuning with under 2% of its trainable parameters; SoRA's pruned adapter
+    is smaller than the LoRA it started from at equal accuracy (within 0.5 points)."""
+    by_name = {r.method: r for r in rows}
+    probe, full = by_name.get("linear probe"), by_name.get("full fine-tuning")
+    if probe is None or full is None:
+        return []
+    verdict = {True: "met", False: "**NOT met**"}
+    gap = 100 * (full.mean - probe.mean)
+    lines = [f"headroom: full fine-tuning {gap:+.1f} points over the linear probe (at least +5): {verdict[gap >= 5]}"]
+    for name in TARGETED:
+        r = by_name.get(name)
+        if r is None:
+            continue
+        over, under, share = 100 * (r.mean - probe.mean), 100 * (full.mean - r.mean), 100 * r.trainable / full.trainable
+        ok = over >= 2 and under <= 2 and share < 2
+        lines.append(
+            f"{name}: {over:+.1f} over the probe, {-under:+.1f} from full fine-tuning, {share:.2f}% of its "
+            f"parameters: {verdict[ok]}"
+        )
+    sora = by_name.get("sora")
+    if sora is not None and sora.pruned_trainable is not None and sora.pruned_accuracy:
+        pruned = sum(sora.pruned_accuracy.values()) / len(sora.pruned_accuracy)
+        ok = sora.pruned_trainable < sora.trainable and round(100 * abs(pruned - sora.mean), 6) <= 0.5
+        lines.append(
+            f"sora pruned: {sora.pruned_trainable:,} of {sora.trainable:,} trainable parameters, "
+            f"{100 * (pruned - sora.mean):+.1f} points: {verdict[ok]}"
+        )
+    return lines
 
 
 def markdown(settings: TextSettings, rows: list[Result]) -> str:
@@ -294,6 +355,9 @@ def markdown(settings: TextSettings, rows: list[Result]) -> str:
             "`merge_and_unload()` does too (n/a: the method does not merge).",
             "",
             *lines,
+            "",
+            *(["Targets (issue 18; one seed):", "", *[f"- {t}" for t in targets(rows)], ""] if targets(rows) else []),
+            f"![mean dev accuracy against trainable parameters]({PLOT})",
             "",
             environment_note(run_environment()),
             "",

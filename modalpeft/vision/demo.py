@@ -50,6 +50,7 @@ from ..lightning.demo import (
     dir_size,
     environment_note,
     leftover_wrappers,
+    metric_vs_params_png,
     run_environment,
     train,
 )
@@ -439,27 +440,14 @@ def markdown_table(rows: list[Row], tasks: list[str]) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    """Mean accuracy against trainable parameters (log scale), one point per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for r in rows:
-        ax.errorbar(r.trainable_params, 100 * r.mean, yerr=100 * r.spread, fmt="o", capsize=3)
-        ax.annotate(r.method, (r.trainable_params, 100 * r.mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("mini-VTAB mean test accuracy (%)")
-    ax.set_title("Fashion-MNIST ViT on mini-VTAB")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    """Mean accuracy against trainable parameters (log scale), one point per method, the seeds' spread as bars."""
+    png = metric_vs_params_png(
+        [(r.method, r.trainable_params, 100 * r.mean) for r in rows],
+        ylabel="mini-VTAB mean test accuracy (%)",
+        title="Fashion-MNIST ViT on mini-VTAB",
+        spread=[100 * r.spread for r in rows],
+    )
+    atomic_write({path.name: png}, path.parent)
 
 
 def run_vision(settings: VisionSettings, console: Console) -> tuple[list[Row], dict[str, Any]]:

@@ -48,6 +48,37 @@ def test_quick_demo_on_a_tiny_model(tmp_path) -> None:
     assert rows["sora"]["pruned_trainable"] <= rows["sora"]["trainable"]
     page = (out / "text.md").read_text()
     assert "| sora, pruned |" in page and "Environment: Python" in page
+    assert (out / demo.PLOT).read_bytes().startswith(b"\x89PNG") and f"]({demo.PLOT})" in page
+
+
+def row(method: str, trainable: int, mean: float, **kwargs) -> demo.Result:
+    return demo.Result(method, trainable, 1000, {"a": mean, "b": mean}, 0.0, True, 0.0, None, **kwargs)
+
+
+def test_targets_say_which_are_met() -> None:
+    """Issue 18's targets, each judged on the run's means: headroom of full fine-tuning over the probe, each
+    targeted adapter over the probe and near full fine-tuning with under 2% of its parameters, SoRA's pruning."""
+    rows = [
+        row("linear probe", 10, 0.70),
+        row("full fine-tuning", 10_000, 0.80),
+        row("lora (peft)", 150, 0.79),  # +9 over the probe, -1 from full, 1.5%: met
+        row("parallel_adapter", 250, 0.79),  # 2.5% of full's parameters: not met
+        row("compacter", 50, 0.77),  # 3 points from full: not met
+        row("sora", 150, 0.785, pruned_trainable=100, pruned_accuracy={"a": 0.78, "b": 0.78}),
+    ]
+    lines = demo.targets(rows)
+    assert lines[0] == "headroom: full fine-tuning +10.0 points over the linear probe (at least +5): met"
+    verdicts = {line.split(":")[0]: line.rsplit(": ", 1)[1] for line in lines[1:]}
+    assert verdicts == {
+        "lora (peft)": "met",
+        "parallel_adapter": "**NOT met**",
+        "compacter": "**NOT met**",
+        "sora": "met",
+        "sora pruned": "met",  # 100 < 150 parameters, -0.5 points
+    }
+    assert demo.targets(rows[1:]) == []  # no probe: nothing to judge against
+    rows[1] = row("full fine-tuning", 10_000, 0.74)
+    assert demo.targets(rows)[0].endswith("(at least +5): **NOT met**")
 
 
 def test_missing_data_is_reported_with_the_install_command(tmp_path) -> None:
