@@ -20,7 +20,7 @@ Runs offline on a CPU (``modalpeft demo --modality audio``; ``--quick`` for a fe
    reported) and merged where the method merges (LoRA).
 
 The run folder gets ``results.json``, ``audio.md``, the pictures and the samples; with ``results_dir`` the page, the
-pictures and the WAV files go there too (``docs/results/audio.md`` and ``docs/results/audio/``).
+pictures and the MIDI samples go there too (``docs/results/audio.md`` and ``docs/results/audio/``).
 """
 
 from __future__ import annotations
@@ -335,7 +335,9 @@ def plot(results: list[Result], path: Path) -> None:
     atomic_write({path.name: png}, path.parent)
 
 
-def markdown(results: list[Result], settings: AudioSettings, meta: dict[str, Any], media: list[str]) -> str:
+def markdown(
+    results: list[Result], settings: AudioSettings, meta: dict[str, Any], media: list[str], folder: str = ""
+) -> str:
     t = meta["targets"]
     lines = [
         "# Audio: the offline demo (symbolic music)",
@@ -416,14 +418,14 @@ def markdown(results: list[Result], settings: AudioSettings, meta: dict[str, Any
         "The run folder has each as `samples/<name>.mid` and `samples/<name>.wav`; the committed page keeps the MIDI "
         "files only (the renderings are 0.3 MB each: `make demo MODALITY=audio` writes them).",
         "",
-        "![piano rolls of one sample per contender](audio/audio_pianoroll.png)",
+        f"![piano rolls of one sample per contender]({folder}audio_pianoroll.png)",
         "",
     ]
     midis = [m for m in media if m.endswith(".mid")]
-    lines += [f"- [{m}](audio/samples/{m})" for m in midis]
+    lines += [f"- [{m}]({folder}samples/{m})" for m in midis]
     if not any(m.endswith(".wav") for m in media):
         lines += ["", "(no WAV renderings: tinysoundfont or the soundfont is missing)"]
-    lines += ["", "![held-out NLL vs trainable parameters](audio/audio_nll_vs_params.png)", ""]
+    lines += ["", f"![held-out NLL vs trainable parameters]({folder}audio_nll_vs_params.png)", ""]
     return "\n".join(lines)
 
 
@@ -489,7 +491,7 @@ def run(
         atomic_write(pictures, target / "audio")
         midis = {m: (out / "samples" / m).read_bytes() for m in media if m.endswith(".mid")}
         atomic_write(midis, target / "audio" / "samples")
-        atomic_write({"audio.md": text.encode()}, target)
+        atomic_write({"audio.md": markdown(results, settings, meta, media, folder="audio/").encode()}, target)
     also = f" and {settings.results_dir}/audio.md" if settings.results_dir else ""
     console.print(f"audio: wrote {out}/audio.md{also} ({seconds:.0f} s)")
     failed = [r.method for r in results if not r.ok]

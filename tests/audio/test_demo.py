@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -33,5 +34,9 @@ def test_quick_demo_runs_and_writes_its_report(tmp_path) -> None:
     assert by["lora (peft)"]["merge_ok"] and all(by[m]["reload_ok"] for m in methods[1:])
     for name in ("audio.md", "audio_pianoroll.png", "audio_nll_vs_params.png", "samples/real.mid"):
         assert (tmp_path / "audio" / name).is_file()
+    page = (tmp_path / "audio" / "audio.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", page)
+    assert "audio_pianoroll.png" in links and "samples/real.mid" in links
+    assert all((tmp_path / "audio" / link).is_file() for link in links), links  # relative to the page
     if soundfont_missing_reason() is None:
         assert (tmp_path / "audio" / "samples" / "conv.wav").is_file()
