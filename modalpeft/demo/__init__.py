@@ -129,7 +129,7 @@ SECTIONS: dict[str, Callable[..., bool]] = {
 }
 """Each modality's section: ``(quick, out, results_dir, console, **overrides) -> all checks passed``."""
 
-SIDE_BY_SIDE: tuple[str, ...] = ("audio", "tracking", "diffusion", "text", "pointcloud", "deepfake")
+SIDE_BY_SIDE: tuple[str, ...] = ("pointcloud", "text", "tracking", "audio", "diffusion", "deepfake")
 """Single-process sections (one torch thread each), longest first: when several are selected they share a pool of
 worker threads, one per CPU core, each running one section at a time in its own fresh process, the longest started
 first. The vision section trains its contenders in worker processes of its own, so it runs alone, before them."""

@@ -91,7 +91,7 @@ class TextSettings:
     max_eval: int = 300
     max_length: int = 32
     batch_size: int = 16
-    steps: int = 60
+    steps: int = 40
     lr: float = 3e-3
     seed: int = 0
     threads: int = 1

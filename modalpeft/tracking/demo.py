@@ -79,7 +79,7 @@ class TrackingSettings:
     search_factor: float = 4.0
     """The search region's SiamFC area factor (SPMTrack 5; OSTrack's 4 here, so that the target is 12 px of the
     48 px region); templates keep the official 2."""
-    steps: int = 100
+    steps: int = 80
     batch_size: int = 8
     lrs: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
