@@ -118,7 +118,7 @@ def test_demo_runs_the_other_sections_quickly(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["inspect"], ["demo", "--steps", "many"], ["demo", "--seeds"], ["demo", "--modality", "audio"]]
+    "argv", [[], ["inspect"], ["demo", "--steps", "many"], ["demo", "--seeds"], ["demo", "--modality", "sound"]]
 )
 def test_bad_arguments_exit_2(argv, capsys) -> None:
     with pytest.raises(SystemExit) as e:

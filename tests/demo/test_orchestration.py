@@ -16,8 +16,8 @@ from modalpeft.demo import SECTIONS, run_demo
 from modalpeft.lightning.demo import NUMERIC_ENVIRONMENT
 
 ROOT = Path(__file__).resolve().parents[2]
-MEASURED = {"seconds", "train_seconds", "step_time", "peak_memory", "load", "out"}
-"""Fields that measure the machine (time, memory, load) or name the run folder: they differ between runs."""
+MEASURED = {"seconds", "train_seconds", "step_time", "peak_memory", "track_fps", "load", "out"}
+"""Fields that measure the machine (time, speed, memory, load) or name the run folder: they differ between runs."""
 
 
 def figures(value: Any) -> Any:
