@@ -8,7 +8,9 @@ checked against the layer of the file:
 - ``modalpeft.lightning`` imports ``core`` only;
 - a modality package imports ``core`` and ``lightning``, never another modality, with one exception: a tracker
   is a vision model, so ``tracking`` may import ``vision`` (its backbones and transforms), never the reverse;
-- the top-level modules (``modalpeft/__init__.py``, ``cli.py``, ``__main__.py``), the ``demo`` package and
+- the top-level modules (``modalpeft/__init__.py``, ``cli.py``, ``__main__.py``), the ``demo`` package, each
+  modality's ``demo`` module (``modalpeft/<modality>/demo.py``: the demo section lives beside its package, and
+  may compose modalities, e.g. the diffusion demo judges its samples with vision's frozen classifier) and
   ``recipes/`` are the application layer: they may import anything, and no package may import them (the
   root package itself, for ``__version__``, excepted).
 """
@@ -41,6 +43,8 @@ def layer_of(module: str) -> str:
     assert parts[0] == "modalpeft", module
     if len(parts) == 1:
         return "root"
+    if len(parts) == 3 and parts[1] in MODALITIES and parts[2] == "demo":
+        return "app"  # a modality's demo section: an application entry point beside its package
     if parts[1] in ALLOWED:
         return parts[1]
     return "app"
@@ -124,6 +128,8 @@ def known_modules() -> set[str]:
         ("modalpeft.vision.backbones", False, "from ..tracking import TMoEConfig"),
         ("modalpeft.tracking.methods.tmoe", False, "from ...pointcloud import ops"),
         ("modalpeft.lightning.task", False, "import modalpeft.tracking"),
+        ("modalpeft.diffusion.tasks", False, "from .demo import Demo"),
+        ("modalpeft.vision.backbones", False, "from modalpeft.text.demo import run_text"),
     ],
 )
 def test_checker_flags_a_wrong_import(module: str, is_package: bool, source: str) -> None:
@@ -143,6 +149,7 @@ def test_checker_flags_a_wrong_import(module: str, is_package: bool, source: str
         ("modalpeft.cli", False, "from modalpeft import vision, pointcloud\nimport modalpeft.demo"),
         ("modalpeft", True, "from .core import *\nfrom . import vision"),
         ("modalpeft.tracking.models", False, "from ..vision.backbones import x\nfrom modalpeft.vision import y"),
+        ("modalpeft.diffusion.demo", False, "from ..vision.backbones import fmnist_vit\nfrom .tasks import x"),
     ],
 )
 def test_checker_accepts_a_right_import(module: str, is_package: bool, source: str) -> None:
