@@ -36,6 +36,10 @@ ALLOWED["tracking"].add("vision")  # the one edge between modalities: trackers a
 APPLICATION_PACKAGES = {"demo"}
 """Subpackages of the application layer (they may import any modality)."""
 
+APPLICATION_MODULES = {"demo"}
+"""Modules of a modality package that belong to the application layer: the demo section lives beside its package
+and may compose modalities; no library module imports it."""
+
 
 def layer_of(module: str) -> str:
     """``"core"``, ``"lightning"``, a modality name, ``"root"`` (the package itself) or ``"app"``."""
@@ -43,8 +47,8 @@ def layer_of(module: str) -> str:
     assert parts[0] == "modalpeft", module
     if len(parts) == 1:
         return "root"
-    if len(parts) == 3 and parts[1] in MODALITIES and parts[2] == "demo":
-        return "app"  # a modality's demo section: an application entry point beside its package
+    if len(parts) == 3 and parts[1] in MODALITIES and parts[2] in APPLICATION_MODULES:
+        return "app"
     if parts[1] in ALLOWED:
         return parts[1]
     return "app"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import io
 import math
 import os
 import statistics
@@ -378,6 +379,7 @@ def _legend_figure(rows: list[np.ndarray], names: list[str], title: str, path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from PIL import Image
 
     grid = np.concatenate(rows, axis=0)
     fig, ax = plt.subplots(figsize=(grid.shape[1] / 100, grid.shape[0] / 100 + 0.6), dpi=100)
@@ -387,13 +389,11 @@ def _legend_figure(rows: list[np.ndarray], names: list[str], title: str, path: P
     handles = [Patch(edgecolor=COLOURS[n], facecolor="none", linewidth=2, label=n) for n in names]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(names), fontsize=8,
               frameon=False)  # fmt: skip
-    fig.savefig(path, bbox_inches="tight", dpi=100)
+    rendered = io.BytesIO()
+    fig.savefig(rendered, format="png", bbox_inches="tight", dpi=100)
     plt.close(fig)
-    from PIL import Image
-
-    with Image.open(path) as picture:  # photographs: a 256-colour palette keeps the page's files a third the size
-        small = picture.convert("RGB").quantize(colors=256)
-    small.save(path, optimize=True)
+    with Image.open(rendered) as picture:  # photographs: a 256-colour palette keeps the page's files a third the size
+        picture.convert("RGB").quantize(colors=256).save(path, optimize=True)
 
 
 def frames_picture(demo: Demo, predictions: dict[str, list[np.ndarray]], path: Path, count: int = 3) -> None:
