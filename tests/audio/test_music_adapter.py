@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import modalpeft as mp
 from modalpeft.audio.backbones import musicgen_decoder, tiny_musicgen
+from modalpeft.core.layers import Bottleneck
 
 KINDS = ["linear", "conv", "transformer"]
 SETTINGS = {"conv": {"dilations": [1, 2], "se_reduction": 2}, "transformer": {"num_heads": 2, "ffn_mult": 2}}
@@ -139,3 +141,26 @@ def test_bad_input_names_the_value_and_the_fix() -> None:
         mp.MusicAdapterConfig(placement="before_block")
     with pytest.raises(ValueError, match="found no decoder block list"):
         mp.adapt(torch.nn.Sequential(torch.nn.Linear(4, 4)), mp.MusicAdapterConfig(bottleneck=2))
+
+
+def official_adapter(residual, down: torch.nn.Linear, up: torch.nn.Linear, p: float, training: bool):
+    """A transcription of the released ``Adapter.forward`` (ACMMM_Adapters @ fd31113, ``musicgen/Training.py``):
+    ``x = adapter_up(GELU(adapter_down(residual))); return dropout(x + residual)``."""
+    x = F.linear(F.gelu(F.linear(residual, down.weight, down.bias)), up.weight, up.bias)
+    return F.dropout(x + residual, p, training)
+
+
+@torch.no_grad()
+def test_linear_adapter_equals_the_released_adapter_in_evaluation_and_drops_only_its_branch_in_training() -> None:
+    model = adapted("linear", dropout=0.1)
+    adapter = next(m for m in model.modules() if isinstance(m, Bottleneck))
+    h = torch.randn(4, 50, adapter.down.in_features, generator=torch.Generator().manual_seed(0))
+    adapter.eval()
+    expected = official_adapter(h, adapter.down, adapter.up, 0.1, training=False)
+    torch.testing.assert_close(h + adapter.branch(h), expected, atol=0, rtol=0)
+    adapter.train()  # the documented difference: the released adapter also drops the frozen residual stream
+    branch = (expected - h) / 0.9
+    got = h + adapter.branch(h)
+    kept = (got - h - branch).abs() < 1e-5
+    dropped = (got - h).abs() == 0
+    assert bool((kept | dropped).all()) and 0.05 < dropped.float().mean() < 0.15

@@ -22,7 +22,11 @@ decoder block (:class:`~modalpeft.core.layers.Bottleneck` with a middle stage; `
 
 Choices the paper leaves open, each a config field: kernel 3 with dilations 1, 2, 4, 8 (a receptive field of 31
 frames, 0.62 s of MusicGen's 50 Hz codes); SE reduction 4; 4 heads and a 4x feed-forward; inner residuals
-around the convolutions, the attention and the FFN; dropout 0.1 on the branch output (the released adapter's);
+around the convolutions, the attention and the FFN; dropout 0.1 on the branch output (the released adapter's
+rate; the released ``Adapter.forward`` applies it to the sum ``dropout(x + f(x))``, so in training it also zeroes
+10% of the frozen residual stream: in evaluation the two are equal (``tests/audio/test_music_adapter.py`` runs a
+transcription of it on our weights), in a training step on the test decoder its output moves 35% (relative norm)
+from the evaluation output, ours 4.8%: we keep the usual adapter dropout on the branch);
 the adapter after every decoder block. ``init_weights=True``: ``W_d`` kaiming-uniform, ``W_u`` and ``b_u`` zero
 (the identity at the start), the stages' PyTorch defaults.
 
