@@ -30,15 +30,15 @@ A run writes everything (``results.json``, the markdown reports, saved adapters)
 ``results_dir="docs/results"`` (``--results-dir docs/results``) also writes the reports there: that is how the
 maintainers regenerate the committed pages.
 
-Every section runs in a fresh spawned process started with :data:`~modalpeft.lightning.demo.NUMERIC_ENVIRONMENT`
-(one thread, the AVX2 CPU kernels), so that its figures do not depend on what ran before it in the process or on
-the CPU's kernel family; each report records its environment. ``--modality`` picks sections. The vision section
-trains its contenders in two worker processes of its own and runs first, alone; every other section trains in one
-single-thread process, so those run side by side (:data:`SIDE_BY_SIDE`), one per CPU core, the longest first, each
-printing its log when it ends. Nothing is downloaded: every backbone is pretrained by a committed recipe and ships
-with the package, and every dataset is built from real images, meshes, scores and clips that install with pip or
-apt. The whole demo's measured time on 2 CPU cores is in the README; ``--quick`` runs the same pipelines with
-almost no training in seconds (the tests do).
+Every section runs in a fresh spawned process started with :data:`~modalpeft.lightning.demo.NUMERIC_ENVIRONMENT` (one
+thread, the AVX2 CPU kernels), so that its figures do not depend on what ran before it in the process or on the CPU's
+kernel family; each report records its environment. ``--modality`` picks sections. The vision and text sections train
+their runs in two worker processes of their own and run first, alone, one after the other; every other section trains in
+one single-thread process, so those run side by side (:data:`SIDE_BY_SIDE`), one per CPU core, the longest first, each
+printing its log when it ends. Nothing is downloaded: every backbone is pretrained by a committed recipe and ships with
+the package, and every dataset is built from real images, meshes, scores and clips that install with pip or apt. The
+whole demo's measured time on 2 CPU cores is in the README; ``--quick`` runs the same pipelines with almost no training
+in seconds (the tests do).
 """
 
 from __future__ import annotations
@@ -129,10 +129,10 @@ SECTIONS: dict[str, Callable[..., bool]] = {
 }
 """Each modality's section: ``(quick, out, results_dir, console, **overrides) -> all checks passed``."""
 
-SIDE_BY_SIDE: tuple[str, ...] = ("pointcloud", "text", "tracking", "audio", "diffusion", "deepfake")
+SIDE_BY_SIDE: tuple[str, ...] = ("pointcloud", "tracking", "audio", "diffusion", "deepfake")
 """Single-process sections (one torch thread each), longest first: when several are selected they share a pool of
 worker threads, one per CPU core, each running one section at a time in its own fresh process, the longest started
-first. The vision section trains its contenders in worker processes of its own, so it runs alone, before them."""
+first. The vision and text sections train in worker processes of their own, so they run alone, before them."""
 
 
 def _section_in_worker(

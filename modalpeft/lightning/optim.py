@@ -43,6 +43,27 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: str | None = N
     return [g for g in groups if g["params"]]
 
 
+def parameters_of(model: nn.Module, modules: Iterable[str]) -> set[int]:
+    """The ids of the trainable parameters inside the modules named ``modules`` (dotted paths such as ``"head"`` or
+    ``"classifier.dense"``, matched as whole name components, so peft's wrapped copies count too)."""
+    paths = [f".{m.strip('.')}." for m in modules]
+    return {
+        id(p) for name, p in model.named_parameters() if p.requires_grad and any(path in f".{name}." for path in paths)
+    }
+
+
+def with_learning_rate(groups: list[dict], ids: set[int], lr: float) -> list[dict]:
+    """``groups`` with the parameters in ``ids`` moved to groups of their own at ``lr`` (each keeps its group's other
+    settings, e.g. its weight decay); empty groups are dropped."""
+    out = []
+    for group in groups:
+        rest = [p for p in group["params"] if id(p) not in ids]
+        mine = [p for p in group["params"] if id(p) in ids]
+        out += [{**group, "params": rest}] if rest else []
+        out += [{**group, "params": mine, "lr": lr}] if mine else []
+    return out
+
+
 def build_optimizer(
     params: Iterable[dict],
     name: OptimizerName,

@@ -20,7 +20,15 @@ from ..core.inject import modules_to_save_modules, saved_keys
 from ..core.model import AdaptedModel
 from ..core.peft_bridge import adalora_orthogonal_penalty, adalora_tuner, kasa_penalty
 from .checkpoint import AdapterExport, RandomStateCheckpoint, check_checkpoint, filter_checkpoint
-from .optim import OptimizerName, SchedulerName, build_optimizer, param_groups, warmup_cosine
+from .optim import (
+    OptimizerName,
+    SchedulerName,
+    build_optimizer,
+    param_groups,
+    parameters_of,
+    warmup_cosine,
+    with_learning_rate,
+)
 
 ADAPTER_NAME = "default"
 """The name a task gives its adapter."""
@@ -98,6 +106,10 @@ class AdapterTask(pl.LightningModule):
         scheduler: ``"cosine"`` (per step, with linear warm-up) or ``"constant"``.
         warmup_epochs: warm-up length in epochs (may be fractional).
         min_lr: the cosine's final learning rate.
+        head_lr: learning rate of the modules trained in place (``modules_to_save``: the task head); ``None``:
+            ``lr``. A fresh head next to a pretrained body usually wants a larger one (linear probing's): with the
+            body's small fine-tuning LR a short run leaves the head, not the body, undertrained. The schedule
+            scales it as it scales ``lr``.
     """
 
     no_decay: str | None = None
@@ -115,11 +127,15 @@ class AdapterTask(pl.LightningModule):
         scheduler: SchedulerName = "cosine",
         warmup_epochs: float = 0.0,
         min_lr: float = 0.0,
+        head_lr: float | None = None,
     ) -> None:
         super().__init__()
+        if head_lr is not None and head_lr <= 0:
+            raise ValueError(f"head_lr={head_lr!r} must be > 0, or None for the base lr.")
         self.save_hyperparameters(ignore=["backbone", "adapter"])
         self.hparams["adapter"] = describe_adapter(adapter)
         self.baseline = adapter if isinstance(adapter, str) else None
+        self.modules_to_save = list(modules_to_save or [])  # hparams keep a subclass's own argument (None: its default)
         self._pending: tuple | None = None
         if needs_training_data(adapter):
             # the method scores parameters on training data (SPT): adapt in configure_model, once data is attached
@@ -201,6 +217,8 @@ class AdapterTask(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay, self.no_decay)
+        if hp.get("head_lr") is not None:
+            groups = with_learning_rate(groups, parameters_of(self.model, self.modules_to_save), hp.head_lr)
         # a method whose parameters follow their own update rule (SoRA's proximal gate step) defines
         # ``build_optimizer(model, groups, lr)`` -> optimizer; the schedule below applies to it as to any other
         custom = getattr(self.adapter_config(), "build_optimizer", None)
@@ -323,11 +341,22 @@ class ClassificationTask(AdapterTask):
         scheduler: SchedulerName = "cosine",
         warmup_epochs: float = 0.0,
         min_lr: float = 0.0,
+        head_lr: float | None = None,
     ) -> None:
         if getattr(backbone, "num_classes", num_classes) != num_classes and hasattr(backbone, "reset_classifier"):
             backbone.reset_classifier(num_classes)
         super().__init__(
-            backbone, adapter, modules_to_save, optimizer, lr, weight_decay, momentum, scheduler, warmup_epochs, min_lr
+            backbone,
+            adapter,
+            modules_to_save,
+            optimizer,
+            lr,
+            weight_decay,
+            momentum,
+            scheduler,
+            warmup_epochs,
+            min_lr,
+            head_lr,
         )
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         metrics = {"acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)}

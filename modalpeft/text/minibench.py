@@ -1,6 +1,6 @@
 """A small GLUE-like benchmark from real text that installs offline (Debian ``wordnet-base`` and ``fortunes``).
 
-Three tasks, each written as a GLUE-layout folder (``train.tsv``, ``dev.tsv`` with a header row) that
+Four tasks, each written as a GLUE-layout folder (``train.tsv``, ``dev.tsv`` with a header row) that
 :class:`~modalpeft.text.data.TextDataModule` reads like any GLUE task:
 
 - ``wn-supersense`` (single sentence, 8 classes, SST/CoLA-like): a WordNet noun definition (its gloss before the
@@ -8,9 +8,15 @@ Three tasks, each written as a GLUE-layout folder (``train.tsv``, ``dev.tsv`` wi
   plant, state``. Columns ``sentence, label``.
 - ``fortunes-topic`` (single sentence, 6 classes): a BSD fortune cookie -> its file (``computers, politics, work,
   songs-poems, science, men-women``). Columns ``sentence, label``.
+- ``wn-glossmatch`` (sentence pairs, binary, MRPC/QNLI-like): a word and a WordNet definition -> ``1`` when the
+  definition defines the word, ``0`` when it defines another word. Columns ``sentence1, sentence2, label``;
+  balanced. The frozen mean-pooled sentence embedding of the pair barely separates them (its probe stays near 60%),
+  while the encoder's attention between the two parts learns it within one epoch: the pair task of the demo.
 - ``wn-sensematch`` (sentence pairs, binary, WiC/MRPC-like): a WordNet definition and a usage example of a lemma
   with several senses -> ``1`` when the example illustrates that sense, ``0`` when it comes from another sense of
-  the same lemma (a hard negative). Columns ``sentence1, sentence2, label``; balanced.
+  the same lemma (a hard negative). Columns ``sentence1, sentence2, label``; balanced. Harder: at the demo's
+  budget (one epoch) the probe, full fine-tuning and every adapter stay near chance (48-54% at 60 steps), so the
+  demo leaves it out; it needs several epochs.
 
 Construction (deterministic; no randomness but ``random.Random(seed)``):
 
@@ -20,6 +26,10 @@ Construction (deterministic; no randomness but ``random.Random(seed)``):
 - WordNet ``data.noun``: field 2 of a line is the lexicographer file number, the gloss follows ``" | "``; the
   definition is the gloss before the first ``;``, examples are its double-quoted strings. Supersense items are
   the definitions of the 8 classes' synsets (one per synset, definitions of 20-300 characters).
+- Gloss matching: the noun synsets with a definition of 20-300 characters, in file order (``N`` of them); synset
+  ``i`` gives its first lemma and its definition (``1``) when ``i`` is even, and the first lemma of synset
+  ``(i + N // 2) mod N``, far in the file and so almost always of another supersense, with its own definition
+  (``0``) when ``i`` is odd, unless that lemma is also one of synset ``i``'s (then the item is left out).
 - Sense matching: for each lemma (word with ``_`` as space) with at least two synsets that have examples, in
   sorted lemma order: one positive (the first synset's definition, its first example) and one negative (the
   second synset's definition, the first synset's first example); a synset enters at most once.
@@ -43,7 +53,9 @@ INSTALL = "apt-get install wordnet-base fortunes (make setup does it as root)"
 SUPERSENSES = {4: "act", 5: "animal", 6: "artifact", 10: "communication", 15: "location", 18: "person", 20: "plant"}
 SUPERSENSES[26] = "state"
 TOPICS = ("computers", "politics", "work", "songs-poems", "science", "men-women")
-TASKS = ("wn-supersense", "fortunes-topic", "wn-sensematch")
+TASKS = ("wn-supersense", "fortunes-topic", "wn-glossmatch", "wn-sensematch")
+DEMO_TASKS = ("wn-supersense", "fortunes-topic", "wn-glossmatch")
+"""The demo's three: a single-sentence, a topic and a pair task, each with headroom over the frozen probe."""
 _QUOTED = re.compile(r'"([^"]+)"')
 
 
@@ -94,6 +106,23 @@ def supersense_items(root: str | Path = WORDNET_DIR) -> list[tuple[tuple[str, ..
     ]
 
 
+def glossmatch_items(root: str | Path = WORDNET_DIR) -> list[tuple[tuple[str, ...], str]]:
+    synsets = [
+        (lemmas, definition)
+        for _, lemmas, definition, _ in noun_synsets(root)
+        if 20 <= len(definition) <= 300 and not definition.startswith('"')
+    ]
+    n, items = len(synsets), []
+    for i, (lemmas, definition) in enumerate(synsets):
+        if i % 2 == 0:
+            items.append(((lemmas[0], definition), "1"))
+            continue
+        other = synsets[(i + n // 2) % n][0][0]
+        if other.lower() not in {lemma.lower() for lemma in lemmas}:
+            items.append(((other, definition), "0"))
+    return items
+
+
 def sensematch_items(root: str | Path = WORDNET_DIR) -> list[tuple[tuple[str, ...], str]]:
     senses: dict[str, list[tuple[str, list[str]]]] = {}
     for _, lemmas, definition, examples in noun_synsets(root):
@@ -119,6 +148,8 @@ def task_items(task: str, wordnet: str | Path = WORDNET_DIR, fortunes_dir: str |
         return supersense_items(wordnet)
     if task == "wn-sensematch":
         return sensematch_items(wordnet)
+    if task == "wn-glossmatch":
+        return glossmatch_items(wordnet)
     if task == "fortunes-topic":
         return [((t,), c) for c, texts in fortunes(fortunes_dir).items() for t in texts]
     raise ValueError(f"task={task!r} is not valid; choose one of {list(TASKS)}.")
@@ -130,13 +161,13 @@ def labels_of(task: str) -> list[str]:
         return list(SUPERSENSES.values())
     if task == "fortunes-topic":
         return list(TOPICS)
-    if task == "wn-sensematch":
+    if task in ("wn-sensematch", "wn-glossmatch"):
         return ["0", "1"]
     raise ValueError(f"task={task!r} is not valid; choose one of {list(TASKS)}.")
 
 
 def text_fields_of(task: str) -> list[str]:
-    return ["sentence1", "sentence2"] if task == "wn-sensematch" else ["sentence"]
+    return ["sentence1", "sentence2"] if task in ("wn-sensematch", "wn-glossmatch") else ["sentence"]
 
 
 def _tsv(items: list[tuple[tuple[str, ...], str]], fields: list[str]) -> bytes:

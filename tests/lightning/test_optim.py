@@ -83,3 +83,38 @@ def test_sgd_with_momentum_makes_the_updates(sgd_run) -> None:
             buffers[name] = gradient if name not in buffers else MOMENTUM * buffers[name] + gradient
             expected = before - seen["lr"][0] * buffers[name]
             torch.testing.assert_close(seen["after"][name], expected, msg=f"{name} at step {step}")
+
+
+@pytest.mark.parametrize("adapter", ["full", "peft-lora"])
+def test_head_lr_trains_the_head_at_its_own_rate_under_the_schedule(adapter, tmp_path) -> None:
+    """``head_lr``: the head's parameters (``modules_to_save``, also when peft wraps them) step at their own rate,
+    every other trainable parameter at ``lr``, both scaled by the same warm-up/cosine factor at every step."""
+    import peft
+
+    pl.seed_everything(0)
+    config = "full" if adapter == "full" else peft.LoraConfig(r=2, target_modules=["qkv"])
+    run = task(config, lr=LR, head_lr=0.4, scheduler="cosine", warmup_epochs=0.4, min_lr=MIN_LR)
+    seen: list[list[tuple[float, bool]]] = []
+
+    class Rates(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            head = {id(p) for n, p in pl_module.model.named_parameters() if ".head." in f".{n}."}
+            rows = [(g["lr"], [id(p) in head for p in g["params"]]) for g in optimizer.param_groups]
+            assert all(len(set(flags)) == 1 for _, flags in rows), "a group mixes head and body parameters"
+            seen.append([(rate, flags[0]) for rate, flags in rows])
+
+    trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[Rates()]).fit(run, datamodule=data())
+    groups = run.trainer.optimizers[0].param_groups
+    trained = {id(p) for n, p in run.model.named_parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trained  # every trainable parameter, once
+    assert {is_head for _, is_head in seen[0]} == {False, True}
+    warmup = round(0.4 * STEPS_PER_EPOCH)
+    for step, rates in enumerate(seen):
+        factor = expected_lr(step, STEPS_PER_EPOCH, warmup) / LR
+        for rate, is_head in rates:
+            assert rate == pytest.approx((0.4 if is_head else LR) * factor, rel=1e-12), f"step {step}"
+
+
+def test_head_lr_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=r"head_lr=0\.0 must be > 0"):
+        task("full", head_lr=0.0)

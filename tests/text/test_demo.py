@@ -1,6 +1,7 @@
 """The text demo's quick path on a tiny BERT and fixture WordNet / fortunes files: one contender of each kind (a
 baseline, peft, a mergeable and prunable native method, a prompt, a two-stage method) trains, reloads and (where it
-merges) merges to the same outputs, and the report is written; missing data is reported, not fatal."""
+merges) merges to the same outputs, and the report is written; two worker processes give the same figures; missing
+data is reported, not fatal."""
 
 from __future__ import annotations
 
@@ -49,6 +50,23 @@ def test_quick_demo_on_a_tiny_model(tmp_path) -> None:
     page = (out / "text.md").read_text()
     assert "| sora, pruned |" in page and "Environment: Python" in page
     assert (out / demo.PLOT).read_bytes().startswith(b"\x89PNG") and f"]({demo.PLOT})" in page
+    # the same runs in two spawned worker processes give the same figures (only step times may differ)
+    settings = demo.TextSettings.quick(
+        out=str(tmp_path / "two"),
+        model=str(model),
+        wordnet=str(tmp_path / "wn"),
+        fortunes=str(tmp_path / "fortunes"),
+        methods=("lora (peft)", "sora"),
+        workers=2,
+    )
+    for two in demo.run_text(settings, log=lambda line: None):
+        one = rows[two.method]
+        assert (two.trainable, two.accuracy, two.reload_max_abs_diff) == (
+            one["trainable"],
+            one["accuracy"],
+            one["reload_max_abs_diff"],
+        ), two.method
+        assert (two.pruned_trainable, two.pruned_accuracy) == (one["pruned_trainable"], one["pruned_accuracy"])
 
 
 def row(method: str, trainable: int, mean: float, **kwargs) -> demo.Result:

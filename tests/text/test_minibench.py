@@ -58,6 +58,31 @@ def test_wordnet_parsing_and_tasks(tmp_path) -> None:
     ]
 
 
+def test_gloss_matching_pairs_words_with_their_own_and_far_definitions(tmp_path) -> None:
+    """Even synsets: their first lemma and definition (1); odd synset i: the first lemma of synset (i + N/2) mod N
+    with synset i's definition (0), left out when that word is also one of synset i's lemmas."""
+    items = minibench.glossmatch_items(write_wordnet(tmp_path / "wn"))
+    assert len(items) == 18 and [label for _, label in items] == ["1", "0"] * 9
+    assert items[:4] == [
+        (("abandon", "the trait of lacking restraint or control"), "1"),
+        (("thing2", "a feeling of extreme emotional intensity"), "0"),  # synset (1 + 9) mod 18 = 10
+        (("big cat", "any of several large cats typically able to roar"), "1"),
+        (("thing3", "a whip with nine knotted cords"), "0"),
+    ]
+    banks = [
+        "00001 06 n 01 bank 0 000 | a building where a bank does business  ",
+        "00002 14 n 02 bank 1 depository 0 000 | a financial institution that accepts deposits  ",
+        "00003 17 n 01 shore 0 000 | the land along the edge of a body of water  ",
+        "00004 17 n 01 bank 2 000 | sloping land beside a body of water  ",
+    ]
+    (tmp_path / "banks").mkdir()
+    (tmp_path / "banks" / "data.noun").write_text(HEADER + "\n".join(banks) + "\n")
+    assert minibench.glossmatch_items(tmp_path / "banks") == [  # both negatives would be "bank": left out
+        (("bank", "a building where a bank does business"), "1"),
+        (("shore", "the land along the edge of a body of water"), "1"),
+    ]
+
+
 def test_fortunes_are_cleaned_filtered_and_deduplicated(tmp_path) -> None:
     texts = minibench.fortunes(write_fortunes(tmp_path / "f"))
     assert texts["computers"][0] == "A computers fortune number 0, over two lines."

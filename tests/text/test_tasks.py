@@ -53,3 +53,18 @@ def test_fit_a_few_steps(adapter, tmp_path) -> None:
     trainer.fit(task, datamodule=data)
     metrics = trainer.validate(task, datamodule=data, verbose=False)[0]
     assert 0.0 <= metrics["val/accuracy"] <= 1.0 and "val/f1" in metrics
+
+
+def test_head_lr_reaches_the_default_head(tmp_path) -> None:
+    """``modules_to_save=None`` means ``["head"]`` here: ``head_lr`` must find that head (the hparams keep None)."""
+    model_dir = write_tiny_model(tmp_path / "model")
+    data = TextDataModule(str(write_glue_sst(tmp_path / "sst")), tokenizer=str(model_dir), batch_size=4, max_length=16)
+    task = TextClassificationTask(
+        text_classifier(str(model_dir), 2), 2, adapter=mp.ParallelAdapterConfig(bottleneck_dim=4), lr=1e-3, head_lr=0.5
+    )
+    cpu_trainer(tmp_path).fit(task, datamodule=data)
+    head = {id(p) for p in task.model.base_model.head.parameters()}
+    groups = task.trainer.optimizers[0].param_groups
+    assert {g["initial_lr"] for g in groups if {id(p) for p in g["params"]} <= head} == {0.5}
+    assert {g["initial_lr"] for g in groups if not {id(p) for p in g["params"]} & head} == {1e-3}
+    assert sum(len(g["params"]) for g in groups if {id(p) for p in g["params"]} <= head) == 2

@@ -255,14 +255,10 @@ class DePTConfig(AdapterConfig):
     def build_optimizer(self, model: nn.Module, groups: list[dict], lr: float) -> torch.optim.Optimizer:
         """AdamW with ``A`` and ``B`` in groups of their own at ``embedding_lr`` (official ``train.py``: two groups,
         the prompt and everything else at ``learning_rate``)."""
+        from ...lightning.optim import with_learning_rate
+
         low_rank = {id(p) for m in dept_modules(model) for p in (m.lora_A, m.lora_B)}
-        out = []
-        for group in groups:
-            rest = [p for p in group["params"] if id(p) not in low_rank]
-            mine = [p for p in group["params"] if id(p) in low_rank]
-            out += [{**group, "params": rest}] if rest else []
-            out += [{**group, "params": mine, "lr": self.embedding_lr or lr}] if mine else []
-        return torch.optim.AdamW(out, lr=lr)
+        return torch.optim.AdamW(with_learning_rate(groups, low_rank, self.embedding_lr or lr), lr=lr)
 
 
 def _bodies(model: nn.Module, config: DePTConfig) -> tuple[list[tuple[str, nn.Module]], list[str]]:
