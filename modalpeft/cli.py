@@ -150,7 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = {
         k: v
         for k, v in vars(args).items()
-        if k in ("seeds", "steps", "batch_size", "threads", "workers", "lr_grid", "tasks", "methods")
+        if k in ("seeds", "steps", "batch_size", "threads", "workers", "lr_grid", "tasks", "methods", "suite")
         and v not in (None, False)
     }
     for key in ("tasks", "methods"):
@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-grid", action="store_true", help="pick each method's learning rate on val200 (slower)")
     p.add_argument("--tasks", nargs="+", choices=("digits", "faces", "count"), help="vision: mini-VTAB tasks to run")
     p.add_argument("--methods", nargs="+", help="vision: contenders to run (default: all)")
+    p.add_argument(
+        "--suite",
+        choices=("adapters", "weight-space"),
+        help="text: the contenders, issue 18's adapters (default: docs/results/text.md) or the weight-space methods "
+        "(text_weight_space.md)",
+    )
     p.add_argument("--quick", action="store_true", help="a few seconds' run with almost no training (for tests)")
     p.set_defaults(func=cmd_demo, user_errors=())
     return parser

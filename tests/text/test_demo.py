@@ -114,3 +114,30 @@ def test_the_demo_wires_the_text_section(tmp_path, monkeypatch) -> None:
     console = Console(record=True)
     assert SECTIONS["text"](True, tmp_path, None, console, steps=7, tasks=("faces",), methods=("ssf",))
     assert calls == [((True, tmp_path / "text"), {"console": console, "results_dir": None, "steps": 7})]
+
+
+@pytest.mark.slow
+def test_quick_weight_space_suite_on_a_tiny_model(tmp_path) -> None:
+    """``--suite weight-space``: issue 19's methods train, reload and merge to the same outputs; the page and plot
+    have their own names, and its targets are issue 19's."""
+    model = tmp_path / "bert"
+    tiny_model("bert", hidden_size=128, intermediate_size=256, num_attention_heads=4).save_pretrained(model)
+    write_tokenizer(model)
+    out = tmp_path / "run"
+    settings = dict(
+        model=str(model),
+        wordnet=str(write_wordnet(tmp_path / "wn")),
+        fortunes=str(write_fortunes(tmp_path / "fortunes")),
+        suite="weight-space",
+    )
+    assert demo.run(quick=True, out_dir=out, console=Console(record=True, width=200), **settings)
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert list(rows) == list(demo.SUITES["weight-space"])
+    assert all(r["reload"] for r in rows.values())
+    assert all(rows[m]["merge"] for m in demo.TARGETED["weight-space"])  # every weight-space method merges
+    page = (out / "text_weight_space.md").read_text()
+    assert "--suite weight-space" in page and "Targets (issue 19" in page
+    assert (out / "text_weight_space_accuracy_vs_params.png").read_bytes().startswith(b"\x89PNG")
+    assert not (out / "text.md").exists()
+    with pytest.raises(ValueError, match="suite='weights' is not valid"):
+        demo.TextSettings(suite="weights")
