@@ -19,7 +19,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +212,30 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+def in_workers(
+    run: Callable[..., Any],
+    jobs: Sequence[tuple[Any, ...]],
+    workers: int,
+    around: Callable[[tuple[Any, ...]], contextlib.AbstractContextManager[Any]] | None = None,
+) -> Iterator[Any]:
+    """``run(*job)`` for every job, yielded as each finishes: here, in order, when ``workers`` is 1 (each call inside
+    ``around(job)`` if given, e.g. a status line), else in ``workers`` fresh spawned processes (``run`` and the jobs
+    must pickle). The demos' figures do not depend on which (every job seeds itself)."""
+    if workers == 1:
+        for job in jobs:
+            with around(job) if around is not None else contextlib.nullcontext():
+                result = run(*job)
+            yield result
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for future in as_completed([pool.submit(run, *job) for job in jobs]):
+            yield future.result()
 
 
 def demo_trainer(steps: int, root: str | os.PathLike[str], callbacks: Sequence[Any] = ()) -> Any:

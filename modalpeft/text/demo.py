@@ -40,7 +40,14 @@ from ..core.compare import delta, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.registry import create_config, get_method
 from ..core.state import atomic_write
-from ..lightning.demo import demo_trainer, environment_note, metric_vs_params_png, quiet_lightning, run_environment
+from ..lightning.demo import (
+    demo_trainer,
+    environment_note,
+    in_workers,
+    metric_vs_params_png,
+    quiet_lightning,
+    run_environment,
+)
 from . import minibench
 
 Contender = Callable[["TextSettings"], Any]
@@ -415,25 +422,12 @@ def run_text(settings: TextSettings, log: Callable[[str], None] = print) -> list
     )
     parts: dict[str, list[Part]] = {name: [] for name in settings.methods}
 
-    def report(p: Part) -> None:
+    for p in in_workers(run_job, [(settings, *job) for job in jobs], settings.workers):
         parts[p.method].append(p)
         log(
             f"{p.method:18s} {p.task:15s} acc {p.accuracy:.3f}  trainable {p.trainable:,}  "
             f"step {p.step_time * 1000:.0f} ms"
         )
-
-    if settings.workers == 1:
-        for name, task in jobs:
-            report(run_job(settings, name, task))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-        with ProcessPoolExecutor(settings.workers, mp_context=context) as pool:
-            futures = [pool.submit(run_job, settings, name, task) for name, task in jobs]
-            for future in as_completed(futures):
-                report(future.result())
     order = list(settings.tasks)
     rows = [combine(sorted(parts[name], key=lambda p: order.index(p.task))) for name in settings.methods]
     report_md = markdown(settings, rows)

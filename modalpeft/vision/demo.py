@@ -49,6 +49,7 @@ from ..lightning.demo import (
     batches,
     dir_size,
     environment_note,
+    in_workers,
     leftover_wrappers,
     metric_vs_params_png,
     run_environment,
@@ -357,21 +358,13 @@ class VisionDemo:
         )
         jobs = [(c.name, t.name) for c in self.contenders for t in self.tasks]
         parts: dict[str, list[Row]] = {c.name: [] for c in self.contenders}
-        if self.s.workers == 1:
-            for name, task in jobs:
-                with self.console.status(f"training {name} on {task}"):
-                    parts[name].append(run_job(self.s, name, task))
-                self._report(parts[name][-1])
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-            with ProcessPoolExecutor(self.s.workers, mp_context=context) as pool:
-                futures = {pool.submit(run_job, self.s, name, task): name for name, task in jobs}
-                for future in as_completed(futures):
-                    parts[futures[future]].append(future.result())
-                    self._report(parts[futures[future]][-1])
+        def status(job: tuple[Any, ...]) -> Any:
+            return self.console.status(f"training {job[1]} on {job[2]}")
+
+        for part in in_workers(run_job, [(self.s, *job) for job in jobs], self.s.workers, status):
+            parts[part.method].append(part)
+            self._report(part)
         order = [t.name for t in self.tasks]
         return [combine(sorted(parts[c.name], key=lambda r: order.index(r.runs[0].task))) for c in self.contenders]
 
