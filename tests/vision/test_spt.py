@@ -373,6 +373,62 @@ def test_structured_block_on_a_slice_touches_only_its_rows(structured):
         assert not update.mergeable
 
 
+@pytest.mark.parametrize("structured", ["lora", "adapter"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("with_sparse", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_lean_forward_equals_the_branch_form_with_gradients(structured, dropout, with_sparse, x_grad):
+    """The host runs ``replace_base`` (one product with the sparse entries and the tuned bias entries in it, the
+    LoRA blocks added into their rows); it must give the outputs and gradients of the straight form
+    ``x (W + ΔW_sparse)ᵀ + b + Δb + pad(LoRA(drop(x)))`` that the official AttentionSPTParallel computes."""
+    torch.manual_seed(0)
+    qkv = nn.Linear(C, 3 * C).requires_grad_(False)
+    sparse = torch.tensor([[2, 2, 40, 95, 70], [0, 31, 5, 7, 7]])  # rows in q, k, v; a repeated row and column
+    update = SPTUpdate(
+        qkv,
+        structured_rows=[(0, C), (2 * C, 3 * C)],
+        sparse_indices=sparse if with_sparse else None,
+        vectors={"bias": torch.tensor([1, 33, 90])},
+        structured=structured,
+        dropout=dropout,
+        init_weights=False,
+    ).train()
+    if not with_sparse:
+        sparse = sparse[:, :0]
+    with torch.no_grad():
+        if with_sparse:
+            update.sparse.values.normal_()
+        update.vectors["bias"].values.normal_()
+    assert update.has_replace_base == (with_sparse or structured == "lora") and not update.has_parallel
+    if not update.has_replace_base:
+        return  # an adapter alone on the Linear: the host runs the base with the bias delta and the adapter's post
+    x = torch.randn(2, 7, C, requires_grad=x_grad)
+    weight = torch.randn(2, 7, 3 * C)
+
+    def run(lean: bool) -> tuple[torch.Tensor, ...]:
+        update.zero_grad()
+        x.grad = None
+        torch.manual_seed(3)
+        if lean:
+            out = update.replace_base(qkv, x)
+        else:  # straight: W + ΔW as a dense matrix, b + Δb, the LoRA blocks on one dropped x, zeros elsewhere
+            values = update.sparse.values if with_sparse else torch.zeros(0)
+            dense = qkv.weight.index_put((sparse[0], sparse[1]), values, accumulate=True)
+            out = nn.functional.linear(x, dense, qkv.bias + update.vectors["bias"].delta())
+            if structured == "lora":
+                x_drop = nn.functional.dropout(x, dropout, training=True)
+                q, v = (x_drop @ (b.B @ b.A).t() for b in update.structured)
+                out = out + torch.cat([q, torch.zeros(2, 7, C), v], dim=-1)
+        if update.has_post:
+            out = update.post(out)
+        (out * weight).sum().backward()
+        grads = [p.grad.clone() for p in update.parameters() if p.requires_grad]
+        return (out.detach(), *([x.grad.clone()] if x_grad else []), *grads)
+
+    for lean, plain in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(lean, plain, rtol=1e-5, atol=1e-5)
+
+
 # -- the adapted model --------------------------------------------------------------------------------------
 
 

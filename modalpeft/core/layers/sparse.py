@@ -34,7 +34,10 @@ class SparseDelta(AdapterModule):
     ``fused=False`` adds ``ΔW x`` beside the base Linear (a parallel branch, any base module with ``weight``);
     ``fused=True`` replaces the base product by one ``x (W + ΔW)ᵀ + b`` (NeuroAda's ``scatter_add`` forward), whose
     backward computes ``∂L/∂x = ∂L/∂y (W + ΔW)`` and the entries' gradients as above: it costs the base Linear plus
-    ``O(tokens · n)``, and keeps ``x`` for backward (a frozen ``nn.Linear`` keeps only its weight).
+    ``O(tokens · n)``. For the entries' gradients either form keeps, of ``x``, only the input columns some entry
+    reads when they are fewer than half of ``d_in`` (a ``(u, tokens)`` copy: SPT's few entries in ``fc2`` do not keep
+    its ``4d``-wide input alive), else ``x`` itself (a frozen ``nn.Linear`` keeps only its weight).
+    :meth:`linear` is the fused product for a caller that adds more to it (SPT's bias entries and LoRA blocks).
 
     Args:
         in_features: ``d_in`` of the adapted Linear.
@@ -101,7 +104,14 @@ class SparseDelta(AdapterModule):
         return _SparseDeltaMatmul.apply(x, self.values, self.indices, self.out_features)
 
     def replace_base(self, base: nn.Module, x: Tensor) -> Tensor:
-        return _SparseLinear.apply(x, base.weight, base.bias, self.values, self.indices)
+        return self.linear(x, base.weight, base.bias)
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``x (weight + ΔW)ᵀ + bias`` in one product (the fused path; ``bias`` may carry a trainable delta of its
+        own, as SPT's tuned bias entries). The product runs on ``x`` flattened to ``(tokens, d_in)`` and is viewed back,
+        so the output can be added into in place (a custom Function's own view output cannot)."""
+        out = _SparseLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, self.values, self.indices)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta_weight(self) -> Tensor:
         delta = self.values.new_zeros(self.out_features, self.in_features)
@@ -116,23 +126,25 @@ class _SparseDeltaMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, indices: Tensor, out_features: int) -> Tensor:
-        ctx.save_for_backward(x, values, indices)
-        ctx.out_features = out_features
+        kept = _KeptColumns(x, indices) if ctx.needs_input_grad[1] else None
+        ctx.kept = kept
+        ctx.save_for_backward(values, indices, *(kept.take() if kept is not None else ()))
+        ctx.out_features, ctx.in_features = out_features, x.shape[-1]
         if _is_sparse(values.shape[0], x.shape[-1], out_features):
             return _gather_matmul(x, values, indices[1], indices[0], out_features)
         return x @ _dense(values, indices, out_features, x.shape[-1], x.dtype).t()
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, values, indices = ctx.saved_tensors
+        values, indices, *kept = ctx.saved_tensors
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            if _is_sparse(values.shape[0], x.shape[-1], ctx.out_features):
-                grad_x = _gather_matmul(grad_y, values, indices[0], indices[1], x.shape[-1])
+            if _is_sparse(values.shape[0], ctx.in_features, ctx.out_features):
+                grad_x = _gather_matmul(grad_y, values, indices[0], indices[1], ctx.in_features)
             else:
-                grad_x = grad_y @ _dense(values, indices, ctx.out_features, x.shape[-1], grad_y.dtype)
+                grad_x = grad_y @ _dense(values, indices, ctx.out_features, ctx.in_features, grad_y.dtype)
         if ctx.needs_input_grad[1]:
-            grad_values = _entry_grads(grad_y, x, values, indices)
+            grad_values = _entry_grads(grad_y, ctx.kept.feature_major(*kept), values, indices)
         return grad_x, grad_values, None, None
 
 
@@ -141,13 +153,17 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor) -> Tensor:
-        ctx.save_for_backward(x, weight, values, indices)
-        ctx.has_bias = bias is not None
+        kept = _KeptColumns(x, indices) if ctx.needs_input_grad[3] else None
+        ctx.kept, ctx.has_bias = kept, bias is not None
+        whole = (x,) if ctx.needs_input_grad[1] else ()  # a base weight that trains too needs all of x
+        ctx.save_for_backward(weight, values, indices, *whole, *(kept.take() if kept is not None else ()))
+        ctx.whole = bool(whole)
         return nn.functional.linear(x, _adapted_weight(weight, values, indices), bias)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, values, indices = ctx.saved_tensors
+        weight, values, indices, *rest = ctx.saved_tensors
+        x = rest.pop(0) if ctx.whole else None
         grad_x = grad_weight = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ _adapted_weight(weight, values, indices)  # W + ΔW again: a copy, not a gradient
@@ -156,7 +172,7 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
         if ctx.needs_input_grad[3]:
-            grad_values = _entry_grads(grad_y, x, values, indices)
+            grad_values = _entry_grads(grad_y, ctx.kept.feature_major(*rest), values, indices)
         return grad_x, grad_weight, grad_bias, grad_values, None
 
 
@@ -164,17 +180,49 @@ def _adapted_weight(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     return weight.index_put((indices[0], indices[1]), values.to(weight.dtype), accumulate=True)
 
 
-def _entry_grads(grad_y: Tensor, x: Tensor, values: Tensor, indices: Tensor) -> Tensor:
-    """``∂L/∂values[k] = Σ_t ∂L/∂y[t, rows[k]] · x[t, cols[k]]``, in chunks of entries, never a dense gradient."""
-    grad_t = grad_y.reshape(-1, grad_y.shape[-1]).t().contiguous()  # (d_out, T), T = all leading positions
-    x_t = x.reshape(-1, x.shape[-1]).t().contiguous()  # (d_in, T)
+class _KeptColumns:
+    """What a backward keeps of ``x`` for the entries' gradients: only the input columns some entry reads.
+
+    With few distinct columns (SPT's small budgets: fewer than half of ``d_in``) the forward keeps a feature-major
+    copy of those columns, ``(u, T)``, and the rest of ``x`` can be freed (a sparse entry in ``fc2`` does not keep
+    the whole ``4d``-wide activation alive); otherwise it keeps ``x`` itself (no copy; NeuroAda's entries read
+    nearly every column) and gathers the columns in the backward. :meth:`take` hands the tensors to
+    ``save_for_backward`` (the object itself, left on ``ctx``, keeps only the entries' column positions)."""
+
+    def __init__(self, x: Tensor, indices: Tensor) -> None:
+        cols_used, self.cols = indices[1].unique(return_inverse=True)
+        flat = x.reshape(-1, x.shape[-1])
+        self.copied = 2 * cols_used.numel() < x.shape[-1]
+        self._tensors = (flat.t()[cols_used],) if self.copied else (flat, cols_used)
+
+    def take(self) -> tuple[Tensor, ...]:
+        tensors, self._tensors = self._tensors, ()
+        return tensors
+
+    def feature_major(self, *saved: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_t, cols)``: the used columns as ``(u, T)`` rows, and each entry's row in it."""
+        if self.copied:
+            return saved[0], self.cols
+        flat, cols_used = saved
+        return flat.t()[cols_used], self.cols
+
+
+def _entry_grads(grad_y: Tensor, kept: tuple[Tensor, Tensor], values: Tensor, indices: Tensor) -> Tensor:
+    """``∂L/∂values[k] = Σ_t ∂L/∂y[t, rows[k]] · x[t, cols[k]]``, in chunks of entries, never a dense gradient.
+
+    ``kept`` is ``(x_t, cols)`` from :class:`_KeptColumns`: the used input columns feature-major (``(u, T)``, one
+    contiguous row per feature) and each entry's row in it. The used output rows of ``∂L/∂y`` are copied the same
+    way: a few entries (SPT's small budgets) cost ``O(tokens · n)``, not a copy of ``x`` and ``∂L/∂y``."""
+    x_t, cols = kept
+    rows_used, rows = indices[0].unique(return_inverse=True)
+    grad_t = grad_y.reshape(-1, grad_y.shape[-1]).t()[rows_used]  # (u_rows, T), T = all leading positions
     grad_values = torch.empty_like(values)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, x_t.shape[1]))
     for start in range(0, values.shape[0], chunk):
-        rows, cols = indices[:, start : start + chunk]
+        r, c = rows[start : start + chunk], cols[start : start + chunk]
         # (c, T) · (c, T) summed over T: the gradients of c entries, without a dense (d_out, d_in) matrix.
         grad_values[start : start + chunk] = torch.einsum(
-            "ct,ct->c", grad_t[rows].to(values.dtype), x_t[cols].to(values.dtype)
+            "ct,ct->c", grad_t[r].to(values.dtype), x_t[c].to(values.dtype)
         )
     return grad_values
 

@@ -130,3 +130,40 @@ def test_identity_at_init_and_exact_merge():
 def test_bad_indices_raise(indices, match):
     with pytest.raises(ValueError, match=match):
         SparseDelta(IN, OUT, indices)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("columns", [3, 40])
+def test_backward_keeps_only_the_used_columns_of_x(fused, columns):
+    """With entries in few input columns, the backward keeps those columns of ``x`` (a ``(u, T)`` copy), not ``x``;
+    with many, it keeps ``x`` itself (no copy). The gradients match the dense reference either way."""
+    torch.manual_seed(0)
+    d_in, d_out, tokens = 64, 16, 10
+    cols = torch.randperm(d_in)[:columns]
+    k = torch.arange(columns + 5)  # every used column, five of them twice; distinct (row, column) pairs
+    indices = torch.stack([k % d_out, cols[k % columns]])
+    layer = SparseDelta(d_in, d_out, indices, init_weights=False, fused=fused)
+    base = nn.Linear(d_in, d_out).requires_grad_(False)
+    x = torch.randn(2, tokens // 2, d_in, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = layer.replace_base(base, x) if fused else base(x) + layer.parallel(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    activations = [t for t in saved if t.dtype.is_floating_point and t.data_ptr() != base.weight.data_ptr()]
+    if columns < d_in // 2:  # the used columns only, and nothing as large as x
+        assert [t.shape for t in activations if t.numel() > d_out] == [(columns, tokens)]
+    else:
+        assert any(t.data_ptr() == x.data_ptr() for t in saved)  # x itself, not a copy
+
+    values = layer.values.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    dense = torch.zeros(d_out, d_in).index_put((indices[0], indices[1]), values, accumulate=True)
+    nn.functional.linear(x_ref, base.weight + dense, base.bias).backward(grad_y)
+    torch.testing.assert_close(layer.values.grad, values.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
