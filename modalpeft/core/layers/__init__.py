@@ -2,6 +2,7 @@
 
 from .bottleneck import Bottleneck
 from .bypass import Bypass
+from .dropout import MaskDropout
 from .experts import LowRankExperts
 from .factorized import FactorizedVector
 from .growing import GrowingLowRank
@@ -26,6 +27,7 @@ __all__ = [
     "KroneckerDelta",
     "LowRankDelta",
     "LowRankExperts",
+    "MaskDropout",
     "PHMLinear",
     "PartialColumns",
     "ParamDelta",

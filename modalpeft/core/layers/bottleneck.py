@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import AdapterModule, InitMode
+from .dropout import MaskDropout
 from .phm import PHMLinear
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "quick_gelu", "silu", "tanh", "identity"]
@@ -172,7 +173,7 @@ class Bottleneck(AdapterModule):
             self.down = nn.Linear(dim, bottleneck_dim, bias=bias, **kw)
             self.up = nn.Linear(bottleneck_dim, out_dim, bias=bias, **kw)
         self.act = _ACTIVATIONS[act]()
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = MaskDropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_at = dropout_at
         self.middle = middle
         self.scaling = scaling

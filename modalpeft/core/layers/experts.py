@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import AdapterModule, InitMode
+from .dropout import MaskDropout
 
 
 class LowRankExperts(AdapterModule):
@@ -64,7 +65,7 @@ class LowRankExperts(AdapterModule):
         self.B = nn.Parameter(torch.empty(num_experts, out_features, rank, device=device, dtype=dtype))
         self.B_s = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype)) if shared_expert else None
         self.router = nn.Linear(in_features, num_experts, bias=False, device=device, dtype=dtype)
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = MaskDropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_adapter(init_weights)
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import AdapterModule, InitMode
+from .dropout import MaskDropout
 
 RESERVE_VALUE = 1e-5
 """The frozen singular value of a reserve piece (the official ``add_reserve_param``'s ``e``)."""
@@ -70,7 +71,7 @@ class GrowingLowRank(AdapterModule):
         self.B = nn.Parameter(torch.empty(out_features, capacity))
         self.register_buffer("rank", torch.tensor(init_rank))
         self.register_buffer("reserve", torch.tensor(reserve))
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = MaskDropout(dropout) if dropout > 0 else nn.Identity()
         self.tracking = False
         self.score: Tensor | None = None
         self._delta: Tensor | None = None

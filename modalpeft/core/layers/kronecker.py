@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import AdapterModule, InitMode
+from .dropout import MaskDropout
 
 
 def divisors(n: int) -> list[int]:
@@ -119,7 +120,7 @@ class KroneckerDelta(AdapterModule):
         self.right_first = self.b1 * in_features + out_features * a2 < a1 * in_features + out_features * self.b2
         self.A = nn.Parameter(torch.empty(a1, a2, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(self.b1, self.b2, device=device, dtype=dtype))
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = MaskDropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_adapter(init_weights)
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import AdapterModule, InitMode
+from .dropout import MaskDropout
 
 Transform = Literal["SHIM", "ICFM", "CTCM", "DTSM"]
 TRANSFORMS: tuple[str, ...] = ("SHIM", "ICFM", "CTCM", "DTSM")
@@ -74,7 +75,7 @@ class LowRankDelta(AdapterModule):
             self.C = nn.Parameter(torch.empty(rank, rank, device=device, dtype=dtype))
         if transform in ("CTCM", "DTSM"):
             self.D = nn.Parameter(torch.empty(rank, rank, device=device, dtype=dtype))
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = MaskDropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_adapter(init_weights)
 
     @torch.no_grad()

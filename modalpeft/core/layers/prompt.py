@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import AdapterModule, InitMode
+from .dropout import MaskDropout
 
 
 class PromptTokens(AdapterModule):
@@ -77,7 +78,7 @@ class PromptTokens(AdapterModule):
         self.remove_after = remove_after
         self.patch_area = patch_area
         self.prompts = nn.Parameter(torch.empty(num_tokens, dim, device=device, dtype=dtype))
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = MaskDropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_adapter(init_weights)
 
     @torch.no_grad()

@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from ...core.config import AdapterConfig, _help
 from ...core.inject import attach
 from ...core.layer import AdapterModule, InitMode
-from ...core.layers import Bottleneck, LowRankDelta, SparseDelta
+from ...core.layers import Bottleneck, LowRankDelta, MaskDropout, SparseDelta
 from ...core.model import AdaptedModel
 from ...core.registry import register_method
 from .spt_select import (
@@ -285,7 +285,7 @@ class SPTUpdate(AdapterModule):
             if name not in own or own[name].ndim != 1:
                 raise ValueError(f"{type(base).__name__} has no vector parameter {name!r} (parameters: {list(own)})")
         self.vectors = nn.ModuleDict({n: VectorEntries(own[n].numel(), idx) for n, idx in vectors.items()})
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = MaskDropout(dropout) if dropout > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         lora = bool(rows) and structured == "lora"
         adapter = bool(rows) and structured == "adapter"
