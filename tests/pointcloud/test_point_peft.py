@@ -174,6 +174,30 @@ def test_geometry_adapter_math(clouds):
             torch.testing.assert_close(actual[i], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_local_attention_on_tokens_equals_the_official_order_with_gradients():
+    """The lean path (LN and qkv on the G tokens, then the gather) against the official order (gather the groups,
+    then LN and qkv on them): outputs and every gradient within 1e-5."""
+    from modalpeft.pointcloud.methods.point_peft import LocalAttention
+    from modalpeft.pointcloud.ops import gather_points
+
+    torch.manual_seed(0)
+    attn = LocalAttention(C, heads=6, head_dim=3)
+    perturb(attn.norm, seed=1)
+    tokens = torch.randn(3, G, C, requires_grad=True)
+    index = torch.randint(0, G, (3, 8, 4))  # (B, A, K) with repeats, as kNN groups overlap
+    grad_out = torch.randn(3 * 8, 4, C)
+
+    def run(lean: bool) -> list[torch.Tensor]:
+        attn.zero_grad()
+        tokens.grad = None
+        out = attn.grouped(tokens, index) if lean else attn(gather_points(tokens, index).reshape(3 * 8, 4, C))
+        out.backward(grad_out)
+        return [out.detach(), tokens.grad.clone(), *(p.grad.clone() for p in attn.parameters())]
+
+    for lean, official in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(lean, official, atol=1e-5, rtol=1e-5)
+
+
 def test_gradients_reach_only_trainable_parameters(clouds):
     model = adapted(init_weights=False).train()
     F.cross_entropy(model(clouds), torch.tensor([0, 1, 2, 3])).backward()
