@@ -7,7 +7,8 @@ Candidates: full fine-tuning, the head only, peft LoRA r=8 on ``qkv``, PointGST 
 (its memory bank built from the synthetic batches), all through :func:`benchmarks.harness.measure`, so the columns
 are those of the ViT run (parameters, file size, peak memory, step time, the ratios to full fine-tuning, the head
 and LoRA) — the cost columns of PointGST's STAG comparison. It also reports the share of a PointGST training step
-spent in ``torch.linalg.eigh`` (:func:`modalpeft.pointcloud.methods.pointgst.profile_eigh_share`). Input: random
+spent in ``torch.linalg.eigh`` (:func:`modalpeft.pointcloud.methods.pointgst.profile_eigh_share`) and where a
+Point-PEFT step goes (:func:`modalpeft.pointcloud.methods.point_peft.profile_point_peft`). Input: random
 clouds ``(batch, points, 3)`` and random labels; the run measures cost, not accuracy (``make demo`` reports
 accuracy on the offline mesh set).
 """
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 import modalpeft as mp
 from modalpeft.pointcloud import create_backbone
+from modalpeft.pointcloud.methods.point_peft import profile_point_peft
 from modalpeft.pointcloud.methods.pointgst import profile_eigh_share
 
 from .harness import Candidate
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     run_info["note"] = "random weights and synthetic clouds: a cost-only run, metric is n/a"
 
     def appendix(records: list[dict[str, Any]], device: str) -> str:
-        """PointGST's eigh share, profiled in this process, and the STAG columns."""
+        """PointGST's eigh share and Point-PEFT's breakdown, profiled in this process, and the STAG columns."""
         if args.threads:
             torch.set_num_threads(args.threads)
         torch.manual_seed(0)
@@ -86,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         model = mp.adapt(build_model(args.model), config, modules_to_save=["head"]).to(device)
         batch = tuple(t.to(device) for t in synthetic_batch(args.batch, points))
         eigh = profile_eigh_share(model, batch, steps=args.steps, warmup=args.warmup)
-        return stag_section(records, args.batch, eigh)
+        torch.manual_seed(0)
+        memory = [synthetic_batch(args.batch, points, seed) for seed in (1, 2)]
+        config = mp.PointPEFTConfig(memory_data=memory, **MODELS[args.model]["point_peft"])
+        model = mp.adapt(build_model(args.model), config, modules_to_save=["head"]).to(device)
+        parts = profile_point_peft(model, batch, steps=args.steps, warmup=args.warmup)
+        return stag_section(records, args.batch, eigh) + point_peft_section(records, parts)
 
     records = measure_and_report(
         functools.partial(build_model, args.model),
@@ -134,6 +141,48 @@ def stag_section(records: list[dict[str, Any]], batch: int, eigh: dict[str, Any]
         f"PointGST's step spent in `torch.linalg.eigh`: {100 * eigh['eigh_share']:.2f}% "
         f"({1000 * eigh['eigh_time']:.1f} ms of a {1000 * eigh['step_time']:.0f} ms step, {eigh['eigh_calls']:.0f} "
         f"calls per step, {eigh['device']}; profiled separately with torch.profiler, in-process).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def point_peft_section(records: list[dict[str, Any]], parts: dict[str, float]) -> str:
+    """Where Point-PEFT's training step and saved activations go (:func:`profile_point_peft`), beside the floor's
+    and full fine-tuning's saved bytes from this run's records, as Markdown."""
+    by_method = {r["method"]: r for r in records if not r.get("error")}
+    step = parts["step"]
+    rows = [
+        ("forward", parts["forward"]),
+        ("- of it, the frozen retrieval pass (a gradient-free forward of the backbone)", parts["frozen_pass"]),
+        ("- of it, the prompts (cache retrieval into the prompted blocks)", parts["prompts"]),
+        ("- of it, the geometry adapter (local attention, pooling, propagation, adapter1)", parts["geometry"]),
+        ("backward", parts["backward"]),
+        ("AdamW step", parts["optimizer"]),
+    ]
+    lines = [
+        "## Where Point-PEFT's step goes",
+        "",
+        f"One training step of Point-PEFT ({1000 * step:.0f} ms, median of the profiled steps, wall clock, in this "
+        "process; `modalpeft.pointcloud.methods.point_peft.profile_point_peft`):",
+        "",
+        "| part | ms | share of the step |",
+        "|---|---:|---:|",
+        *(f"| {name} | {1000 * t:.0f} | {100 * t / step:.0f}% |" for name, t in rows),
+        "",
+    ]
+    saved = {k: parts[f"saved_{k}"] for k in ("elsewhere", "geometry", "prompts")}
+    total = sum(saved.values())
+    reference = ", ".join(
+        f"{name} {by_method[name]['saved_bytes'] / 2**20:.0f} MiB"
+        for name in ("floor", "full", "lora")
+        if name in by_method and by_method[name].get("saved_bytes") is not None
+    )
+    lines += [
+        f"Bytes saved for backward in one step: {total / 2**20:.0f} MiB"
+        + (f" (this run's {reference})" if reference else "")
+        + f"; of them {saved['geometry'] / 2**20:.0f} MiB while the geometry adapter runs, "
+        f"{saved['prompts'] / 2**20:.0f} MiB for the prompts and {saved['elsewhere'] / 2**20:.0f} MiB in the "
+        "backbone's layers and the MLP adapter.",
         "",
     ]
     return "\n".join(lines)

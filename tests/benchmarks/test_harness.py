@@ -215,6 +215,28 @@ def test_pointcloud_run_covers_every_point_method():
         assert model(x).shape == (2, pointcloud.NUM_CLASSES)
 
 
+def test_point_peft_profile_splits_the_step_and_leaves_the_model_as_it_was():
+    from benchmarks import pointcloud
+    from modalpeft.pointcloud.methods.point_peft import PointPEFTBlock, PointPEFTContext, profile_point_peft
+
+    points = pointcloud.MODELS["point_mae_test"]["points"]
+    torch.manual_seed(0)
+    memory = [pointcloud.synthetic_batch(2, points, seed) for seed in (1, 2)]
+    config = mp.PointPEFTConfig(memory_data=memory, **pointcloud.MODELS["point_mae_test"]["point_peft"])
+    model = mp.adapt(pointcloud.build_model("point_mae_test"), config, modules_to_save=["head"])
+    parts = profile_point_peft(model, pointcloud.synthetic_batch(2, points), steps=2, warmup=1)
+    assert 0 < parts["frozen_pass"] < parts["forward"] and 0 < parts["geometry"] < parts["forward"]
+    assert parts["forward"] + parts["backward"] + parts["optimizer"] <= parts["step"] * 1.001
+    assert parts["saved_geometry"] > 0 and parts["saved_prompts"] > 0 and parts["saved_elsewhere"] > 0
+    adapters = [m for m in model.modules() if isinstance(m, (PointPEFTBlock, PointPEFTContext))]
+    assert adapters and not any({"pre", "post", "_frozen_pass"} & set(vars(m)) for m in adapters)
+    records = [{"method": "floor", "saved_bytes": 2**20}, {"method": "full", "saved_bytes": 3 * 2**20}]
+    text = pointcloud.point_peft_section(records, parts)
+    assert "frozen retrieval pass" in text and "floor 1 MiB, full 3 MiB" in text
+    with pytest.raises(ValueError, match="point_peft"):
+        profile_point_peft(pointcloud.build_model("point_mae_test"), pointcloud.synthetic_batch(2, points))
+
+
 def test_text_run_covers_every_text_method():
     from benchmarks import text
 
