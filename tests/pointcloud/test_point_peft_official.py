@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import modalpeft as mp
+from modalpeft.core.layers import MaskDropout
 from modalpeft.pointcloud import PointPEFTConfig, create_backbone
 from modalpeft.pointcloud.methods.point_peft import retrieve
 
@@ -104,6 +105,8 @@ def cp_feat(backbone, points):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_blocks_match_the_official_block_in_training(clouds, monkeypatch, seed):
     monkeypatch.setattr(F, "dropout", fake_dropout)
+    # the adapter layers' dropout draws its mask itself on the CPU (MaskDropout): give it the stand-in too
+    monkeypatch.setattr(MaskDropout, "forward", lambda self, x: fake_dropout(x, self.p, self.training))
     monkeypatch.setattr(timm.layers.drop, "drop_path", fake_drop_path)
     torch.manual_seed(seed)
     base = create_backbone("point_mae_test", num_classes=5, drop_path_rate=0.5)
