@@ -46,6 +46,7 @@ be many times slower, so a high ``load_avg`` marks numbers to distrust.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -54,7 +55,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,21 +410,30 @@ def saved_activation_bytes(model: nn.Module, inputs: Any, targets: Tensor, loss_
     """The bytes autograd saves for backward in one forward + loss of ``model`` in its current mode, each storage
     counted once, the model's parameters and buffers excluded (they are resident anyway). Runs the backward too
     (to free the graph) and clears the gradients it made; the parameters do not change."""
+    with saved_storages(model) as saved:
+        loss = loss_fn(_forward(model, inputs), targets)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(nbytes for _, nbytes in saved.values())
+
+
+@contextlib.contextmanager
+def saved_storages(model: nn.Module, label: Callable[[], str] = lambda: "") -> Iterator[dict[int, tuple[str, int]]]:
+    """Record what autograd saves for backward while the block runs: ``{storage pointer: (label(), bytes)}``, each
+    storage once (the label of its first save, the largest size seen), ``model``'s parameters and buffers left out."""
     resident = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, int] = {}
+    saved: dict[int, tuple[str, int]] = {}
 
     def pack(tensor: Tensor) -> Tensor:
         storage = tensor.untyped_storage()
         pointer = storage.data_ptr()
         if pointer not in resident:
-            saved[pointer] = max(saved.get(pointer, 0), storage.nbytes())
+            first, nbytes = saved.get(pointer, (label(), 0))
+            saved[pointer] = (first, max(nbytes, storage.nbytes()))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = loss_fn(_forward(model, inputs), targets)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(saved.values())
+        yield saved
 
 
 def training_state_bytes(trainable: Sequence[Tensor], optimizer: torch.optim.Optimizer) -> int:

@@ -8,7 +8,7 @@ Candidates: full fine-tuning, the head only, peft LoRA r=8 on ``qkv``, PointGST 
 are those of the ViT run (parameters, file size, peak memory, step time, the ratios to full fine-tuning, the head
 and LoRA) — the cost columns of PointGST's STAG comparison. It also reports the share of a PointGST training step
 spent in ``torch.linalg.eigh`` (:func:`modalpeft.pointcloud.methods.pointgst.profile_eigh_share`) and where a
-Point-PEFT step goes (:func:`modalpeft.pointcloud.methods.point_peft.profile_point_peft`). Input: random
+Point-PEFT step goes (:func:`profile_point_peft`). Input: random
 clouds ``(batch, points, 3)`` and random labels; the run measures cost, not accuracy (``make demo`` reports
 accuracy on the offline mesh set).
 """
@@ -17,19 +17,23 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import peft
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import modalpeft as mp
 from modalpeft.pointcloud import create_backbone
-from modalpeft.pointcloud.methods.point_peft import profile_point_peft
+from modalpeft.pointcloud.methods.point_peft import PointPEFTBlock, PointPEFTContext
 from modalpeft.pointcloud.methods.pointgst import profile_eigh_share
 
-from .harness import Candidate
+from .harness import Candidate, saved_storages
 from .run import add_run_arguments, measure_and_report, select
 
 NUM_CLASSES = 15
@@ -146,6 +150,78 @@ def stag_section(records: list[dict[str, Any]], batch: int, eigh: dict[str, Any]
     return "\n".join(lines)
 
 
+def profile_point_peft(
+    model: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    *,
+    steps: int = 3,
+    warmup: int = 1,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+) -> dict[str, float]:
+    """Where a Point-PEFT training step goes: wall seconds per step and saved bytes by part.
+
+    Runs ``warmup`` untimed and ``steps`` timed training steps (forward, loss, backward, AdamW step) of ``model``
+    (adapted with Point-PEFT) on ``batch = (points, labels)``, timing the parts of the forward that are Point-PEFT's
+    own code: the frozen retrieval pass (``frozen_pass``), the prompts (``prompts``: the blocks' ``pre``) and the
+    geometry adapter (``geometry``: the blocks' ``post``: local attention, pooling, propagation, ``adapter1``). The
+    bytes autograd saves in one step (:func:`benchmarks.harness.saved_storages`) are split the same way: saved while
+    the prompts or the geometry adapter run, or elsewhere (the backbone's layers and the MLP adapter). Returns
+    medians over the steps: ``step``, ``forward``, ``backward``, ``optimizer``, ``frozen_pass``, ``prompts``,
+    ``geometry`` (seconds) and ``saved_*`` (bytes)."""
+    adapters = [m for m in model.modules() if isinstance(m, (PointPEFTContext, PointPEFTBlock))]
+    if not any(isinstance(m, PointPEFTContext) for m in adapters):
+        raise ValueError("profile_point_peft needs a model adapted with point_peft (no PointPEFTContext found)")
+    clock: dict[str, float] = {}
+    inside: list[str] = []
+
+    def timed(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            inside.append(part)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock[part] = clock.get(part, 0.0) + time.perf_counter() - start
+                inside.pop()
+
+        return run
+
+    for m in adapters:  # instance attributes shadow the methods until they are deleted below
+        if isinstance(m, PointPEFTContext):
+            m._frozen_pass = timed("frozen_pass", m._frozen_pass)
+        else:
+            m.pre, m.post = timed("prompts", m.pre), timed("geometry", m.post)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    points, labels = batch
+    model.train()
+    rows: list[dict[str, float]] = []
+    try:
+        for i in range(warmup + steps):
+            clock.clear()
+            start = time.perf_counter()
+            with saved_storages(model, lambda: inside[-1] if inside else "elsewhere") as saved:
+                loss = loss_fn(model(points), labels)
+            forward = time.perf_counter()
+            loss.backward()
+            backward = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            end = time.perf_counter()
+            if i >= warmup:
+                row = {"step": end - start, "forward": forward - start, "backward": backward - forward}
+                row["optimizer"] = end - backward
+                for part in ("frozen_pass", "prompts", "geometry"):
+                    row[part] = clock.get(part, 0.0)
+                for part in ("prompts", "geometry", "elsewhere"):
+                    row[f"saved_{part}"] = float(sum(n for p, n in saved.values() if p == part))
+                rows.append(row)
+    finally:
+        for m in adapters:
+            for name in ("_frozen_pass", "pre", "post"):
+                m.__dict__.pop(name, None)
+    return {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+
+
 def point_peft_section(records: list[dict[str, Any]], parts: dict[str, float]) -> str:
     """Where Point-PEFT's training step and saved activations go (:func:`profile_point_peft`), beside the floor's
     and full fine-tuning's saved bytes from this run's records, as Markdown."""
@@ -163,7 +239,7 @@ def point_peft_section(records: list[dict[str, Any]], parts: dict[str, float]) -
         "## Where Point-PEFT's step goes",
         "",
         f"One training step of Point-PEFT ({1000 * step:.0f} ms, median of the profiled steps, wall clock, in this "
-        "process; `modalpeft.pointcloud.methods.point_peft.profile_point_peft`):",
+        "process; `benchmarks.pointcloud.profile_point_peft`):",
         "",
         "| part | ms | share of the step |",
         "|---|---:|---:|",

@@ -217,7 +217,8 @@ def test_pointcloud_run_covers_every_point_method():
 
 def test_point_peft_profile_splits_the_step_and_leaves_the_model_as_it_was():
     from benchmarks import pointcloud
-    from modalpeft.pointcloud.methods.point_peft import PointPEFTBlock, PointPEFTContext, profile_point_peft
+    from benchmarks.pointcloud import profile_point_peft
+    from modalpeft.pointcloud.methods.point_peft import PointPEFTBlock, PointPEFTContext
 
     points = pointcloud.MODELS["point_mae_test"]["points"]
     torch.manual_seed(0)

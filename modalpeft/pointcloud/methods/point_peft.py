@@ -78,7 +78,7 @@ official order, gradients included). What stays is the algorithm's own price: th
 gradient-free forward of the whole backbone per batch (the official runs a separate frozen Point-MAE), and every
 block's gathered groups ``(B·A, K, C)`` for the max over neighbours (built and dropped in the forward; backward keeps
 the max's indices). On the full-size Point-MAE (batch 8, CPU;
-``python -m benchmarks.pointcloud``, :func:`profile_point_peft`) a step takes 1.26x full fine-tuning's (1.45x in
+``python -m benchmarks.pointcloud``, its ``profile_point_peft``) a step takes 1.26x full fine-tuning's (1.45x in
 the run before LN and qkv moved before the gather): the frozen pass is 22% of it, the geometry adapters' forward
 17%, the backward through every block (which any method that trains inside the network pays: LoRA's step is 0.61x
 full fine-tuning's) 34%; it saves 208 MiB for backward against the frozen model's 93 and full fine-tuning's 263, 96
@@ -89,10 +89,8 @@ the norms' inputs).
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -608,85 +606,3 @@ def point_peft_parameters(
     shared = 2 * dim + 4 * hd * dim + dim
     extra = (2 * dim if config.bias_tuning else 0) + (2 * dim if config.tune_class_token else 0)
     return depth * block + min(config.prompt_blocks, depth) * prompted + shared + extra + head
-
-
-def profile_point_peft(
-    model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    *,
-    steps: int = 3,
-    warmup: int = 1,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-) -> dict[str, float]:
-    """Where a Point-PEFT training step goes (for ``benchmarks/``): wall seconds per step and saved bytes by part.
-
-    Runs ``warmup`` untimed and ``steps`` timed training steps (forward, loss, backward, AdamW step) of ``model``
-    (adapted with Point-PEFT) on ``batch = (points, labels)``, timing the parts of the forward that are Point-PEFT's
-    own code: the frozen retrieval pass (``frozen_pass``), the prompts (``prompts``: the blocks' ``pre``) and the
-    geometry adapter (``geometry``: the blocks' ``post``: local attention, pooling, propagation, ``adapter1``). The
-    bytes autograd saves in one step (each storage once, parameters and buffers excluded, as the harness counts them)
-    are split the same way: saved while the prompts or the geometry adapter run, or elsewhere (the backbone's layers
-    and the MLP adapter). Returns medians over the steps: ``step``, ``forward``, ``backward``, ``optimizer``,
-    ``frozen_pass``, ``prompts``, ``geometry`` (seconds) and ``saved_*`` (bytes)."""
-    adapters = [m for m in model.modules() if isinstance(m, (PointPEFTContext, PointPEFTBlock))]
-    if not any(isinstance(m, PointPEFTContext) for m in adapters):
-        raise ValueError("profile_point_peft needs a model adapted with point_peft (no PointPEFTContext found)")
-    clock: dict[str, float] = {}
-    inside: list[str] = []
-
-    def timed(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            inside.append(part)
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                clock[part] = clock.get(part, 0.0) + time.perf_counter() - start
-                inside.pop()
-
-        return run
-
-    for m in adapters:  # instance attributes shadow the methods until they are deleted below
-        if isinstance(m, PointPEFTContext):
-            m._frozen_pass = timed("frozen_pass", m._frozen_pass)
-        else:
-            m.pre, m.post = timed("prompts", m.pre), timed("geometry", m.post)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    resident = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    points, labels = batch
-    model.train()
-    rows: list[dict[str, float]] = []
-    saved: dict[int, tuple[str, int]] = {}  # storage -> (part, bytes), this step
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in resident and storage.data_ptr() not in saved:
-            saved[storage.data_ptr()] = (inside[-1] if inside else "elsewhere", storage.nbytes())
-        return tensor
-
-    try:
-        for i in range(warmup + steps):
-            clock.clear()
-            saved.clear()
-            start = time.perf_counter()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                loss = loss_fn(model(points), labels)
-            forward = time.perf_counter()
-            loss.backward()
-            backward = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            end = time.perf_counter()
-            if i >= warmup:
-                row = {"step": end - start, "forward": forward - start, "backward": backward - forward}
-                row |= {"optimizer": end - backward, **{k: clock.get(k, 0.0) for k in ("frozen_pass", "prompts")}}
-                row["geometry"] = clock.get("geometry", 0.0)
-                for part in ("prompts", "geometry", "elsewhere"):
-                    row[f"saved_{part}"] = float(sum(n for p, n in saved.values() if p == part))
-                rows.append(row)
-    finally:
-        for m in adapters:
-            for name in ("_frozen_pass", "pre", "post"):
-                m.__dict__.pop(name, None)
-    return {key: statistics.median(r[key] for r in rows) for key in rows[0]}
