@@ -6,6 +6,7 @@ https://arxiv.org/abs/2303.08566.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -126,9 +127,8 @@ class _SparseDeltaMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, indices: Tensor, out_features: int) -> Tensor:
-        kept = _KeptColumns(x, indices) if ctx.needs_input_grad[1] else None
-        ctx.kept = kept
-        ctx.save_for_backward(values, indices, *(kept.take() if kept is not None else ()))
+        kept, ctx.cols = _keep_columns(x, indices) if ctx.needs_input_grad[1] else ((), None)
+        ctx.save_for_backward(values, indices, *kept)
         ctx.out_features, ctx.in_features = out_features, x.shape[-1]
         if _is_sparse(values.shape[0], x.shape[-1], out_features):
             return _gather_matmul(x, values, indices[1], indices[0], out_features)
@@ -144,7 +144,7 @@ class _SparseDeltaMatmul(torch.autograd.Function):
             else:
                 grad_x = grad_y @ _dense(values, indices, ctx.out_features, ctx.in_features, grad_y.dtype)
         if ctx.needs_input_grad[1]:
-            grad_values = _entry_grads(grad_y, ctx.kept.feature_major(*kept), values, indices)
+            grad_values = _entry_grads(grad_y, _feature_major(kept), ctx.cols, values, indices)
         return grad_x, grad_values, None, None
 
 
@@ -153,11 +153,10 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor) -> Tensor:
-        kept = _KeptColumns(x, indices) if ctx.needs_input_grad[3] else None
-        ctx.kept, ctx.has_bias = kept, bias is not None
-        whole = (x,) if ctx.needs_input_grad[1] else ()  # a base weight that trains too needs all of x
-        ctx.save_for_backward(weight, values, indices, *whole, *(kept.take() if kept is not None else ()))
-        ctx.whole = bool(whole)
+        kept, ctx.cols = _keep_columns(x, indices) if ctx.needs_input_grad[3] else ((), None)
+        ctx.has_bias, ctx.whole = bias is not None, ctx.needs_input_grad[1]
+        whole = (x,) if ctx.whole else ()  # a base weight that trains too needs all of x
+        ctx.save_for_backward(weight, values, indices, *whole, *kept)
         return nn.functional.linear(x, _adapted_weight(weight, values, indices), bias)
 
     @staticmethod
@@ -172,7 +171,7 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
         if ctx.needs_input_grad[3]:
-            grad_values = _entry_grads(grad_y, ctx.kept.feature_major(*rest), values, indices)
+            grad_values = _entry_grads(grad_y, _feature_major(rest), ctx.cols, values, indices)
         return grad_x, grad_weight, grad_bias, grad_values, None
 
 
@@ -180,40 +179,31 @@ def _adapted_weight(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     return weight.index_put((indices[0], indices[1]), values.to(weight.dtype), accumulate=True)
 
 
-class _KeptColumns:
-    """What a backward keeps of ``x`` for the entries' gradients: only the input columns some entry reads.
+def _keep_columns(x: Tensor, indices: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
+    """What a backward keeps of ``x`` for the entries' gradients, and each entry's row among the used columns.
 
-    With few distinct columns (SPT's small budgets: fewer than half of ``d_in``) the forward keeps a feature-major
-    copy of those columns, ``(u, T)``, and the rest of ``x`` can be freed (a sparse entry in ``fc2`` does not keep
-    the whole ``4d``-wide activation alive); otherwise it keeps ``x`` itself (no copy; NeuroAda's entries read
-    nearly every column) and gathers the columns in the backward. :meth:`take` hands the tensors to
-    ``save_for_backward`` (the object itself, left on ``ctx``, keeps only the entries' column positions)."""
-
-    def __init__(self, x: Tensor, indices: Tensor) -> None:
-        cols_used, self.cols = indices[1].unique(return_inverse=True)
-        flat = x.reshape(-1, x.shape[-1])
-        self.copied = 2 * cols_used.numel() < x.shape[-1]
-        self._tensors = (flat.t()[cols_used],) if self.copied else (flat, cols_used)
-
-    def take(self) -> tuple[Tensor, ...]:
-        tensors, self._tensors = self._tensors, ()
-        return tensors
-
-    def feature_major(self, *saved: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x_t, cols)``: the used columns as ``(u, T)`` rows, and each entry's row in it."""
-        if self.copied:
-            return saved[0], self.cols
-        flat, cols_used = saved
-        return flat.t()[cols_used], self.cols
+    With few distinct columns (SPT's small budgets: fewer than half of ``d_in``) it keeps a feature-major copy of
+    those columns, ``(u, T)``, and the rest of ``x`` can be freed (a sparse entry in ``fc2`` does not keep the whole
+    ``4d``-wide activation alive); otherwise ``(x, used columns)`` (no copy; NeuroAda's entries read nearly every
+    column), gathered in the backward by :func:`_feature_major`."""
+    cols_used, cols = indices[1].unique(return_inverse=True)
+    flat = x.reshape(-1, x.shape[-1])
+    if 2 * cols_used.numel() < x.shape[-1]:
+        return (flat.t()[cols_used],), cols
+    return (flat, cols_used), cols
 
 
-def _entry_grads(grad_y: Tensor, kept: tuple[Tensor, Tensor], values: Tensor, indices: Tensor) -> Tensor:
+def _feature_major(kept: Sequence[Tensor]) -> Tensor:
+    """The used columns of ``x`` as ``(u, T)`` rows, from what :func:`_keep_columns` kept."""
+    return kept[0] if len(kept) == 1 else kept[0].t()[kept[1]]
+
+
+def _entry_grads(grad_y: Tensor, x_t: Tensor, cols: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     """``∂L/∂values[k] = Σ_t ∂L/∂y[t, rows[k]] · x[t, cols[k]]``, in chunks of entries, never a dense gradient.
 
-    ``kept`` is ``(x_t, cols)`` from :class:`_KeptColumns`: the used input columns feature-major (``(u, T)``, one
-    contiguous row per feature) and each entry's row in it. The used output rows of ``∂L/∂y`` are copied the same
+    ``x_t`` holds the used input columns feature-major (``(u, T)``, one contiguous row per feature), ``cols`` each
+    entry's row in it (:func:`_keep_columns`). The used output rows of ``∂L/∂y`` are copied the same
     way: a few entries (SPT's small budgets) cost ``O(tokens · n)``, not a copy of ``x`` and ``∂L/∂y``."""
-    x_t, cols = kept
     rows_used, rows = indices[0].unique(return_inverse=True)
     grad_t = grad_y.reshape(-1, grad_y.shape[-1]).t()[rows_used]  # (u_rows, T), T = all leading positions
     grad_values = torch.empty_like(values)
