@@ -77,11 +77,11 @@ same values from 16x fewer rows on Point-MAE, and backward keeps no ``(B·A, K, 
 official order, gradients included). What stays is the algorithm's own price: the retrieval query is a second,
 gradient-free forward of the whole backbone per batch (the official runs a separate frozen Point-MAE), and every
 block's gathered groups ``(B·A, K, C)`` for the max over neighbours (built and dropped in the forward; backward keeps
-the max's indices). On the full-size Point-MAE (batch 8, CPU;
-``python -m benchmarks.pointcloud``, its ``profile_point_peft``) a step takes 1.26x full fine-tuning's (1.45x in
-the run before LN and qkv moved before the gather): the frozen pass is 22% of it, the geometry adapters' forward
-17%, the backward through every block (which any method that trains inside the network pays: LoRA's step is 0.61x
-full fine-tuning's) 34%; it saves 208 MiB for backward against the frozen model's 93 and full fine-tuning's 263, 96
+the max's indices). On the full-size Point-MAE (batch 8, CPU; ``python -m benchmarks.pointcloud``, its
+``profile_point_peft``) a step takes 1.26x and 1.41x full fine-tuning's in two runs (1.45x in the run before LN and
+qkv moved before the gather): the frozen pass is 22% of it, the geometry adapters' forward 16-18%, the backward
+through every block (which any method that trains inside the network pays: LoRA's step is 0.54-0.61x full
+fine-tuning's) 30-34%; it saves 208 MiB for backward against the frozen model's 93 and full fine-tuning's 263, 96
 of them in the geometry adapters (about 8 MiB a block, each piece needed: the qkv of the groups, the max's indices,
 the norms' inputs).
 """
