@@ -208,7 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="batch size (vision default: 32)")
     p.add_argument("--threads", type=int, help="CPU threads for torch per process (default: 1)")
     p.add_argument("--workers", type=int, help="vision: processes training side by side (default: 2)")
-    p.add_argument("--lr-grid", action="store_true", help="pick each method's learning rate on val200 (slower)")
+    p.add_argument(
+        "--lr-grid",
+        action="store_true",
+        help="vision: pick each method's learning rate on val200 (slower); audio: the learning-rate study on a "
+        "validation split instead of the demo (docs/results/audio_lr_grid.md)",
+    )
     p.add_argument("--tasks", nargs="+", choices=("digits", "faces", "count"), help="vision: mini-VTAB tasks to run")
     p.add_argument("--methods", nargs="+", help="vision: contenders to run (default: all)")
     p.add_argument(

@@ -65,6 +65,11 @@ class MusicGenTask(AdapterTask):
         sample_seconds: length of each sample.
         guidance_scale: classifier-free guidance of the samples (MusicGen's default 3).
         seed: seeds the sampling.
+        fad_reference: a folder of reference audio of the target genre: when fit ends, the Fréchet Audio Distance
+            between the rendered samples and it is written to ``<log_dir>/samples/fad.json`` and printed
+            (:mod:`modalpeft.audio.fad`; it needs ``sample_prompts``, and as many of them as the FAD should rest on).
+        fad_model: the embedding model of that FAD: ``"codec"`` (the model's own EnCodec latents) or the folder /
+            Hub name of a CLAP, EnCodec or MusicGen model.
     """
 
     def __init__(
@@ -75,6 +80,8 @@ class MusicGenTask(AdapterTask):
         sample_seconds: float = 8.0,
         guidance_scale: float = 3.0,
         seed: int = 0,
+        fad_reference: str | None = None,
+        fad_model: str = "codec",
         **kwargs: Any,
     ) -> None:
         if not all(hasattr(backbone, a) for a in ("text_encoder", "audio_encoder", "decoder")):
@@ -86,6 +93,15 @@ class MusicGenTask(AdapterTask):
             raise ValueError("MusicGenTask trains mono MusicGen models; the stereo checkpoints interleave codebooks.")
         if not 0.0 <= text_dropout < 1.0:
             raise ValueError(f"text_dropout={text_dropout} must be in [0, 1).")
+        if fad_reference is not None:
+            from .fad import audio_files
+
+            audio_files(fad_reference)  # a missing or empty folder fails now, not after training
+            if not sample_prompts:
+                raise ValueError(
+                    f"fad_reference={fad_reference!r} needs sample_prompts: FAD compares the samples rendered for "
+                    "them with the reference audio."
+                )
         # from_pretrained gives eval mode: the decoder trains with its dropout, the frozen T5 and EnCodec run in eval
         backbone.train()
         backbone.text_encoder.eval()
@@ -167,7 +183,26 @@ class MusicGenTask(AdapterTask):
         datamodule = getattr(self.trainer, "datamodule", None)
         if prompts and self.trainer.is_global_zero and getattr(datamodule, "tokenizer", None) is not None:
             out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
-            self.generate_wav(list(prompts), datamodule.tokenizer, out, self.hparams.sample_seconds)
+            files = self.generate_wav(list(prompts), datamodule.tokenizer, out, self.hparams.sample_seconds)
+            if self.hparams.fad_reference:
+                fad = self.fad(files, self.hparams.fad_reference, self.hparams.fad_model)
+                atomic_write({"fad.json": fad}, out)
+                print(f"FAD {fad['fad']:.4f} ({fad['model']}) of {len(files)} samples against {fad['reference']}")
+
+    def fad(self, generated: list[Path], reference: str | Path, model: str = "codec") -> dict[str, Any]:
+        """The FAD of ``generated`` audio files against a ``reference`` folder, with what it rests on."""
+        from .fad import EncodecEmbedder, embed, frechet_distance, load_embedder
+
+        embedder = EncodecEmbedder(self.musicgen[0].audio_encoder, self.device) if model == "codec" else load_embedder(
+            model, self.device)  # fmt: skip
+        ref, gen = embed(reference, embedder), embed(generated, embedder)
+        return {
+            "fad": frechet_distance(ref, gen),
+            "model": model,
+            "reference": str(reference),
+            "reference_frames": ref.shape[0],
+            "generated_frames": gen.shape[0],
+        }
 
 
 def token_logits(model: nn.Module, input_ids: Tensor) -> Tensor:

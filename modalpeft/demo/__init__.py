@@ -114,7 +114,7 @@ def _tracking(quick: bool, out: Path, results_dir: str | None, console: Console,
 def _audio(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
     from modalpeft.audio import demo
 
-    options = {k: overrides[k] for k in ("steps",) if overrides.get(k) is not None}
+    options = {k: overrides[k] for k in ("steps", "lr_grid") if overrides.get(k)}
     return demo.run(quick, out / "audio", results_dir=results_dir, console=console, **options)
 
 
@@ -182,7 +182,8 @@ def run_demo(
             committed pages; ``None``: only the run folder); never with ``quick``.
         overrides: go to the sections that take them (for vision: ``seeds``, ``steps``, ``batch_size``,
             ``lr_grid``, ``threads``, ``tasks``, ``methods``; for point clouds, text, diffusion, tracking and audio:
-            ``steps``; for text also ``suite``).
+            ``steps``; for text also ``suite``; for audio also ``lr_grid``: the learning-rate study instead of the
+            demo).
     """
     from modalpeft.lightning.demo import run_folder
 

@@ -40,3 +40,27 @@ def test_quick_demo_runs_and_writes_its_report(tmp_path) -> None:
     assert all((tmp_path / "audio" / link).is_file() for link in links), links  # relative to the page
     if soundfont_missing_reason() is None:
         assert (tmp_path / "audio" / "samples" / "conv.wav").is_file()
+
+
+def test_the_learning_rate_grid_reads_only_training_tunes(tmp_path) -> None:
+    pytest.importorskip("music21", reason="the audio demo reads the music21 corpus (pip install music21)")
+    from rich.console import Console
+
+    from modalpeft.audio import demo
+
+    plain = demo.AudioDemo(demo.AudioSettings.quick())
+    grid = demo.AudioDemo(demo.AudioSettings.quick(lr_grid=True))
+    held_out = {tuple(line) for line in plain.test_lines}
+    assert not held_out & {tuple(line) for line in grid.test_lines + grid.train_lines}  # the held-out tunes unread
+    assert sorted(map(tuple, grid.test_lines + grid.train_lines)) == sorted(map(tuple, plain.train_lines))
+    assert grid.test_lines and grid.train_lines
+    candidates = {"linear adapter": (1e-3, 1e-2), "full fine-tuning": (1e-3,)}
+    console = Console(record=True, width=120)
+    assert demo.run(True, tmp_path / "audio", console=console, lr_grid=True, lr_candidates=candidates)
+    report = json.loads((tmp_path / "audio" / "lr_grid.json").read_text())
+    rows = {(r["method"], r["lr"]): r["bits_per_token"] for r in report["rows"]}
+    assert set(rows) == {("linear adapter", 1e-3), ("linear adapter", 1e-2), ("full fine-tuning", 1e-3)}
+    best = min((1e-3, 1e-2), key=lambda lr: rows["linear adapter", lr])
+    assert report["picked"] == {"linear adapter": best, "full fine-tuning": 1e-3}
+    page = (tmp_path / "audio" / "audio_lr_grid.md").read_text()
+    assert f"**{rows['linear adapter', best]:.3f}**" in page and not (tmp_path / "audio" / "audio.md").exists()

@@ -3,9 +3,11 @@ WAV folder the tests write; the adapter recipes' headers state the trainable cou
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -75,6 +77,7 @@ def test_recipe_trains_two_steps_with_a_tiny_musicgen(recipe, files, tmp_path) -
     args += [f"--data.init_args.data_dir={files['music']}", f"--data.init_args.tokenizer={files['model']}"]
     args += ["--data.init_args.clip_seconds=0.4", "--data.init_args.num_workers=0", "--data.init_args.batch_size=2"]
     args += [f"--data.init_args.cache_dir={tmp_path / 'codes'}", "--model.init_args.sample_seconds=0.05"]
+    args += [f"--model.init_args.fad_reference={files['music']}"]
     args += ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_epochs=1"]
     args += ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.callbacks=[]"]
     cli = cli_main([*args, f"--trainer.default_root_dir={tmp_path}"], *CLASSES)
@@ -89,4 +92,6 @@ def test_recipe_trains_two_steps_with_a_tiny_musicgen(recipe, files, tmp_path) -
     log_dir = Path(cli.trainer.log_dir)
     assert (log_dir / "adapter" / "adapter_config.json").is_file()  # exported at the end of fit
     assert (log_dir / "samples" / "sample_0.wav").is_file()  # and the sample prompt rendered
+    fad = json.loads((log_dir / "samples" / "fad.json").read_text())  # and its FAD against the reference folder
+    assert np.isfinite(fad["fad"]) and fad["model"] == "codec" and fad["generated_frames"] >= 2
     assert not list(files["music"].glob(".codes_cache"))  # the cache went where the recipe was told
