@@ -46,6 +46,8 @@ def load_audio(path: str | Path, sampling_rate: int) -> np.ndarray:
     """
     import av
 
+    if int(sampling_rate) != sampling_rate or sampling_rate <= 0:
+        raise ValueError(f"sampling_rate={sampling_rate!r}: give the codec's rate in Hz, a positive integer.")
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:

@@ -75,11 +75,11 @@ class AudioSettings:
     held-out tunes are not read); writes ``audio_lr_grid.md``."""
     lr_candidates: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
-            "linear adapter": (1e-3, 3e-3, 1e-2),
-            "conv adapter": (1e-3, 3e-3, 1e-2),
-            "transformer adapter": (1e-3, 3e-3, 1e-2),
-            "lora (peft)": (1e-3, 3e-3, 1e-2),
-            "full fine-tuning": (3e-4, 1e-3, 3e-3),
+            "linear adapter": (1e-3, 3e-3, 1e-2, 3e-2),
+            "conv adapter": (1e-3, 3e-3, 1e-2, 3e-2),
+            "transformer adapter": (1e-3, 3e-3, 1e-2, 3e-2),
+            "lora (peft)": (1e-3, 3e-3, 1e-2, 3e-2),
+            "full fine-tuning": (3e-4, 1e-3, 3e-3, 1e-2),
         }
     )
     val_fraction: float = 0.2
@@ -341,10 +341,13 @@ def grid_markdown(rows: list[dict[str, Any]], settings: AudioSettings, meta: dic
         used = AudioSettings().lrs.get(name)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {choice[name]:g} | {used:g} |")
     same = all(AudioSettings().lrs.get(n) == lr for n, lr in choice.items())
+    grids = {n: [r["lr"] for r in rows if r["method"] == n] for n in choice}
+    edge = [n for n, lr in choice.items() if len(grids[n]) > 1 and lr in (min(grids[n]), max(grids[n]))]
     lines += [
         "",
         "The demo's rates (`AudioSettings.lrs`) "
-        + ("are the picked ones." if same else "**differ from the picked ones**: set them from this table."),
+        + ("are the picked ones." if same else "**differ from the picked ones**: set them from this table.")
+        + (f" Picked at the edge of its grid (extend `lr_candidates`): {', '.join(edge)}." if edge else ""),
         "",
         f"Device: CPU, {settings.threads} thread(s), load average {meta['load']} at the start; total "
         f"{meta['seconds']:.0f} s.",

@@ -181,6 +181,8 @@ def embed(
     are resampled to the embedder's rate otherwise; files are decoded and resampled by PyAV.
     """
     rate = int(embedder.sampling_rate)
+    if sampling_rate is not None and (int(sampling_rate) != sampling_rate or sampling_rate <= 0):
+        raise ValueError(f"sampling_rate={sampling_rate!r}: give the arrays' rate in Hz, a positive integer.")
     items: Sequence[Any] = audio_files(audio) if isinstance(audio, str | Path) else list(audio)
     frames = []
     for item in items:

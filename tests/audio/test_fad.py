@@ -106,6 +106,10 @@ def test_encodec_embedder_gives_latent_frames_and_reads_folders_and_arrays(tmp_p
     assert frechet_audio_distance(folder, other, embedder) > 0
     with pytest.raises(ValueError, match=r"clip 0: 3 samples: shorter than one codec frame \(16\)"):
         embed([np.zeros(3, np.float32)], embedder)
+    with pytest.raises(ValueError, match=r"sampling_rate=-8000: give the arrays' rate in Hz"):
+        embed([up], embedder, sampling_rate=-8000)
+    with pytest.raises(ValueError, match=r"sampling_rate=0: give the codec's rate in Hz"):
+        embed([folder / "tune_0.wav"], type("Zero", (), {"sampling_rate": 0})())
     with pytest.raises(TypeError, match="for MusicGen pass model.audio_encoder"):
         EncodecEmbedder(torch.nn.Linear(2, 2))
 
