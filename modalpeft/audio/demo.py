@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..core.compare import delta, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.state import atomic_write
-from ..lightning.demo import environment_note, metric_vs_params_png, run_environment
+from ..lightning.demo import environment_note, lr_grid_note, metric_vs_params_png, run_environment
 
 IDLE = "encoder_attn"
 """The MusicGen decoder's cross-attention modules: unused without a text condition."""
@@ -340,14 +340,9 @@ def grid_markdown(rows: list[dict[str, Any]], settings: AudioSettings, meta: dic
             cells.append(f"**{text}**" if row is not None and choice[name] == rate else text)
         used = AudioSettings().lrs.get(name)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {choice[name]:g} | {used:g} |")
-    same = all(AudioSettings().lrs.get(n) == lr for n, lr in choice.items())
-    grids = {n: [r["lr"] for r in rows if r["method"] == n] for n in choice}
-    edge = [n for n, lr in choice.items() if len(grids[n]) > 1 and lr in (min(grids[n]), max(grids[n]))]
     lines += [
         "",
-        "The demo's rates (`AudioSettings.lrs`) "
-        + ("are the picked ones." if same else "**differ from the picked ones**: set them from this table.")
-        + (f" Picked at the edge of its grid (extend `lr_candidates`): {', '.join(edge)}." if edge else ""),
+        lr_grid_note(rows, choice, AudioSettings().lrs, "`AudioSettings.lrs`"),
         "",
         f"Device: CPU, {settings.threads} thread(s), load average {meta['load']} at the start; total "
         f"{meta['seconds']:.0f} s.",

@@ -34,7 +34,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,21 @@ from torch import Tensor, nn
 from ..core.compare import delta, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.state import atomic_write
-from ..lightning.demo import dir_size, environment_note, leftover_wrappers, metric_vs_params_png, run_environment
+from ..lightning.demo import (
+    dir_size,
+    environment_note,
+    leftover_wrappers,
+    lr_grid_note,
+    metric_vs_params_png,
+    run_environment,
+)
 from .methods.diffusekrona import UNET_ATTENTION_TARGETS
 from .metrics import mean_pairwise_similarity
 from .pipeline import png_bytes
 from .tiny import CLASS_NAMES, IDENTIFIER, TinyTextToImage, caption, fmnist_diffusion, to_classifier, to_model
 
 SUBJECT_FILE = Path(__file__).resolve().parent / "pretrained" / "subject.png"
+SUBJECT_INDEX = 5342
 """The demo's subject: Fashion-MNIST test image 5342, a bag (28x28 grey; chosen by the pretraining recipe's
 ``pick_subject``)."""
 
@@ -92,6 +100,22 @@ class DiffusionSettings:
     to 0.953, base 0.945); a probe of this section (100 steps, 8 identifier samples) gave LoRA 0.961 / 0.915 at
     3e-3 / 1e-2 and DiffuseKronA (kron) 0.958 / 0.955 at 1e-2 / 3e-2, so 3e-3 for all. The probe used the reported
     metric (no held-out subject): treat the margins between methods as indicative."""
+    lr_grid: bool = False
+    """Instead of the demo: train every method at each of ``lr_candidates`` on a *validation subject* (another bag
+    of the Fashion-MNIST test set, :func:`validation_subject`; the demo's subject is not used) and pick, per method,
+    the rate with the highest subject fidelity whose language drift stays within ``max_drift`` (else the one with
+    the least drift); writes ``diffusion_lr_grid.md``. Needs the Fashion-MNIST files (``fmnist_root``)."""
+    lr_candidates: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {
+            "DiffuseKronA (official)": (1e-3, 3e-3, 1e-2, 3e-2),
+            "DiffuseKronA (kron)": (1e-3, 3e-3, 1e-2, 3e-2),
+            "LoRA r=4 (peft)": (1e-3, 3e-3, 1e-2, 3e-2),
+            "LoKr (peft)": (1e-3, 3e-3, 1e-2, 3e-2),
+            "full attention": (1e-4, 3e-4, 1e-3, 3e-3),
+        }
+    )
+    max_drift: float = 0.05
+    fmnist_root: str = "/usr/share/datasets/fashion-mnist"
     sample_steps: int = 10
     guidance: float = 3.0
     identifier_samples: int = 8
@@ -130,7 +154,8 @@ class Result:
 class Demo:
     """The base model, the frozen judge, the subject and its prompts, and the methods."""
 
-    def __init__(self, settings: DiffusionSettings) -> None:
+    def __init__(self, settings: DiffusionSettings, subject: Tensor | None = None) -> None:
+        """``subject``: a ``(1, 28, 28)`` uint8 image (default: the demo's, ``pretrained/subject.png``)."""
         from PIL import Image
 
         from ..vision.backbones import fmnist_vit
@@ -139,8 +164,9 @@ class Demo:
         torch.manual_seed(settings.seed)
         self.base = fmnist_diffusion(pretrained=settings.pretrained)
         self.judge = fmnist_vit().eval().requires_grad_(False)
-        with Image.open(SUBJECT_FILE) as image:
-            subject = torch.as_tensor(list(image.convert("L").getdata()), dtype=torch.uint8).view(1, 28, 28)
+        if subject is None:
+            with Image.open(SUBJECT_FILE) as image:
+                subject = torch.as_tensor(list(image.convert("L").getdata()), dtype=torch.uint8).view(1, 28, 28)
         self.instances = instance_views(to_model(subject))
         self.label = CLASS_NAMES.index(settings.subject_class)
         self.instance_prompt = caption(settings.subject_class, IDENTIFIER)
@@ -306,6 +332,95 @@ class Demo:
                 f"(drift {100 * drift:+.1f}), reload {'ok' if checks['reload_ok'] else 'FAILED'}"
             )
         return results, images
+
+
+def validation_subject(settings: DiffusionSettings) -> tuple[int, Tensor]:
+    """The learning-rate grid's subject: a seeded random bag of the Fashion-MNIST test set other than the demo's
+    (its test index and ``(1, 28, 28)`` uint8 image)."""
+    from ..vision.idx import read_fashion_mnist
+
+    images, labels = read_fashion_mnist(settings.fmnist_root, "t10k")
+    bags = [
+        i for i in (labels == CLASS_NAMES.index(settings.subject_class)).nonzero()[0].tolist() if i != SUBJECT_INDEX
+    ]
+    index = bags[int(torch.randint(len(bags), (1,), generator=torch.Generator().manual_seed(settings.seed)))]
+    return index, torch.as_tensor(images[index]).view(1, 28, 28)
+
+
+def lr_grid(demo: Demo, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every method at each of its candidate rates on ``demo``'s subject: the metrics and the language drift."""
+    base = demo.metrics(demo.generate(demo.base))
+    rows = [{"method": "base model", "lr": None, **base, "language_drift": 0.0}]
+    for name, prepare in demo.methods():
+        for lr in demo.s.lr_candidates.get(name, ()):
+            model = demo.fresh()
+            model.unet = prepare(model.unet)
+            seconds, _ = demo.train(model, lr)
+            scores = demo.metrics(demo.generate(model))
+            drift = scores["prompt_fidelity"] - base["prompt_fidelity"]
+            rows.append({"method": name, "lr": lr, **scores, "language_drift": drift, "seconds": seconds})
+            log(
+                f"  {name} at lr {lr:g}: subject fidelity {scores['subject_fidelity']:.3f}, prompt fidelity "
+                f"{scores['prompt_fidelity']:.1%} (drift {100 * drift:+.1f}) ({seconds:.0f} s)"
+            )
+    return rows
+
+
+def picked(rows: list[dict[str, Any]], max_drift: float) -> dict[str, float]:
+    """Per method, the rate with the highest subject fidelity among those whose language drift is at least
+    ``-max_drift``; when none is, the rate with the least drift."""
+    out = {}
+    for name in dict.fromkeys(r["method"] for r in rows if r["lr"] is not None):
+        mine = [r for r in rows if r["method"] == name]
+        within = [r for r in mine if r["language_drift"] >= -max_drift - 1e-9]
+        best = (
+            max(within, key=lambda r: r["subject_fidelity"]) if within else max(mine, key=lambda r: r["language_drift"])
+        )
+        out[name] = best["lr"]
+    return out
+
+
+def grid_markdown(rows: list[dict[str, Any]], settings: DiffusionSettings, meta: dict[str, Any]) -> str:
+    choice, rates = picked(rows, settings.max_drift), sorted({r["lr"] for r in rows if r["lr"] is not None})
+    base = rows[0]
+    s = settings
+    lines = [
+        "# Diffusion: the learning rates of the demo, picked on a validation subject",
+        "",
+        "Generated by `modalpeft demo --modality diffusion --lr-grid --results-dir docs/results`. DreamBooth as the",
+        f"demo runs it ({s.steps} steps, the same batches and prompts for every run), on a *validation subject*: "
+        f"Fashion-MNIST test image {meta['subject_index']}, another bag (a seeded random pick; the demo's subject, "
+        f"test image {SUBJECT_INDEX}, is not used here). Per run: {s.identifier_samples} generations of the "
+        f"identifier prompt and {s.other_samples_per_class} of each other class's prompt (more than the demo's, for "
+        f"less sampling noise). Cells: subject fidelity / prompt fidelity (language drift from the base model's "
+        f"{100 * base['prompt_fidelity']:.1f}%, in points); base model subject fidelity "
+        f"{base['subject_fidelity']:.3f}.",
+        "",
+        f"Rule: per method, the rate with the highest subject fidelity among those whose drift is at least "
+        f"-{100 * s.max_drift:g} points (else the least drift). **Bold**: picked.",
+        "",
+        "| method | " + " | ".join(f"lr {r:g}" for r in rates) + " | picked | in `DiffusionSettings.lrs` |",
+        "|---|" + "---:|" * len(rates) + "---:|---:|",
+    ]
+    defaults = DiffusionSettings().lrs
+    for name in choice:
+        cells = []
+        for rate in rates:
+            row = next((r for r in rows if r["method"] == name and r["lr"] == rate), None)
+            text = "" if row is None else (
+                f"{row['subject_fidelity']:.3f} / {100 * row['prompt_fidelity']:.1f}% "
+                f"({100 * row['language_drift']:+.1f})")  # fmt: skip
+            cells.append(f"**{text}**" if row is not None and choice[name] == rate else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {choice[name]:g} | {defaults.get(name, 0):g} |")
+    lines += [
+        "",
+        lr_grid_note(rows, choice, defaults, "`DiffusionSettings.lrs`"),
+        "",
+        f"Device: CPU, {s.threads} thread(s), load average {meta['load']} at the start; total {meta['seconds']:.0f} s.",
+        environment_note(meta["environment"]),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def instance_views(subject: Tensor) -> Tensor:
@@ -499,6 +614,8 @@ def run(
     if out_dir is not None:
         settings.out = str(out_dir)
     console = console or Console()
+    if settings.lr_grid:
+        return _run_lr_grid(settings, results_dir if not quick else None, console, quick)
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
@@ -538,6 +655,41 @@ def run(
     if results_dir is not None:
         atomic_write({"diffusion.md": text, **pictures}, results_dir)
     console.print(f"wrote {settings.out}/{f' and {results_dir}/diffusion.md' if results_dir else ''} ({seconds:.0f} s)")
+    return report
+
+
+GRID_SAMPLES = {"identifier_samples": 16, "other_samples_per_class": 6}
+"""The grid's generations per run (the demo's: 8 and 3)."""
+
+
+def _run_lr_grid(settings: DiffusionSettings, results_dir: Any, console: Any, quick: bool) -> dict[str, Any]:
+    if not quick:
+        settings = replace(settings, **GRID_SAMPLES)
+    start = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        environment = run_environment()
+        index, subject = validation_subject(settings)
+        demo = Demo(settings, subject)
+        console.print(f"diffusion: learning-rate grid on a validation subject (Fashion-MNIST test image {index})")
+        rows = lr_grid(demo, console.print)
+    finally:
+        torch.set_num_threads(threads)
+    meta = {
+        "subject_index": index,
+        "load": f"{load:.1f}" if load is not None else "n/a",
+        "seconds": time.perf_counter() - start,
+        "environment": environment,
+    }
+    text = grid_markdown(rows, settings, meta).encode()
+    choice = picked(rows, settings.max_drift)
+    report = {"settings": asdict(settings), "rows": rows, "picked": choice, "results": [], **meta}
+    atomic_write({"lr_grid.json": report, "diffusion_lr_grid.md": text}, settings.out)
+    if results_dir is not None:
+        atomic_write({"diffusion_lr_grid.md": text}, results_dir)
+    console.print(f"diffusion: wrote {settings.out}/diffusion_lr_grid.md; picked {choice} ({meta['seconds']:.0f} s)")
     return report
 
 

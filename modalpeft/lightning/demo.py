@@ -37,6 +37,7 @@ __all__ = [
     "dir_size",
     "environment_note",
     "leftover_wrappers",
+    "lr_grid_note",
     "metric_vs_params_png",
     "quiet_lightning",
     "run_environment",
@@ -108,6 +109,19 @@ def environment_note(env: dict[str, Any], used_extras: Sequence[str] = ()) -> st
         f"{env['cpu_kernels']} kernels, {env['torch_threads']} torch thread(s); numeric environment {pinned}; "
         f"optional extras: {extras} ({used}). The figures are deterministic in this environment; on another CPU "
         "kernel family or thread count, float rounding differs and short fine-tuning runs can move by points."
+    )
+
+
+def lr_grid_note(rows: Sequence[dict[str, Any]], choice: dict[str, float], in_use: dict[str, float], where: str) -> str:
+    """The sentence under a learning-rate grid's table: whether the rates ``in_use`` (named ``where``) are the
+    ``choice`` made from ``rows`` (``{"method", "lr", ...}``), and which picks sit at the edge of their grid."""
+    grids = {n: [r["lr"] for r in rows if r["method"] == n] for n in choice}
+    edge = [n for n, lr in choice.items() if len(grids[n]) > 1 and lr in (min(grids[n]), max(grids[n]))]
+    same = all(in_use.get(n) == lr for n, lr in choice.items())
+    return (
+        f"The demo's rates ({where}) "
+        + ("are the picked ones." if same else "**differ from the picked ones**: set them from this table.")
+        + (f" Picked at the edge of its grid (extend the candidates): {', '.join(edge)}." if edge else "")
     )
 
 

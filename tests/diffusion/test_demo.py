@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from modalpeft.diffusion.demo import SUBJECT_FILE, all_checks_passed, instance_views, run
+from modalpeft.diffusion.demo import SUBJECT_FILE, DiffusionSettings, all_checks_passed, instance_views, run
 from modalpeft.diffusion.tiny import (
     FMNIST_DIFFUSION_FILE,
     IDENTIFIER,
@@ -68,3 +69,38 @@ def test_demo_quick_run(tmp_path) -> None:
         "DiffuseKronA (kron)",
     }
     assert "Environment: Python" in (tmp_path / "diffusion.md").read_text()
+
+
+def test_the_lr_grid_picks_the_most_faithful_rate_within_the_drift_bound() -> None:
+    from modalpeft.diffusion.demo import picked
+
+    def row(method, lr, fidelity, drift):
+        return {"method": method, "lr": lr, "subject_fidelity": fidelity, "language_drift": drift}
+
+    rows = [
+        {"method": "base model", "lr": None, "subject_fidelity": 0.9, "language_drift": 0.0},
+        row("a", 1e-3, 0.91, 0.0), row("a", 1e-2, 0.95, -0.04), row("a", 3e-2, 0.97, -0.10),
+        row("b", 1e-3, 0.92, -0.08), row("b", 1e-2, 0.96, -0.12),  # none within: the least drift
+        row("c", 1e-3, 0.92, -0.05),  # exactly at the bound counts
+    ]  # fmt: skip
+    assert picked(rows, 0.05) == {"a": 1e-2, "b": 1e-3, "c": 1e-3}
+
+
+@pytest.mark.skipif(not Path(DiffusionSettings().fmnist_root).is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_the_lr_grid_runs_on_another_bag_and_writes_its_page(tmp_path) -> None:
+    from modalpeft.diffusion.demo import SUBJECT_INDEX, validation_subject
+    from modalpeft.vision.idx import read_fashion_mnist
+
+    index, subject = validation_subject(DiffusionSettings())
+    images, labels = read_fashion_mnist(DiffusionSettings().fmnist_root, "t10k")
+    assert index != SUBJECT_INDEX and labels[index] == 8 and torch.equal(subject[0], torch.as_tensor(images[index]))
+    candidates = {"DiffuseKronA (official)": (1e-3, 1e-2), "full attention": (1e-4,)}
+    report = run(quick=True, out_dir=tmp_path, lr_grid=True, lr_candidates=candidates)
+    assert report["subject_index"] == index and all_checks_passed(report)
+    assert [(r["method"], r["lr"]) for r in report["rows"]] == [
+        ("base model", None), ("DiffuseKronA (official)", 1e-3), ("DiffuseKronA (official)", 1e-2),
+        ("full attention", 1e-4),
+    ]  # fmt: skip
+    assert set(report["picked"]) == {"DiffuseKronA (official)", "full attention"}
+    page = (tmp_path / "diffusion_lr_grid.md").read_text()
+    assert f"test image {index}" in page and not (tmp_path / "diffusion.md").exists()
