@@ -80,6 +80,12 @@ class DreamBoothTask(AdapterTask):
         validation_inference_steps: denoising steps of a rendering.
         validation_guidance_scale: classifier-free guidance of a rendering.
         validation_resolution: side of a rendering (``None``: the UNet's default size).
+        validation_clip: a CLIP model (transformers ``CLIPModel``: Hub name in the cache, or folder): each rendering
+            also logs ``val/clip_i`` (its images against the instance images) and ``val/clip_t`` (against their
+            prompts), DreamBooth's metrics (:mod:`modalpeft.diffusion.metrics`). Loaded when fit starts; missing
+            weights stop the run there, saying how to get them.
+        validation_dino: a timm DINO model name (weights in the cache): each rendering also logs ``val/dino``
+            against the instance images. The figures also go to ``validation/step_<N>.json``.
         optimizer: ``"adamw8bit"`` (the official scripts', bitsandbytes on a GPU; AdamW otherwise, with a warning),
             ``"adamw"`` or ``"sgd"``.
         lr, weight_decay, momentum, scheduler, warmup_epochs, min_lr: as :class:`~modalpeft.lightning.AdapterTask`
@@ -101,6 +107,8 @@ class DreamBoothTask(AdapterTask):
         validation_inference_steps: int = 25,
         validation_guidance_scale: float = 5.0,
         validation_resolution: int | None = None,
+        validation_clip: str | None = None,
+        validation_dino: str | None = None,
         optimizer: OptimizerName = "adamw8bit",
         lr: float = 1e-3,
         weight_decay: float = 1e-2,
@@ -131,6 +139,7 @@ class DreamBoothTask(AdapterTask):
         encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.sdxl else [])
         self.frozen = nn.ModuleList([m for m in (pipe.vae, *encoders) if m is not None])
         self.frozen.requires_grad_(False).eval()
+        self.judges: dict[str, Any] = {}  # the validation metrics' encoders, loaded when fit starts
 
     def train(self, mode: bool = True) -> DreamBoothTask:
         super().train(mode)
@@ -225,6 +234,20 @@ class DreamBoothTask(AdapterTask):
             images = self.render([prompt] * count, seed, steps, resolution)
         return [to_pil_image(image) for image in images]
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        hp = self.hparams
+        if (hp.validation_clip or hp.validation_dino) and not hp.validation_prompts:
+            raise ValueError(
+                "validation_clip / validation_dino score the validation renderings: give validation_prompts too."
+            )
+        from . import metrics
+
+        if hp.validation_clip and "clip" not in self.judges:
+            self.judges["clip"] = metrics.load_clip(hp.validation_clip)
+        if hp.validation_dino and "dino" not in self.judges:
+            self.judges["dino"] = metrics.load_dino(hp.validation_dino)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
         hp, step = self.hparams, self.global_step
@@ -244,9 +267,15 @@ class DreamBoothTask(AdapterTask):
             hp.validation_guidance_scale,
         )  # fmt: skip
         grid = make_grid(images, nrow=len(images), padding=2)
+        scores = self.validation_scores(images)
+        for name, value in scores.items():
+            self.log(f"val/{name}", value, on_step=True, on_epoch=False)
         if self.trainer.is_global_zero:
             folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "validation"
-            atomic_write({f"step_{self.global_step:06d}.png": png_bytes(to_pil_image(grid))}, folder)
+            files: dict[str, Any] = {f"step_{self.global_step:06d}.png": png_bytes(to_pil_image(grid))}
+            if scores:
+                files[f"step_{self.global_step:06d}.json"] = {"step": self.global_step, **scores}
+            atomic_write(files, folder)
             for logger in self.trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
                 if hasattr(experiment, "add_image"):  # TensorBoard
@@ -254,6 +283,33 @@ class DreamBoothTask(AdapterTask):
                 elif hasattr(logger, "log_image"):  # Weights & Biases, ...
                     logger.log_image(key="validation", images=[to_pil_image(grid)], step=self.global_step)
         return images
+
+    @torch.no_grad()
+    def validation_scores(self, images: Tensor) -> dict[str, float]:
+        """CLIP-I, CLIP-T and DINO of validation renderings against the instance images (the encoders given)."""
+        if not self.judges:
+            return {}
+        from .metrics import personalisation_metrics
+
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "dataset", None)
+        references = getattr(dataset, "instance_images", None)
+        if not references:
+            raise ValueError(
+                "the validation metrics compare renderings with the instance images: train with a DreamBoothDataModule "
+                "(its dataset's instance_images), or leave validation_clip / validation_dino unset."
+            )
+        clip = self.judges.get("clip")
+        if clip is not None:
+            clip = (clip[0].to(self.device), clip[1])
+        dino = self.judges.get("dino")
+        out = personalisation_metrics(
+            images,
+            references,
+            list(self.hparams.validation_prompts),
+            clip,
+            None if dino is None else dino.to(self.device),
+        )
+        return {k: float(v) for k, v in out.items()}
 
 
 __all__ = ["DreamBoothTask", "diffusion_target", "load_pipeline", "min_snr_weights"]

@@ -24,6 +24,28 @@ def tiny_tokenizer(max_length: int = 16):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+def tiny_clip():
+    """A tiny random transformers ``CLIPModel`` (32 px images, :func:`tiny_tokenizer`'s vocabulary), eval mode."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    text = {"vocab_size": 54, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision |= {"image_size": 32, "patch_size": 8}
+    config = CLIPConfig(text_config={**text, "pad_token_id": 1}, vision_config=vision, projection_dim=16)
+    return CLIPModel(config).eval()
+
+
+def tiny_dino():
+    """A tiny random timm DINO ViT (32 px, pooled features out), eval mode."""
+    import timm
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    return timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0, **kwargs).eval()
+
+
 def _text_config(hidden: int, projection: int | None = None):
     from transformers import CLIPTextConfig
 

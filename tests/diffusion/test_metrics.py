@@ -4,7 +4,6 @@ of the encoders' embeddings), and the messages when the weights are missing."""
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from PIL import Image
 from torch.nn import functional as F
@@ -12,27 +11,17 @@ from torchvision.transforms import functional as TF
 
 from modalpeft.diffusion import metrics
 
-from .pipelines import tiny_tokenizer
+from .pipelines import tiny_clip, tiny_dino, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def clip():
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(0)
-    text = {"vocab_size": 54, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
-    text |= {"num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    vision |= {"image_size": 32, "patch_size": 8}
-    config = CLIPConfig(text_config={**text, "pad_token_id": 1}, vision_config=vision, projection_dim=16)
-    return CLIPModel(config).eval(), tiny_tokenizer()
+    return tiny_clip(), tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def dino_model():
-    torch.manual_seed(0)
-    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
-    return timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0, **kwargs).eval()
+    return tiny_dino()
 
 
 def images(n: int, seed: int, size: int = 40) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """DreamBoothTask on tiny SD / SDXL pipelines saved to a folder: the loss of the scheduler's prediction type (with
 Min-SNR and prior preservation) against a transcription of the formulas, class images generated once into the cache
-folder, validation grids, the exported adapter loading into a fresh pipeline, and bad input."""
+folder, validation grids (scored with CLIP and DINO when asked), the exported adapter loading into a fresh pipeline,
+and bad input."""
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -17,7 +20,7 @@ from modalpeft.diffusion.data import DreamBoothDataModule
 from modalpeft.diffusion.tasks import DreamBoothTask, load_pipeline
 from modalpeft.lightning.optim import build_optimizer
 
-from .pipelines import save_tiny_pipeline, write_images
+from .pipelines import save_tiny_pipeline, tiny_clip, tiny_dino, tiny_tokenizer, write_images
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +123,39 @@ def test_sd_fit_generates_class_images_once_renders_grids_and_exports(pipes, tmp
         torch.testing.assert_close(adapted(x, t, e).sample, trained(x, t, e).sample)
         with trained.disable_adapters():
             assert not torch.allclose(adapted(x, t, e).sample, trained(x, t, e).sample)
+
+
+def test_validation_renderings_are_scored_with_clip_and_dino(pipes, tmp_path, monkeypatch) -> None:
+    from modalpeft.diffusion import metrics
+
+    clip_dir = tmp_path / "clip"
+    tiny_clip().save_pretrained(clip_dir)
+    tiny_tokenizer().save_pretrained(clip_dir)
+    monkeypatch.setattr(metrics, "load_dino", lambda name: tiny_dino() if name == "tiny-dino" else None)
+    prompts = ["a sks dog", "a dog"]
+    task = DreamBoothTask(
+        str(pipes["sd"]), DiffuseKronAConfig(), optimizer="adamw", validation_prompts=prompts,
+        validation_every_n_steps=2, validation_inference_steps=2, validation_resolution=16,
+        validation_clip=str(clip_dir), validation_dino="tiny-dino",
+    )  # fmt: skip
+    instance = write_images(tmp_path / "photos", 2)
+    data = DreamBoothDataModule(str(instance), "a photo of sks dog", resolution=16)
+    trainer = _trainer(tmp_path)
+    trainer.fit(task, data)
+    scores = json.loads((Path(trainer.log_dir) / "validation" / "step_000002.json").read_text())
+    assert set(scores) == {"step", "clip_i", "clip_t", "dino"} and scores["step"] == 2
+    images = task.render(prompts, 0, 2, 16)  # the same rendering again: the same seed, the same weights
+    references = data.dataset.instance_images
+    clip = metrics.load_clip(str(clip_dir))
+    assert scores["clip_i"] == pytest.approx(metrics.clip_i(images, references, clip[0]), abs=1e-5)
+    assert scores["clip_t"] == pytest.approx(metrics.clip_t(images, prompts, *clip), abs=1e-5)
+    assert scores["dino"] == pytest.approx(metrics.dino(images, references, tiny_dino()), abs=1e-5)
+    logged = trainer.callback_metrics
+    assert {"val/clip_i", "val/clip_t", "val/dino"} <= set(logged)
+    with pytest.raises(ValueError, match="give validation_prompts too"):
+        pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False).fit(
+            DreamBoothTask(str(pipes["sd"]), DiffuseKronAConfig(), optimizer="adamw", validation_dino="tiny-dino"), data
+        )
 
 
 @pytest.mark.parametrize("adapter", ["diffusekrona", "lora"])
