@@ -32,9 +32,14 @@ def test_quick_demo_runs_and_writes_its_report(tmp_path) -> None:
     assert by["pretrained (frozen)"]["trainable_params"] == 0
     assert 0 < by["linear adapter"]["share_of_full"] < 0.10 and by["full fine-tuning"]["share_of_full"] == 1.0
     assert by["lora (peft)"]["merge_ok"] and all(by[m]["reload_ok"] for m in methods[1:])
+    variants = ["last", "uniform", "loss p=1", "loss p=10", "step p=1"]
+    for method in ("linear adapter", "conv adapter", "transformer adapter", "lora (peft)"):  # checkpoint merging
+        assert list(by[method]["mwa"]) == variants and by[method]["mwa"]["last"] == by[method]["bits_per_token"]
+    assert not by["full fine-tuning"]["mwa"] and not by["pretrained (frozen)"]["mwa"]
     for name in ("audio.md", "audio_pianoroll.png", "audio_nll_vs_params.png", "samples/real.mid"):
         assert (tmp_path / "audio" / name).is_file()
     page = (tmp_path / "audio" / "audio.md").read_text()
+    assert "## Checkpoint merging (MWA)" in page
     links = re.findall(r"\]\(([^)]+)\)", page)
     assert "audio_pianoroll.png" in links and "samples/real.mid" in links
     assert all((tmp_path / "audio" / link).is_file() for link in links), links  # relative to the page
