@@ -218,9 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="vision: contenders to run (default: all)")
     p.add_argument(
         "--suite",
-        choices=("adapters", "weight-space"),
-        help="text: the contenders, issue 18's adapters (default: docs/results/text.md) or the weight-space methods "
-        "(text_weight_space.md)",
+        choices=("adapters", "weight-space", "mwa"),
+        help="text: the contenders, issue 18's adapters (default: docs/results/text.md), the weight-space methods "
+        "(text_weight_space.md), or checkpoint merging of adapters' last saves (text_mwa.md)",
     )
     p.add_argument("--quick", action="store_true", help="a few seconds' run with almost no training (for tests)")
     p.set_defaults(func=cmd_demo, user_errors=())

@@ -238,19 +238,9 @@ class AudioDemo:
 
     def merged_checkpoints(self, model: AdaptedModel, saves: list[tuple[int, float, dict[str, Tensor]]]) -> dict:
         """Held-out bits/token of the last save and of its MWA merges (``model`` is left as trained)."""
-        from ..lightning.mwa import average_states, mwa_weights
+        from ..lightning.mwa import evaluate_merges
 
-        steps, losses, states = zip(*saves, strict=True)
-        weights = {"uniform": mwa_weights(losses, uniform=True)}
-        weights |= {f"loss p={p:g}": mwa_weights(losses, p, "min") for p in self.s.mwa_penalties}
-        weights["step p=1"] = mwa_weights([float(s) for s in steps], 1.0, "max")
-        out = {"last": self.bits_per_token(model)}
-        trained = {k: v.clone() for k, v in model.adapter_state_dict().items()}
-        for name, w in weights.items():
-            model.load_adapter_state(average_states(states, w), model.active_adapter)
-            out[name] = self.bits_per_token(model)
-        model.load_adapter_state(trained, model.active_adapter)
-        return out
+        return evaluate_merges(model, saves, self.bits_per_token, self.s.mwa_penalties)
 
     @torch.no_grad()
     def bits_per_token(self, model: nn.Module) -> float:

@@ -80,6 +80,18 @@ def mwa_weights(
     return torch.softmax(logits, 0).tolist()  # m^(±p) / Σ m^(±p), computed in log space
 
 
+def variant_weights(
+    saves: Sequence[tuple[int, float, Any]], penalties: Sequence[float] = (1.0,)
+) -> dict[str, list[float]]:
+    """The weights a study compares, for saves ``(step, loss, state)``: ``"uniform"`` (the paper's baseline),
+    ``"loss p=<p>"`` for each penalty (``w ∝ loss^-p``) and ``"step p=1"`` (``w ∝ step``: later saves count more)."""
+    steps, losses = [float(s[0]) for s in saves], [float(s[1]) for s in saves]
+    out = {"uniform": mwa_weights(losses, uniform=True)}
+    out |= {f"loss p={p:g}": mwa_weights(losses, p, "min") for p in penalties}
+    out["step p=1"] = mwa_weights(steps, 1.0, "max")
+    return out
+
+
 def average_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
     """``Σ w_i state_i`` key by key (float64 accumulation, cast back); integer tensors (selected indices) must agree,
     except BatchNorm's ``num_batches_tracked``, taken from the last save.
@@ -117,6 +129,26 @@ def average_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence[flo
                     "its values cannot be averaged; merge saves of one adapter, or use mode='delta'."
                 )
             out[key] = ref.clone()
+    return out
+
+
+def evaluate_merges(
+    model: AdaptedModel,
+    saves: Sequence[tuple[int, float, Mapping[str, Tensor]]],
+    score: Any,
+    penalties: Sequence[float] = (1.0,),
+) -> dict[str, float]:
+    """``score(model)`` as trained (``"last"``) and with each of :func:`variant_weights`' merges of ``saves``
+    (``mode="factors"``) loaded in turn; ``model`` is left as trained."""
+    out = {"last": float(score(model))}
+    trained = {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
+    states = [state for _, _, state in saves]
+    try:
+        for name, weights in variant_weights(saves, penalties).items():
+            model.load_adapter_state(average_states(states, weights), model.active_adapter)
+            out[name] = float(score(model))
+    finally:
+        model.load_adapter_state(trained, model.active_adapter)
     return out
 
 

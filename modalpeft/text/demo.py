@@ -131,12 +131,15 @@ SUITES: dict[str, tuple[str, ...]] = {
         "paca",
         "increlora",
     ),
+    "mwa": ("linear probe", "full fine-tuning", "lora (peft)", "parallel_adapter", "compacter", "mtlora"),
 }
-"""The contenders of each page: ``adapters`` (issue 18, ``text.md``, the ``make demo`` section) and ``weight-space``
-(issue 19's methods, ``text_weight_space.md``: ``modalpeft demo --modality text --suite weight-space``)."""
+"""The contenders of each page: ``adapters`` (issue 18, ``text.md``, the ``make demo`` section), ``weight-space``
+(issue 19's methods, ``text_weight_space.md``: ``modalpeft demo --modality text --suite weight-space``) and
+``mwa`` (checkpoint merging of each adapter's last saves, ``text_mwa.md``)."""
 TARGETED = {
     "adapters": ("lora (peft)", "parallel_adapter", "compacter", "sora"),
     "weight-space": ("svfit", "loldu", "neuroada", "mtlora", "paca", "increlora"),
+    "mwa": (),
 }
 """The contenders each issue sets targets for."""
 COST = {"full fine-tuning": 2.0, "dept": 1.8, "sora": 1.3, "lofit": 1.2, "linear probe": 0.6}
@@ -174,6 +177,11 @@ class TextSettings:
     wordnet: str = str(minibench.WORDNET_DIR)
     fortunes: str = str(minibench.FORTUNES_DIR)
     lrs: dict[str, float] = field(default_factory=lambda: dict(LRS))
+    mwa_keep: int = 5
+    mwa_every: int = 4
+    """The ``mwa`` suite: the last ``mwa_keep`` saves of each adapter, one every ``mwa_every`` steps (the training
+    loss at each, as :class:`~modalpeft.lightning.mwa.MetricWeightedAveraging` keeps them), merged afterwards."""
+    mwa_penalties: tuple[float, ...] = (1.0, 10.0)
 
     def __post_init__(self) -> None:
         if self.suite not in SUITES:
@@ -210,6 +218,8 @@ class Result:
     merge: bool | None
     pruned_trainable: int | None = None
     pruned_accuracy: dict[str, float] | None = None
+    mwa: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The ``mwa`` suite: dev accuracy per merge variant (``"last"``, ``"uniform"``, ...) and task."""
 
     @property
     def ok(self) -> bool:
@@ -260,9 +270,9 @@ class TaskRun:
             backbone, len(self.labels), adapter=adapter, lr=lr, head_lr=self.s.head_lr, warmup_epochs=0.1
         )
 
-    def fit(self, task: Any, steps: int, root: Path) -> float:
+    def fit(self, task: Any, steps: int, root: Path, callbacks: tuple = ()) -> float:
         torch.manual_seed(self.s.seed)  # the same batches for every contender
-        trainer = demo_trainer(steps, root)
+        trainer = demo_trainer(steps, root, callbacks)
         start = time.perf_counter()
         with quiet_lightning():
             trainer.fit(task, datamodule=self.data)
@@ -280,12 +290,12 @@ class TaskRun:
         model.eval()
         return model(**{k: v for k, v in self.batch.items() if k != "labels"})
 
-    def run(self, name: str, root: Path) -> tuple[Any, float]:
+    def run(self, name: str, root: Path, callbacks: tuple = ()) -> tuple[Any, float]:
         """The trained task of contender ``name`` and its step time."""
         lr = self.s.lrs.get(name, self.s.lr)
         task = self.task_model(CONTENDERS[name](self.s), lr)
         if name != "lofit":
-            return task, self.fit(task, self.s.steps, root)
+            return task, self.fit(task, self.s.steps, root, callbacks)
         from .methods.lofit import select_heads
 
         first = self.s.steps // 2
@@ -355,6 +365,7 @@ class Part:
     merge: bool | None
     pruned_trainable: int | None = None
     pruned_accuracy: float | None = None
+    mwa: dict[str, float] = field(default_factory=dict)
 
 
 _RUNS: dict[tuple[str, str], TaskRun] = {}
@@ -372,11 +383,22 @@ def run_job(settings: TextSettings, name: str, task_name: str) -> Part:
     run = _RUNS[key]
     run.s = settings  # the data is shared; each job's own settings (learning rates, steps) apply
     root = Path(settings.out) / "runs" / name.split(" ")[0] / task_name
-    task, step = run.run(name, root)
+    saver = None
+    if settings.suite == "mwa" and name not in ("linear probe", "full fine-tuning"):
+        from ..lightning.mwa import MetricWeightedAveraging
+
+        saver = MetricWeightedAveraging(root / "adapter_mwa", keep=settings.mwa_keep,
+                                        every_n_train_steps=settings.mwa_every)  # fmt: skip
+    task, step = run.run(name, root, (saver,) if saver else ())
     trainable, total = parameter_counts(task.model)
     accuracy = run.accuracy(task, root)
     reload_ok, diff, merge_ok = run.check(name, task, root)
     part = Part(name, task_name, trainable, total, accuracy, step, reload_ok, diff, merge_ok)
+    if saver is not None:
+        from ..lightning.mwa import evaluate_merges
+
+        part.mwa = evaluate_merges(task.model, list(saver.saves), lambda _: run.accuracy(task, root),
+                                   settings.mwa_penalties)  # fmt: skip
     if name == "sora":
         prune_sora(task.model)
         part.pruned_trainable = parameter_counts(task.model)[0]
@@ -396,6 +418,8 @@ def combine(parts: list[Part]) -> Result:
             max(row.reload_max_abs_diff, p.reload_max_abs_diff),
         )
         row.merge = None if p.merge is None else bool(row.merge is not False and p.merge)
+        for variant, value in p.mwa.items():
+            row.mwa.setdefault(variant, {})[p.task] = value
         if p.pruned_trainable is not None and p.pruned_accuracy is not None:
             row.pruned_trainable = max(row.pruned_trainable or 0, p.pruned_trainable)
             row.pruned_accuracy = {**(row.pruned_accuracy or {}), p.task: p.pruned_accuracy}
@@ -461,7 +485,8 @@ def plot(rows: list[Result], settings: TextSettings | None = None) -> bytes:
 
 def _title(settings: TextSettings | None) -> str:
     suite = "adapters" if settings is None else settings.suite
-    return "all-MiniLM-L6-v2 on the offline mini-GLUE" + ("" if suite == "adapters" else f": {suite} methods")
+    extra = {"adapters": "", "mwa": ": checkpoint merging (MWA)"}.get(suite, f": {suite} methods")
+    return "all-MiniLM-L6-v2 on the offline mini-GLUE" + extra
 
 
 def targets(rows: list[Result], targeted: tuple[str, ...] = TARGETED["adapters"]) -> list[str]:
@@ -551,12 +576,52 @@ def markdown(settings: TextSettings, rows: list[Result]) -> str:
                 if settings.suite == "adapters"
                 else []
             ),
+            *mwa_lines(settings, rows),
             f"![mean dev accuracy against trainable parameters]({settings.plot_name})",
             "",
             environment_note(run_environment()),
             "",
         ]
     )
+
+
+def mwa_lines(settings: TextSettings, rows: list[Result]) -> list[str]:
+    """The ``mwa`` suite's table: mean dev accuracy of each adapter's merged saves, and what it shows."""
+    merged = [r for r in rows if r.mwa]
+    if not merged:
+        return []
+    variants = list(merged[0].mwa)
+    first = settings.steps - (settings.mwa_keep - 1) * settings.mwa_every
+    lines = [
+        "## Checkpoint merging (MWA)",
+        "",
+        f"Each adapter's states at steps {first}, {first + settings.mwa_every}, ..., {settings.steps} (the last "
+        f"{settings.mwa_keep} saves of `MetricWeightedAveraging(every_n_train_steps={settings.mwa_every})`, with the "
+        'training loss logged at each), merged by averaging the tensors (`mode="factors"`): uniformly, weighted '
+        "by the loss (`w ∝ loss^-p`) or by the step (`w ∝ step`). Mean dev accuracy over the tasks (%; `last` is "
+        "the table above):",
+        "",
+        "| method | " + " | ".join(variants) + " |",
+        "|---|" + "---:|" * len(variants),
+    ]
+    means = {r.method: {v: 100 * sum(r.mwa[v].values()) / len(r.mwa[v]) for v in variants} for r in merged}
+    for name, by_variant in means.items():
+        best = max(by_variant.values())
+        cells = [f"**{x:.1f}**" if x == best else f"{x:.1f}" for x in by_variant.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    loss1 = f"loss p={settings.mwa_penalties[0]:g}"
+    over_last = sum(m[loss1] > m["last"] for m in means.values())
+    over_uniform = sum(m[loss1] > m["uniform"] for m in means.values())
+    gain = max(m[loss1] - m["uniform"] for m in means.values())
+    return [
+        *lines,
+        "",
+        f"Loss-weighted merging ({loss1}) beats the last checkpoint for {over_last} of {len(means)} adapters and the "
+        f"uniform average for {over_uniform} of {len(means)}; its largest gain over the uniform average is "
+        f"{gain:+.1f} points (the paper reports up to 5 points over uniform averaging; one seed, "
+        f"{settings.max_eval} dev examples per task here).",
+        "",
+    ]
 
 
 def run(

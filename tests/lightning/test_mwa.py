@@ -169,3 +169,30 @@ def test_callback_refuses_an_unlogged_metric_and_a_baseline(tmp_path) -> None:
     assert not mwa.saves
     with pytest.raises(ValueError, match="keep=0"):
         MetricWeightedAveraging(keep=0)
+
+
+def test_evaluate_merges_scores_each_variant_and_leaves_the_model_as_trained() -> None:
+    from modalpeft.lightning.mwa import evaluate_merges, variant_weights
+
+    model, states = saves(mp.create_config("krona", a1=2, a2=2))
+    trained = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+    runs = [(10, 2.0, states[0]), (20, 1.0, states[1]), (30, 0.5, states[2])]
+    weights = variant_weights(runs, (1.0, 10.0))
+    assert list(weights) == ["uniform", "loss p=1", "loss p=10", "step p=1"]
+    assert weights["uniform"] == pytest.approx([1 / 3] * 3)
+    assert weights["loss p=1"] == pytest.approx([0.5 / 3.5, 1 / 3.5, 2 / 3.5])  # ∝ 1/loss
+    assert weights["step p=1"] == pytest.approx([1 / 6, 2 / 6, 3 / 6])  # ∝ step
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+
+    def score(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(m(x).sum())
+
+    out = evaluate_merges(model, runs, score, (1.0, 10.0))
+    assert list(out) == ["last", *weights]
+    for name, w in weights.items():
+        expected = copy.deepcopy(model)
+        expected.load_adapter_state(average_states(states, w), expected.active_adapter)
+        assert out[name] == pytest.approx(score(expected), rel=1e-6)
+    assert out["last"] == pytest.approx(score(model))
+    assert all(torch.equal(v, trained[k]) for k, v in model.adapter_state_dict().items())

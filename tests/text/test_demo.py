@@ -141,3 +141,32 @@ def test_quick_weight_space_suite_on_a_tiny_model(tmp_path) -> None:
     assert not (out / "text.md").exists()
     with pytest.raises(ValueError, match="suite='weights' is not valid"):
         demo.TextSettings(suite="weights")
+
+
+def test_quick_mwa_suite_merges_each_adapters_last_saves(tmp_path) -> None:
+    """``--suite mwa``: every adapter's last saves are merged (uniform, loss- and step-weighted) and scored; the
+    ``last`` variant is the adapter as trained, the baselines keep none; the page has the merging table."""
+    model = tmp_path / "bert"
+    tiny_model("bert", hidden_size=128, intermediate_size=256, num_attention_heads=4).save_pretrained(model)
+    write_tokenizer(model)
+    out = tmp_path / "run"
+    settings = dict(
+        model=str(model),
+        wordnet=str(write_wordnet(tmp_path / "wn")),
+        fortunes=str(write_fortunes(tmp_path / "fortunes")),
+        suite="mwa",
+        methods=("linear probe", "lora (peft)", "compacter"),
+        steps=3,
+        mwa_every=1,
+        mwa_keep=2,
+    )
+    assert demo.run(quick=True, out_dir=out, console=Console(record=True, width=200), **settings)
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    variants = ["last", "uniform", "loss p=1", "loss p=10", "step p=1"]
+    for name in ("lora (peft)", "compacter"):
+        assert list(rows[name]["mwa"]) == variants
+        assert rows[name]["mwa"]["last"] == rows[name]["accuracy"]  # the model as trained, per task
+    assert rows["linear probe"]["mwa"] == {}
+    page = (out / "text_mwa.md").read_text()
+    assert "## Checkpoint merging (MWA)" in page and "steps 2, 3, ..., 3" in page
+    assert (out / "runs" / "lora" / "wn-supersense" / "adapter_mwa" / "mwa.json").is_file()  # the callback's merge
