@@ -229,7 +229,7 @@ class AudioDemo:
             optimizer.step()
             schedule.step()
             times.append(time.perf_counter() - t0)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if saves is not None and (steps - step) % every == 0 and steps - step < self.s.mwa_keep * every:
                 state = {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
                 saves.append((step, statistics.fmean(losses[-every:]), state))

@@ -19,6 +19,15 @@ from .test_minibench import write_fortunes, write_wordnet
 METHODS = ("full fine-tuning", "lora (peft)", "sora", "dept", "lofit")
 
 
+def tiny_inputs(tmp_path) -> dict[str, str]:
+    """A tiny BERT (width 128: Compacter's d/16 = 8 is divisible by its n = 4) and fixture WordNet / fortunes."""
+    model = tmp_path / "bert"
+    tiny_model("bert", hidden_size=128, intermediate_size=256, num_attention_heads=4).save_pretrained(model)
+    write_tokenizer(model)
+    wordnet, fortunes = write_wordnet(tmp_path / "wn"), write_fortunes(tmp_path / "fortunes")
+    return {"model": str(model), "wordnet": str(wordnet), "fortunes": str(fortunes)}
+
+
 @pytest.mark.slow
 def test_quick_demo_on_a_tiny_model(tmp_path) -> None:
     model = tmp_path / "bert"
@@ -120,16 +129,8 @@ def test_the_demo_wires_the_text_section(tmp_path, monkeypatch) -> None:
 def test_quick_weight_space_suite_on_a_tiny_model(tmp_path) -> None:
     """``--suite weight-space``: issue 19's methods train, reload and merge to the same outputs; the page and plot
     have their own names, and its targets are issue 19's."""
-    model = tmp_path / "bert"
-    tiny_model("bert", hidden_size=128, intermediate_size=256, num_attention_heads=4).save_pretrained(model)
-    write_tokenizer(model)
     out = tmp_path / "run"
-    settings = dict(
-        model=str(model),
-        wordnet=str(write_wordnet(tmp_path / "wn")),
-        fortunes=str(write_fortunes(tmp_path / "fortunes")),
-        suite="weight-space",
-    )
+    settings = {**tiny_inputs(tmp_path), "suite": "weight-space"}
     assert demo.run(quick=True, out_dir=out, console=Console(record=True, width=200), **settings)
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert list(rows) == list(demo.SUITES["weight-space"])
@@ -146,14 +147,9 @@ def test_quick_weight_space_suite_on_a_tiny_model(tmp_path) -> None:
 def test_quick_mwa_suite_merges_each_adapters_last_saves(tmp_path) -> None:
     """``--suite mwa``: every adapter's last saves are merged (uniform, loss- and step-weighted) and scored; the
     ``last`` variant is the adapter as trained, the baselines keep none; the page has the merging table."""
-    model = tmp_path / "bert"
-    tiny_model("bert", hidden_size=128, intermediate_size=256, num_attention_heads=4).save_pretrained(model)
-    write_tokenizer(model)
     out = tmp_path / "run"
     settings = dict(
-        model=str(model),
-        wordnet=str(write_wordnet(tmp_path / "wn")),
-        fortunes=str(write_fortunes(tmp_path / "fortunes")),
+        **tiny_inputs(tmp_path),
         suite="mwa",
         methods=("linear probe", "lora (peft)", "compacter"),
         steps=3,
