@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..core.compare import delta, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.state import atomic_write
-from ..lightning.demo import environment_note, lr_grid_note, metric_vs_params_png, run_environment
+from ..lightning.demo import environment_note, lr_grid_note, lr_grid_table, metric_vs_params_png, run_environment
 
 IDLE = "encoder_attn"
 """The MusicGen decoder's cross-attention modules: unused without a text condition."""
@@ -352,7 +352,7 @@ def picked(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def grid_markdown(rows: list[dict[str, Any]], settings: AudioSettings, meta: dict[str, Any]) -> str:
-    choice, rates = picked(rows), sorted({r["lr"] for r in rows})
+    choice = picked(rows)
     lines = [
         "# Audio: the learning rates of the demo, picked on a validation split",
         "",
@@ -363,20 +363,12 @@ def grid_markdown(rows: list[dict[str, Any]], settings: AudioSettings, meta: dic
         f"{settings.steps} steps of batch {settings.batch_size} at each candidate rate, as the demo trains. Validation "
         "bits/token (lower is better; **bold**: picked):",
         "",
-        "| method | " + " | ".join(f"lr {r:g}" for r in rates) + " | picked | in `AudioSettings.lrs` |",
-        "|---|" + "---:|" * len(rates) + "---:|---:|",
     ]
-    for name in dict.fromkeys(r["method"] for r in rows):
-        cells = []
-        for rate in rates:
-            row = next((r for r in rows if r["method"] == name and r["lr"] == rate), None)
-            text = "" if row is None else f"{row['bits_per_token']:.3f}"
-            cells.append(f"**{text}**" if row is not None and choice[name] == rate else text)
-        used = AudioSettings().lrs.get(name)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {choice[name]:g} | {used:g} |")
+    in_use = AudioSettings().lrs
+    lines += lr_grid_table(rows, choice, in_use, lambda r: f"{r['bits_per_token']:.3f}", "in `AudioSettings.lrs`")
     lines += [
         "",
-        lr_grid_note(rows, choice, AudioSettings().lrs, "`AudioSettings.lrs`"),
+        lr_grid_note(rows, choice, in_use, "`AudioSettings.lrs`"),
         "",
         f"Device: CPU, {settings.threads} thread(s), load average {meta['load']} at the start; total "
         f"{meta['seconds']:.0f} s.",

@@ -49,6 +49,7 @@ from ..lightning.demo import (
     environment_note,
     leftover_wrappers,
     lr_grid_note,
+    lr_grid_table,
     metric_vs_params_png,
     run_environment,
 )
@@ -381,7 +382,7 @@ def picked(rows: list[dict[str, Any]], max_drift: float) -> dict[str, float]:
 
 
 def grid_markdown(rows: list[dict[str, Any]], settings: DiffusionSettings, meta: dict[str, Any]) -> str:
-    choice, rates = picked(rows, settings.max_drift), sorted({r["lr"] for r in rows if r["lr"] is not None})
+    choice = picked(rows, settings.max_drift)
     base = rows[0]
     s = settings
     lines = [
@@ -399,19 +400,13 @@ def grid_markdown(rows: list[dict[str, Any]], settings: DiffusionSettings, meta:
         f"Rule: per method, the rate with the highest subject fidelity among those whose drift is at least "
         f"-{100 * s.max_drift:g} points (else the least drift). **Bold**: picked.",
         "",
-        "| method | " + " | ".join(f"lr {r:g}" for r in rates) + " | picked | in `DiffusionSettings.lrs` |",
-        "|---|" + "---:|" * len(rates) + "---:|---:|",
     ]
+
+    def cell(r: dict[str, Any]) -> str:
+        return f"{r['subject_fidelity']:.3f} / {100 * r['prompt_fidelity']:.1f}% ({100 * r['language_drift']:+.1f})"
+
     defaults = DiffusionSettings().lrs
-    for name in choice:
-        cells = []
-        for rate in rates:
-            row = next((r for r in rows if r["method"] == name and r["lr"] == rate), None)
-            text = "" if row is None else (
-                f"{row['subject_fidelity']:.3f} / {100 * row['prompt_fidelity']:.1f}% "
-                f"({100 * row['language_drift']:+.1f})")  # fmt: skip
-            cells.append(f"**{text}**" if row is not None and choice[name] == rate else text)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {choice[name]:g} | {defaults.get(name, 0):g} |")
+    lines += lr_grid_table(rows, choice, defaults, cell, "in `DiffusionSettings.lrs`")
     lines += [
         "",
         lr_grid_note(rows, choice, defaults, "`DiffusionSettings.lrs`"),

@@ -38,6 +38,7 @@ __all__ = [
     "environment_note",
     "leftover_wrappers",
     "lr_grid_note",
+    "lr_grid_table",
     "metric_vs_params_png",
     "quiet_lightning",
     "run_environment",
@@ -110,6 +111,31 @@ def environment_note(env: dict[str, Any], used_extras: Sequence[str] = ()) -> st
         f"optional extras: {extras} ({used}). The figures are deterministic in this environment; on another CPU "
         "kernel family or thread count, float rounding differs and short fine-tuning runs can move by points."
     )
+
+
+def lr_grid_table(
+    rows: Sequence[dict[str, Any]],
+    choice: dict[str, float],
+    in_use: dict[str, float],
+    cell: Callable[[dict[str, Any]], str],
+    in_use_header: str,
+) -> list[str]:
+    """A learning-rate grid's markdown table: a row per method of ``choice`` (in its order), a column per rate of
+    ``rows`` (``{"method", "lr", ...}``; ``cell(row)`` writes a result, bold where picked), then the pick and the
+    rate ``in_use`` under ``in_use_header``."""
+    rates = sorted({r["lr"] for r in rows if r["lr"] is not None})
+    lines = [
+        "| method | " + " | ".join(f"lr {r:g}" for r in rates) + f" | picked | {in_use_header} |",
+        "|---|" + "---:|" * len(rates) + "---:|---:|",
+    ]
+    for name, picked in choice.items():
+        cells = []
+        for rate in rates:
+            row = next((r for r in rows if r["method"] == name and r["lr"] == rate), None)
+            text = "" if row is None else cell(row)
+            cells.append(f"**{text}**" if row is not None and picked == rate else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {picked:g} | {in_use.get(name, 0):g} |")
+    return lines
 
 
 def lr_grid_note(rows: Sequence[dict[str, Any]], choice: dict[str, float], in_use: dict[str, float], where: str) -> str:

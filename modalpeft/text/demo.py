@@ -30,7 +30,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ from ..lightning.demo import (
     demo_trainer,
     environment_note,
     in_workers,
+    lr_grid_note,
+    lr_grid_table,
     metric_vs_params_png,
     quiet_lightning,
     run_environment,
@@ -182,6 +184,20 @@ class TextSettings:
     """The ``mwa`` suite: the last ``mwa_keep`` saves of each adapter, one every ``mwa_every`` steps (the training
     loss at each, as :class:`~modalpeft.lightning.mwa.MetricWeightedAveraging` keeps them), merged afterwards."""
     mwa_penalties: tuple[float, ...] = (1.0, 10.0)
+    lr_grid: bool = False
+    """Instead of the demo: train each of ``lr_candidates``' contenders at each of its rates on ``val_fraction`` of
+    every task's *training* examples held out (the dev split is not read) and pick, per contender, the rate with
+    the best mean validation accuracy; writes ``text_lr_grid.md``."""
+    lr_candidates: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {
+            "full fine-tuning": (3e-5, 1e-4, 3e-4),
+            "lora (peft)": (1e-3, 3e-3, 1e-2),
+            "parallel_adapter": (1e-3, 3e-3, 1e-2),
+            "compacter": (1e-3, 3e-3, 1e-2),
+            "sora": (1e-3, 3e-3, 1e-2),
+        }
+    )
+    val_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if self.suite not in SUITES:
@@ -335,7 +351,9 @@ def _heads_total(model: Any) -> int:
 
 
 def write_data(settings: TextSettings, task: str) -> Path:
-    """Write ``task``'s GLUE-layout folder under the run folder (once: workers read what the parent wrote)."""
+    """Write ``task``'s GLUE-layout folder under the run folder (once: workers read what the parent wrote). With
+    ``lr_grid``, the folder it returns holds the training examples only: the first ``val_fraction`` of them (the
+    file is shuffled; pairs of rows kept together) as ``dev.tsv``, the rest as ``train.tsv``."""
     folder = Path(settings.out) / "data" / task
     if not ((folder / "train.tsv").exists() and (folder / "dev.tsv").exists()):
         minibench.write_task(
@@ -347,7 +365,19 @@ def write_data(settings: TextSettings, task: str) -> Path:
             wordnet=settings.wordnet,
             fortunes_dir=settings.fortunes,
         )
-    return folder
+    if not settings.lr_grid:
+        return folder
+    held = Path(settings.out) / "data-validation" / task
+    if not ((held / "train.tsv").exists() and (held / "dev.tsv").exists()):
+        header, *rows = (folder / "train.tsv").read_bytes().rstrip(b"\n").split(b"\n")
+        n = max(2, round(settings.val_fraction * len(rows)))
+        n -= n % 2
+
+        def tsv(lines: list[bytes]) -> bytes:
+            return b"\n".join([header, *lines]) + b"\n"
+
+        atomic_write({"dev.tsv": tsv(rows[:n]), "train.tsv": tsv(rows[n:])}, held)
+    return held
 
 
 @dataclass
@@ -366,6 +396,7 @@ class Part:
     pruned_trainable: int | None = None
     pruned_accuracy: float | None = None
     mwa: dict[str, float] = field(default_factory=dict)
+    lr: float | None = None
 
 
 _RUNS: dict[tuple[str, str], TaskRun] = {}
@@ -377,12 +408,13 @@ def run_job(settings: TextSettings, name: str, task_name: str) -> Part:
     from .methods.sora import prune_sora
 
     torch.set_num_threads(settings.threads)
-    key = (settings.out, task_name, settings.model, settings.max_length, settings.batch_size)
+    key = (settings.out, task_name, settings.model, settings.max_length, settings.batch_size, settings.lr_grid)
     if key not in _RUNS:
         _RUNS[key] = TaskRun(settings, task_name)
     run = _RUNS[key]
     run.s = settings  # the data is shared; each job's own settings (learning rates, steps) apply
-    root = Path(settings.out) / "runs" / name.split(" ")[0] / task_name
+    lr = settings.lrs.get(name, settings.lr)
+    root = Path(settings.out) / "runs" / name.split(" ")[0] / task_name / (f"lr-{lr:g}" if settings.lr_grid else "")
     saver = None
     if settings.suite == "mwa" and name not in ("linear probe", "full fine-tuning"):
         from ..lightning.mwa import MetricWeightedAveraging
@@ -393,7 +425,7 @@ def run_job(settings: TextSettings, name: str, task_name: str) -> Part:
     trainable, total = parameter_counts(task.model)
     accuracy = run.accuracy(task, root)
     reload_ok, diff, merge_ok = run.check(name, task, root)
-    part = Part(name, task_name, trainable, total, accuracy, step, reload_ok, diff, merge_ok)
+    part = Part(name, task_name, trainable, total, accuracy, step, reload_ok, diff, merge_ok, lr=lr)
     if saver is not None:
         from ..lightning.mwa import evaluate_merges
 
@@ -624,6 +656,59 @@ def mwa_lines(settings: TextSettings, rows: list[Result]) -> list[str]:
     ]
 
 
+def run_lr_grid(settings: TextSettings, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Every contender of ``lr_candidates`` at each of its rates on every task's validation split (held out of its
+    training examples); writes ``lr_grid.json`` and ``text_lr_grid.md``; returns the picks."""
+    for task in settings.tasks:
+        write_data(settings, task)
+    jobs = [
+        (replace(settings, lrs={**settings.lrs, name: lr}), name, task)
+        for name, rates in settings.lr_candidates.items()
+        for lr in rates
+        for task in settings.tasks
+    ]
+    jobs.sort(key=lambda job: -COST.get(job[1], 1.0))
+    accuracy: dict[tuple[str, float], dict[str, float]] = {}
+    for p in in_workers(run_job, jobs, settings.workers):
+        accuracy.setdefault((p.method, p.lr), {})[p.task] = p.accuracy
+        log(f"{p.method:18s} lr {p.lr:<8g} {p.task:15s} validation acc {p.accuracy:.3f}")
+    rows = [
+        {"method": name, "lr": lr, "accuracy": by_task, "mean": sum(by_task.values()) / len(by_task)}
+        for (name, lr), by_task in accuracy.items()
+    ]
+    names = list(settings.lr_candidates)
+    rows.sort(key=lambda r: (names.index(r["method"]), r["lr"]))
+    picks = {}
+    for name in names:
+        mine = [r for r in rows if r["method"] == name]
+        picks[name] = max(mine, key=lambda r: (r["mean"], -r["lr"]))["lr"]  # ties: the smaller rate
+    defaults = TextSettings()
+    in_use = {name: defaults.lrs.get(name, defaults.lr) for name in names}
+    lines = [
+        "# Text: the learning rates of the demo, picked on validation splits",
+        "",
+        "Generated by `modalpeft demo --modality text --lr-grid --results-dir docs/results`. Each task's training",
+        f"examples (as `text.md` uses them) lose {100 * settings.val_fraction:.0f}% to a validation split; the dev "
+        f"split is not read. Each contender trains {settings.steps} steps of batch {settings.batch_size} at each "
+        "candidate rate, as the demo trains (the head at the probe's rate throughout). Mean validation accuracy over "
+        f"the tasks ({', '.join(settings.tasks)}), % (**bold**: picked; ties go to the smaller rate):",
+        "",
+    ]
+    lines += lr_grid_table(rows, picks, in_use, lambda r: f"{100 * r['mean']:.1f}", "in use (`LRS`, `TextSettings.lr`)")
+    lines += [
+        "",
+        lr_grid_note(rows, picks, in_use, "`LRS` and `TextSettings.lr`"),
+        "",
+        environment_note(run_environment()),
+        "",
+    ]
+    page = {"text_lr_grid.md": "\n".join(lines).encode()}
+    atomic_write({"lr_grid.json": {"rows": rows, "picked": picks, "settings": asdict(settings)}, **page}, settings.out)
+    if settings.results_dir:
+        atomic_write(page, Path(settings.results_dir))
+    return picks
+
+
 def run(
     quick: bool = False, out_dir: str | os.PathLike[str] | None = None, console: Any = None, **overrides: Any
 ) -> bool:
@@ -644,7 +729,11 @@ def run(
     except (ModuleNotFoundError, FileNotFoundError) as e:
         print_(f"text: skipped, the offline model or data is not installed: {e}")
         return True
-    rows = run_text(settings, print if console is None else lambda text: console.print(text, markup=False))
+    log = print if console is None else lambda text: console.print(text, markup=False)
+    if settings.lr_grid:
+        print_(f"text: learning rates picked on validation splits: {run_lr_grid(settings, log)}")
+        return True
+    rows = run_text(settings, log)
     failed = [r.method for r in rows if not r.ok]
     if failed:
         print_(f"text: reload or merge checks failed for: {', '.join(failed)}")

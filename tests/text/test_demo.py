@@ -166,3 +166,26 @@ def test_quick_mwa_suite_merges_each_adapters_last_saves(tmp_path) -> None:
     page = (out / "text_mwa.md").read_text()
     assert "## Checkpoint merging (MWA)" in page and "steps 2, 3, ..., 3" in page
     assert (out / "runs" / "lora" / "wn-supersense" / "adapter_mwa" / "mwa.json").is_file()  # the callback's merge
+
+
+def test_quick_lr_grid_reads_training_examples_only(tmp_path) -> None:
+    """``--lr-grid``: the validation split is cut from the training file (no dev example is read), each candidate
+    rate runs on every task, and the pick is the best mean validation accuracy."""
+    out = tmp_path / "run"
+    candidates = {"lora (peft)": (1e-3, 1e-2), "full fine-tuning": (1e-4,)}
+    settings = dict(**tiny_inputs(tmp_path), lr_grid=True, lr_candidates=candidates)
+    assert demo.run(quick=True, out_dir=out, console=Console(record=True, width=200), **settings)
+    task = "wn-supersense"
+    train = (out / "data" / task / "train.tsv").read_text().splitlines()
+    dev = set((out / "data" / task / "dev.tsv").read_text().splitlines()[1:])
+    held = [(out / "data-validation" / task / f"{split}.tsv").read_text().splitlines() for split in ("train", "dev")]
+    assert held[0][0] == held[1][0] == train[0] and sorted(held[0][1:] + held[1][1:]) == sorted(train[1:])
+    expected = round(0.2 * (len(train) - 1))
+    assert len(held[1]) - 1 == expected - expected % 2 >= 2  # 20% of the training rows, pairs kept together
+    assert not dev & set(held[0][1:] + held[1][1:])  # no dev example
+    report = json.loads((out / "lr_grid.json").read_text())
+    means = {(r["method"], r["lr"]): r["mean"] for r in report["rows"]}
+    assert set(means) == {("lora (peft)", 1e-3), ("lora (peft)", 1e-2), ("full fine-tuning", 1e-4)}
+    best = max((1e-3, 1e-2), key=lambda lr: (means["lora (peft)", lr], -lr))
+    assert report["picked"] == {"lora (peft)": best, "full fine-tuning": 1e-4}
+    assert "| lora (peft) |" in (out / "text_lr_grid.md").read_text() and not (out / "text.md").exists()
