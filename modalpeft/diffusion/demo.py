@@ -108,11 +108,11 @@ class DiffusionSettings:
     the least drift); writes ``diffusion_lr_grid.md``. Needs the Fashion-MNIST files (``fmnist_root``)."""
     lr_candidates: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
-            "DiffuseKronA (official)": (1e-3, 3e-3, 1e-2, 3e-2),
-            "DiffuseKronA (kron)": (1e-3, 3e-3, 1e-2, 3e-2),
-            "LoRA r=4 (peft)": (1e-3, 3e-3, 1e-2, 3e-2),
-            "LoKr (peft)": (1e-3, 3e-3, 1e-2, 3e-2),
-            "full attention": (1e-4, 3e-4, 1e-3, 3e-3),
+            "DiffuseKronA (official)": (3e-4, 1e-3, 3e-3, 1e-2),
+            "DiffuseKronA (kron)": (3e-4, 1e-3, 3e-3, 1e-2),
+            "LoRA r=4 (peft)": (1e-4, 3e-4, 1e-3, 3e-3),
+            "LoKr (peft)": (3e-4, 1e-3, 3e-3, 1e-2),
+            "full attention": (3e-5, 1e-4, 3e-4, 1e-3),
         }
     )
     max_drift: float = 0.05
