@@ -146,8 +146,17 @@ TARGETED = {
 """The contenders each issue sets targets for."""
 COST = {"full fine-tuning": 2.0, "dept": 1.8, "sora": 1.3, "lofit": 1.2, "linear probe": 0.6}
 """Each contender's run time relative to a plain adapter's, measured (orders the jobs; nothing else)."""
-LRS = {"linear probe": 1e-2, "full fine-tuning": 1e-4, "dept": 3e-2, "lofit": 1e-2, "neuroada": 8e-3}
-"""Learning rates; every other contender takes ``TextSettings.lr`` (NeuroAda: its k=1 script's 8e-3)."""
+LRS = {
+    "linear probe": 1e-2,
+    "full fine-tuning": 1e-4,
+    "parallel_adapter": 1e-3,
+    "dept": 3e-2,
+    "lofit": 1e-2,
+    "neuroada": 8e-3,
+}
+"""Learning rates; every other contender takes ``TextSettings.lr`` (NeuroAda: its k=1 script's 8e-3). Those of full
+fine-tuning, LoRA, the parallel adapter, Compacter and SoRA are the picks of the validation grid
+(``TextSettings.lr_grid``, ``docs/results/text_lr_grid.md``); the others were not searched."""
 
 
 @dataclass
@@ -192,7 +201,7 @@ class TextSettings:
         default_factory=lambda: {
             "full fine-tuning": (3e-5, 1e-4, 3e-4),
             "lora (peft)": (1e-3, 3e-3, 1e-2),
-            "parallel_adapter": (1e-3, 3e-3, 1e-2),
+            "parallel_adapter": (3e-4, 1e-3, 3e-3, 1e-2),
             "compacter": (1e-3, 3e-3, 1e-2),
             "sora": (1e-3, 3e-3, 1e-2),
         }
