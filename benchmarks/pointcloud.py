@@ -7,7 +7,7 @@ Candidates: full fine-tuning, the head only, peft LoRA r=8 on ``qkv``, PointGST 
 (its memory bank built from the synthetic batches), all through :func:`benchmarks.harness.measure`, so the columns
 are those of the ViT run (parameters, file size, peak memory, step time, the ratios to full fine-tuning, the head
 and LoRA) — the cost columns of PointGST's STAG comparison. It also reports the share of a PointGST training step
-spent in ``torch.linalg.eigh`` (:func:`modalpeft.pointcloud.methods.pointgst.profile_eigh_share`) and where a
+spent in ``torch.linalg.eigh`` (:func:`profile_eigh_share`) and where a
 Point-PEFT step goes (:func:`profile_point_peft`). Input: random
 clouds ``(batch, points, 3)`` and random labels; the run measures cost, not accuracy (``make demo`` reports
 accuracy on the offline mesh set).
@@ -31,7 +31,6 @@ from torch import Tensor, nn
 import modalpeft as mp
 from modalpeft.pointcloud import create_backbone
 from modalpeft.pointcloud.methods.point_peft import PointPEFTBlock, PointPEFTContext
-from modalpeft.pointcloud.methods.pointgst import profile_eigh_share
 
 from .harness import Candidate, saved_storages
 from .run import add_run_arguments, measure_and_report, select
@@ -148,6 +147,67 @@ def stag_section(records: list[dict[str, Any]], batch: int, eigh: dict[str, Any]
         "",
     ]
     return "\n".join(lines)
+
+
+def profile_eigh_share(
+    model: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    *,
+    steps: int = 3,
+    warmup: int = 1,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+) -> dict[str, Any]:
+    """Share of a PointGST training step spent in ``torch.linalg.eigh``.
+
+    Runs ``warmup`` untimed and ``steps`` profiled training steps (forward, loss, backward, AdamW step) of
+    ``model`` (an adapted model) on ``batch = (points, labels)`` under :mod:`torch.profiler`, and sums the time of
+    the eigendecomposition kernels (``aten::_linalg_eigh`` and, on a GPU, the device time of what it launches).
+
+    Returns:
+        ``{"step_time": median wall seconds per step, "eigh_time": seconds per step in eigh, "eigh_share": the
+        ratio, "eigh_calls": eigh calls per step, "device": ...}``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    points, labels = batch
+    model.train()
+    cuda = points.is_cuda
+
+    def step() -> None:
+        loss = loss_fn(model(points), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    times = []
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    eigh_us, calls = 0.0, 0
+    for event in prof.key_averages():
+        if "linalg_eigh" in event.key:
+            # the op's wall time on the host (CUDA eigh waits for its kernels) or its kernels' device time
+            total = max(event.cpu_time_total, event.device_time_total if cuda else 0.0)
+            eigh_us = max(eigh_us, total)
+            calls = max(calls, event.count)
+    step_time = sorted(times)[len(times) // 2]
+    eigh_time = eigh_us / 1e6 / steps
+    return {
+        "step_time": step_time,
+        "eigh_time": eigh_time,
+        "eigh_share": eigh_time / step_time if step_time else float("nan"),
+        "eigh_calls": calls / steps,
+        "device": str(points.device),
+    }
 
 
 def profile_point_peft(

@@ -45,7 +45,14 @@ from torch import Tensor, nn
 from ..core.compare import delta, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.state import atomic_write
-from ..lightning.demo import environment_note, lr_grid_note, lr_grid_table, metric_vs_params_png, run_environment
+from ..lightning.demo import (
+    environment_note,
+    lr_grid_note,
+    lr_grid_table,
+    metric_vs_params_png,
+    mwa_table,
+    run_environment,
+)
 
 IDLE = "encoder_attn"
 """The MusicGen decoder's cross-attention modules: unused without a text condition."""
@@ -383,7 +390,6 @@ def mwa_lines(results: list[Result], settings: AudioSettings) -> list[str]:
     rows = [r for r in results if r.mwa]
     if not rows:
         return []
-    variants = list(rows[0].mwa)
     first, last = settings.steps - (settings.mwa_keep - 1) * settings.mwa_every, settings.steps
     lines = [
         "",
@@ -395,22 +401,12 @@ def mwa_lines(results: list[Result], settings: AudioSettings) -> list[str]:
         "previous save (`w ∝ loss^-p`), or by the step (`w ∝ step`). Held-out bits/token (lower is better; the "
         "`last` column is the table above):",
         "",
-        "| method | " + " | ".join(variants) + " |",
-        "|---|" + "---:|" * len(variants) + "",
     ]
-    for r in rows:
-        best = min(r.mwa.values())
-        cells = [f"**{v:.4f}**" if v == best else f"{v:.4f}" for v in r.mwa.values()]
-        lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
-    loss1 = f"loss p={settings.mwa_penalties[0]:g}"
-    over_last = sum(r.mwa[loss1] < r.mwa["last"] for r in rows)
-    over_uniform = sum(r.mwa[loss1] < r.mwa["uniform"] for r in rows)
-    gain = max(r.mwa["uniform"] - r.mwa[loss1] for r in rows)
+    table, sentence = mwa_table({r.method: r.mwa for r in rows}, f"loss p={settings.mwa_penalties[0]:g}", False, 4)
     lines += [
+        *table,
         "",
-        f"Loss-weighted merging ({loss1}) beats the last checkpoint for {over_last} of {len(rows)} adapters and the "
-        f"uniform average for {over_uniform} of {len(rows)}; its largest gain over the uniform average is "
-        f"{gain:+.4f} bits/token (the paper reports up to 5 accuracy points over uniform averaging on its tasks; "
+        f"{sentence} bits/token (the paper reports up to 5 accuracy points over uniform averaging on its tasks; "
         "one seed here).",
     ]
     return lines

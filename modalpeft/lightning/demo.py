@@ -40,6 +40,7 @@ __all__ = [
     "lr_grid_note",
     "lr_grid_table",
     "metric_vs_params_png",
+    "mwa_table",
     "quiet_lightning",
     "run_environment",
     "run_folder",
@@ -149,6 +150,31 @@ def lr_grid_note(rows: Sequence[dict[str, Any]], choice: dict[str, float], in_us
         + ("are the picked ones." if same else "**differ from the picked ones**: set them from this table.")
         + (f" Picked at the edge of its grid (extend the candidates): {', '.join(edge)}." if edge else "")
     )
+
+
+def mwa_table(
+    scores: dict[str, dict[str, float]], loss_variant: str, higher_is_better: bool, digits: int
+) -> tuple[list[str], str]:
+    """A checkpoint-merging study's markdown table (a row per method, a column per variant of
+    :func:`~modalpeft.lightning.mwa.variant_weights` with ``"last"`` first; the best of each row bold) and the sentence
+    on ``loss_variant``: how many methods it improves over the last checkpoint and over the uniform average, and its
+    largest gain over the uniform average (positive: better; the caller adds the unit)."""
+    variants = list(next(iter(scores.values())))
+    sign = 1.0 if higher_is_better else -1.0
+    lines = ["| method | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+    for name, by_variant in scores.items():
+        best = max(by_variant.values(), key=lambda v: sign * v)
+        cells = [f"**{v:.{digits}f}**" if v == best else f"{v:.{digits}f}" for v in by_variant.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    over_last = sum(sign * (s[loss_variant] - s["last"]) > 0 for s in scores.values())
+    over_uniform = sum(sign * (s[loss_variant] - s["uniform"]) > 0 for s in scores.values())
+    gain = max(sign * (s[loss_variant] - s["uniform"]) for s in scores.values())
+    n = len(scores)
+    sentence = (
+        f"Loss-weighted merging ({loss_variant}) beats the last checkpoint for {over_last} of {n} adapters and the "
+        f"uniform average for {over_uniform} of {n}; its largest gain over the uniform average is {gain:+.{digits}f}"
+    )
+    return lines, sentence
 
 
 def metric_vs_params_png(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import os
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -135,7 +135,7 @@ def average_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence[flo
 def evaluate_merges(
     model: AdaptedModel,
     saves: Sequence[tuple[int, float, Mapping[str, Tensor]]],
-    score: Any,
+    score: Callable[[AdaptedModel], float],
     penalties: Sequence[float] = (1.0,),
 ) -> dict[str, float]:
     """``score(model)`` as trained (``"last"``) and with each of :func:`variant_weights`' merges of ``saves``

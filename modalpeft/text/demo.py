@@ -47,6 +47,7 @@ from ..lightning.demo import (
     lr_grid_note,
     lr_grid_table,
     metric_vs_params_png,
+    mwa_table,
     quiet_lightning,
     run_environment,
 )
@@ -642,24 +643,14 @@ def mwa_lines(settings: TextSettings, rows: list[Result]) -> list[str]:
         "by the loss (`w ∝ loss^-p`) or by the step (`w ∝ step`). Mean dev accuracy over the tasks (%; `last` is "
         "the table above):",
         "",
-        "| method | " + " | ".join(variants) + " |",
-        "|---|" + "---:|" * len(variants),
     ]
     means = {r.method: {v: 100 * sum(r.mwa[v].values()) / len(r.mwa[v]) for v in variants} for r in merged}
-    for name, by_variant in means.items():
-        best = max(by_variant.values())
-        cells = [f"**{x:.1f}**" if x == best else f"{x:.1f}" for x in by_variant.values()]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    loss1 = f"loss p={settings.mwa_penalties[0]:g}"
-    over_last = sum(m[loss1] > m["last"] for m in means.values())
-    over_uniform = sum(m[loss1] > m["uniform"] for m in means.values())
-    gain = max(m[loss1] - m["uniform"] for m in means.values())
+    table, sentence = mwa_table(means, f"loss p={settings.mwa_penalties[0]:g}", True, 1)
     return [
         *lines,
+        *table,
         "",
-        f"Loss-weighted merging ({loss1}) beats the last checkpoint for {over_last} of {len(means)} adapters and the "
-        f"uniform average for {over_uniform} of {len(means)}; its largest gain over the uniform average is "
-        f"{gain:+.1f} points (the paper reports up to 5 points over uniform averaging; one seed, "
+        f"{sentence} points (the paper reports up to 5 points over uniform averaging; one seed, "
         f"{settings.max_eval} dev examples per task here).",
         "",
     ]

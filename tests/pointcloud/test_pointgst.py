@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import modalpeft as mp
+from benchmarks.pointcloud import profile_eigh_share
 from modalpeft.core.inject import hosts
 from modalpeft.pointcloud import PointGSTConfig, create_backbone
 from modalpeft.pointcloud.methods.pointgst import (
@@ -14,7 +15,6 @@ from modalpeft.pointcloud.methods.pointgst import (
     GraphBasis,
     laplacian_eigenvectors,
     pcsa_parameters,
-    profile_eigh_share,
 )
 from modalpeft.pointcloud.ops import z_order_key
 

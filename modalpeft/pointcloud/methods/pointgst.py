@@ -63,9 +63,8 @@ Differences from the official code (jerryfeng2003/PointGST @ 7fbe92fe65c2):
 
 from __future__ import annotations
 
-import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -353,64 +352,3 @@ def pcsa_parameters(dim: int, rank: int) -> int:
     """Trainable parameters of one PCSA: ``down`` ``Cr + r``, ``adapt`` ``r² + r``, two LayerNorms ``4r``, ``up``
     ``rC + C``."""
     return 2 * dim * rank + rank * rank + 6 * rank + dim
-
-
-def profile_eigh_share(
-    model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    *,
-    steps: int = 3,
-    warmup: int = 1,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-) -> dict[str, Any]:
-    """Share of a PointGST training step spent in ``torch.linalg.eigh`` (for ``benchmarks/``).
-
-    Runs ``warmup`` untimed and ``steps`` profiled training steps (forward, loss, backward, AdamW step) of
-    ``model`` (an adapted model) on ``batch = (points, labels)`` under :mod:`torch.profiler`, and sums the time of
-    the eigendecomposition kernels (``aten::_linalg_eigh`` and, on a GPU, the device time of what it launches).
-
-    Returns:
-        ``{"step_time": median wall seconds per step, "eigh_time": seconds per step in eigh, "eigh_share": the
-        ratio, "eigh_calls": eigh calls per step, "device": ...}``.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    points, labels = batch
-    model.train()
-    cuda = points.is_cuda
-
-    def step() -> None:
-        loss = loss_fn(model(points), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    times = []
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    eigh_us, calls = 0.0, 0
-    for event in prof.key_averages():
-        if "linalg_eigh" in event.key:
-            # the op's wall time on the host (CUDA eigh waits for its kernels) or its kernels' device time
-            total = max(event.cpu_time_total, event.device_time_total if cuda else 0.0)
-            eigh_us = max(eigh_us, total)
-            calls = max(calls, event.count)
-    step_time = sorted(times)[len(times) // 2]
-    eigh_time = eigh_us / 1e6 / steps
-    return {
-        "step_time": step_time,
-        "eigh_time": eigh_time,
-        "eigh_share": eigh_time / step_time if step_time else float("nan"),
-        "eigh_calls": calls / steps,
-        "device": str(points.device),
-    }
