@@ -7,7 +7,7 @@ https://arxiv.org/abs/2303.08566.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,8 @@ class SparseDelta(AdapterModule):
     reads when they are fewer than half of ``d_in`` (a ``(u, tokens)`` copy: SPT's few entries in ``fc2`` do not keep
     its ``4d``-wide input alive), else ``x`` itself (a frozen ``nn.Linear`` keeps only its weight).
     :meth:`linear` is the fused product for a caller that adds more to it (SPT's bias entries and LoRA blocks).
+    The grouping of the entries by column and by row (``unique`` over ``indices``) is computed once and reused by every
+    step (:meth:`groups`), again only when ``indices`` changes (a load into the buffer, a move to another device).
 
     Args:
         in_features: ``d_in`` of the adapted Linear.
@@ -101,8 +103,20 @@ class SparseDelta(AdapterModule):
         else:
             nn.init.zeros_(self.values)
 
+    def groups(self) -> _Groups:
+        """The entries grouped by input column and by output row (what the backward gathers by), cached: recomputed
+        only when ``indices`` is another tensor, was written to (``load_state_dict`` copies into it) or moved."""
+        indices = self.indices
+        key = (indices.data_ptr(), indices._version, indices.device)
+        cached = getattr(self, "_groups", None)
+        if cached is None or cached[0] != key:
+            cols_used, cols = indices[1].unique(return_inverse=True)
+            rows_used, rows = indices[0].unique(return_inverse=True)
+            self._groups = cached = (key, _Groups(cols_used, cols, rows_used, rows))
+        return cached[1]
+
     def parallel(self, x: Tensor) -> Tensor:
-        return _SparseDeltaMatmul.apply(x, self.values, self.indices, self.out_features)
+        return _SparseDeltaMatmul.apply(x, self.values, self.indices, self.out_features, self.groups())
 
     def replace_base(self, base: nn.Module, x: Tensor) -> Tensor:
         return self.linear(x, base.weight, base.bias)
@@ -111,7 +125,7 @@ class SparseDelta(AdapterModule):
         """``x (weight + ΔW)ᵀ + bias`` in one product (the fused path; ``bias`` may carry a trainable delta of its
         own, as SPT's tuned bias entries). The product runs on ``x`` flattened to ``(tokens, d_in)`` and is viewed back,
         so the output can be added into in place (a custom Function's own view output cannot)."""
-        out = _SparseLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, self.values, self.indices)
+        out = _SparseLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, self.values, self.indices, self.groups())
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta_weight(self) -> Tensor:
@@ -126,8 +140,9 @@ class _SparseDeltaMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, values: Tensor, indices: Tensor, out_features: int) -> Tensor:
-        kept, ctx.cols = _keep_columns(x, indices) if ctx.needs_input_grad[1] else ((), None)
+    def forward(ctx: Any, x: Tensor, values: Tensor, indices: Tensor, out_features: int, groups: _Groups) -> Tensor:
+        kept = _keep_columns(x, groups) if ctx.needs_input_grad[1] else ()
+        ctx.groups = groups
         ctx.save_for_backward(values, indices, *kept)
         ctx.out_features, ctx.in_features = out_features, x.shape[-1]
         if _is_sparse(values.shape[0], x.shape[-1], out_features):
@@ -144,16 +159,19 @@ class _SparseDeltaMatmul(torch.autograd.Function):
             else:
                 grad_x = grad_y @ _dense(values, indices, ctx.out_features, ctx.in_features, grad_y.dtype)
         if ctx.needs_input_grad[1]:
-            grad_values = _entry_grads(grad_y, _feature_major(kept), ctx.cols, values, indices)
-        return grad_x, grad_values, None, None
+            grad_values = _entry_grads(grad_y, _feature_major(kept, ctx.groups, ctx.in_features), values, ctx.groups)
+        return grad_x, grad_values, None, None, None
 
 
 class _SparseLinear(torch.autograd.Function):
     """``x (W + ΔW)ᵀ + b`` in one product; the backward gives ``values`` a sparse gradient (``W``, ``b`` frozen)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor) -> Tensor:
-        kept, ctx.cols = _keep_columns(x, indices) if ctx.needs_input_grad[3] else ((), None)
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor, groups: _Groups
+    ) -> Tensor:
+        kept = _keep_columns(x, groups) if ctx.needs_input_grad[3] else ()
+        ctx.groups = groups
         ctx.has_bias, ctx.whole = bias is not None, ctx.needs_input_grad[1]
         whole = (x,) if ctx.whole else ()  # a base weight that trains too needs all of x
         ctx.save_for_backward(weight, values, indices, *whole, *kept)
@@ -171,41 +189,55 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
         if ctx.needs_input_grad[3]:
-            grad_values = _entry_grads(grad_y, _feature_major(rest), ctx.cols, values, indices)
-        return grad_x, grad_weight, grad_bias, grad_values, None
+            grad_values = _entry_grads(grad_y, _feature_major(rest, ctx.groups, weight.shape[1]), values, ctx.groups)
+        return grad_x, grad_weight, grad_bias, grad_values, None, None
 
 
 def _adapted_weight(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     return weight.index_put((indices[0], indices[1]), values.to(weight.dtype), accumulate=True)
 
 
-def _keep_columns(x: Tensor, indices: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
-    """What a backward keeps of ``x`` for the entries' gradients, and each entry's row among the used columns.
+class _Groups(NamedTuple):
+    """The entries of a :class:`SparseDelta` grouped by the input column and the output row they read."""
+
+    cols_used: Tensor
+    """The distinct input columns, sorted, ``(u,)``."""
+    cols: Tensor
+    """Each entry's position in ``cols_used``, ``(n,)``."""
+    rows_used: Tensor
+    """The distinct output rows, sorted."""
+    rows: Tensor
+    """Each entry's position in ``rows_used``."""
+
+
+def _keep_columns(x: Tensor, groups: _Groups) -> tuple[Tensor, ...]:
+    """What a backward keeps of ``x`` for the entries' gradients.
 
     With few distinct columns (SPT's small budgets: fewer than half of ``d_in``) it keeps a feature-major copy of
     those columns, ``(u, T)``, and the rest of ``x`` can be freed (a sparse entry in ``fc2`` does not keep the whole
-    ``4d``-wide activation alive); otherwise ``(x, used columns)`` (no copy; NeuroAda's entries read nearly every
-    column), gathered in the backward by :func:`_feature_major`."""
-    cols_used, cols = indices[1].unique(return_inverse=True)
+    ``4d``-wide activation alive); otherwise ``x`` itself (no copy; NeuroAda's entries read nearly every column),
+    gathered in the backward by :func:`_feature_major`."""
     flat = x.reshape(-1, x.shape[-1])
-    if 2 * cols_used.numel() < x.shape[-1]:
-        return (flat.t()[cols_used],), cols
-    return (flat, cols_used), cols
+    return (flat.t()[groups.cols_used],) if _copies_columns(groups, x.shape[-1]) else (flat,)
 
 
-def _feature_major(kept: Sequence[Tensor]) -> Tensor:
+def _copies_columns(groups: _Groups, in_features: int) -> bool:
+    return 2 * groups.cols_used.numel() < in_features
+
+
+def _feature_major(kept: Sequence[Tensor], groups: _Groups, in_features: int) -> Tensor:
     """The used columns of ``x`` as ``(u, T)`` rows, from what :func:`_keep_columns` kept."""
-    return kept[0] if len(kept) == 1 else kept[0].t()[kept[1]]
+    return kept[0] if _copies_columns(groups, in_features) else kept[0].t()[groups.cols_used]
 
 
-def _entry_grads(grad_y: Tensor, x_t: Tensor, cols: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+def _entry_grads(grad_y: Tensor, x_t: Tensor, values: Tensor, groups: _Groups) -> Tensor:
     """``∂L/∂values[k] = Σ_t ∂L/∂y[t, rows[k]] · x[t, cols[k]]``, in chunks of entries, never a dense gradient.
 
-    ``x_t`` holds the used input columns feature-major (``(u, T)``, one contiguous row per feature), ``cols`` each
-    entry's row in it (:func:`_keep_columns`). The used output rows of ``∂L/∂y`` are copied the same
+    ``x_t`` holds the used input columns feature-major (``(u, T)``, one contiguous row per feature), ``groups.cols``
+    each entry's row in it (:func:`_keep_columns`). The used output rows of ``∂L/∂y`` are copied the same
     way: a few entries (SPT's small budgets) cost ``O(tokens · n)``, not a copy of ``x`` and ``∂L/∂y``."""
-    rows_used, rows = indices[0].unique(return_inverse=True)
-    grad_t = grad_y.reshape(-1, grad_y.shape[-1]).t()[rows_used]  # (u_rows, T), T = all leading positions
+    cols, rows = groups.cols, groups.rows
+    grad_t = grad_y.reshape(-1, grad_y.shape[-1]).t()[groups.rows_used]  # (u_rows, T), T = all leading positions
     grad_values = torch.empty_like(values)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, x_t.shape[1]))
     for start in range(0, values.shape[0], chunk):

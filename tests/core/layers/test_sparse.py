@@ -68,7 +68,8 @@ def test_gradcheck_float64():
     x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
     values = torch.randn(INDICES.shape[1], dtype=torch.float64, requires_grad=True)
     fn = sparse_module._SparseDeltaMatmul.apply
-    assert torch.autograd.gradcheck(lambda x, v: fn(x, v, INDICES, OUT), (x, values))
+    groups = SparseDelta(IN, OUT, INDICES).groups()
+    assert torch.autograd.gradcheck(lambda x, v: fn(x, v, INDICES, OUT, groups), (x, values))
 
 
 class _MatmulShapes(TorchDispatchMode):
@@ -167,3 +168,25 @@ def test_backward_keeps_only_the_used_columns_of_x(fused, columns):
     nn.functional.linear(x_ref, base.weight + dense, base.bias).backward(grad_y)
     torch.testing.assert_close(layer.values.grad, values.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_the_entry_grouping_is_computed_once_and_follows_the_indices(monkeypatch):
+    """The ``unique`` over the indices runs when the layer first computes, not at every step; writing new indices
+    into the buffer (``load_state_dict``) or building another layer recomputes it, and the gradients follow."""
+    torch.manual_seed(0)
+    layer = SparseDelta(16, 8, torch.tensor([[0, 3, 5], [1, 1, 7]]), init_weights=False)
+    calls = []
+    real = torch.Tensor.unique
+    monkeypatch.setattr(torch.Tensor, "unique", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        layer.parallel(x).sum().backward()
+    assert len(calls) == 2  # columns and rows, once
+    other = torch.tensor([[2, 6, 7], [0, 9, 15]])
+    layer.load_state_dict({"values": layer.values.detach(), "indices": other})
+    layer.values.grad = None
+    layer.parallel(x).pow(2).sum().backward()
+    assert len(calls) == 4
+    dense = torch.zeros(8, 16).index_put((other[0], other[1]), layer.values.detach()).requires_grad_(True)
+    (x @ dense.t()).pow(2).sum().backward()
+    torch.testing.assert_close(layer.values.grad, dense.grad[other[0], other[1]])
