@@ -1,10 +1,14 @@
-"""Dropout whose backward keeps a one-byte mask on the CPU (the adapter layers' input dropout)."""
+"""Dropout whose backward keeps a one-byte mask on the CPU (the adapter layers' input dropout), and the product of a
+dropped input with an adapter's down-projection that keeps neither the dropped input nor, where the layer before
+keeps what recomputes it, the input itself (:func:`dropped_product`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -46,4 +50,102 @@ class _DropoutKeepsMask(torch.autograd.Function):
         return grad * mask.to(grad.dtype).div_(1 - ctx.p), None
 
 
-__all__ = ["MaskDropout"]
+def dropped_product(x: Tensor, weight: Tensor, p: float, training: bool) -> Tensor:
+    """``dropout(x, p) @ weightᵀ`` (an adapter's down-projection ``A`` of ``(r, d_in)`` on its dropped input), with the
+    outputs and gradients of ``MaskDropout(p)(x) @ weight.t()`` and a leaner backward.
+
+    The plain form keeps the dropped input (4 bytes per element of ``x``, a new tensor) for ``A``'s gradient. Here
+    backward keeps a one-byte mask and recomputes the dropped input from ``x``; and ``x`` itself is not kept where the
+    operation that made it keeps what recomputes it anyway (:func:`recompute_source`: a GELU keeps its input, a
+    LayerNorm its input and statistics), so an adapter on ``fc2`` (after the MLP's GELU) or after a norm (``qkv``,
+    ``fc1``) adds only the mask to what the frozen model saves. Where ``x`` is kept by the op after it (attention
+    outputs), keeping ``x`` costs nothing either. The dropout draws its noise as :class:`MaskDropout` does (same
+    random stream, same output bit for bit); a recomputed LayerNorm output equals the original up to float rounding
+    (gradients within 1e-6 relative, tested). In eval mode, without gradients or on inputs that need none, it is the
+    plain product."""
+    lean = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if not lean:
+        return F.dropout(x, p, training) @ weight.t() if p > 0 else x @ weight.t()
+    if not training or p == 0:
+        p = 0.0
+    elif not 0 < p < 1:
+        return F.dropout(x, p, training) @ weight.t()
+    tensors, recompute = recompute_source(x) or ((x,), None)
+    return _DroppedProduct.apply(x, weight, p, recompute, *tensors)
+
+
+def recompute_source(x: Tensor) -> tuple[tuple[Tensor, ...], Callable[..., Tensor]] | None:
+    """What the operation that made ``x`` keeps for its own backward and recomputes ``x`` from, with the function
+    that does: ``(tensors, f)`` with ``f(*tensors) ≈ x``, or ``None`` (keep ``x``).
+
+    - GELU (``GeluBackward0``): its input ``u``; ``x = gelu(u)`` exactly (the same kernel on the same input);
+    - LayerNorm over the last axes (``NativeLayerNormBackward0``): its input, mean and reciprocal deviation, weight
+      and bias; ``x = (input - mean) · rstd · w + b``, equal to the kernel's output up to float rounding.
+
+    Anything else (or a node whose saved tensors cannot be read) gives ``None``."""
+    node = x.grad_fn
+    name = type(node).__name__ if node is not None else ""
+    try:
+        if name == "GeluBackward0":
+            u = node._saved_self
+            approximate = node._saved_approximate
+            if u.shape == x.shape and u.dtype == x.dtype:
+                return (u,), lambda u: F.gelu(u, approximate=approximate)
+        elif name == "NativeLayerNormBackward0":
+            source = node._saved_input
+            mean, rstd = node._saved_result1, node._saved_result2
+            weight, bias = node._saved_weight, node._saved_bias
+            if source.shape == x.shape and source.dtype == x.dtype and mean.shape == rstd.shape:
+                return (source, mean, rstd, *(t for t in (weight, bias) if t is not None)), _layer_norm_from(
+                    weight is not None, bias is not None
+                )
+    except RuntimeError:  # the node's saved tensors were freed or cannot be unpacked here
+        return None
+    return None
+
+
+def _layer_norm_from(has_weight: bool, has_bias: bool) -> Callable[..., Tensor]:
+    def recompute(source: Tensor, mean: Tensor, rstd: Tensor, *affine: Tensor) -> Tensor:
+        out = (source - mean) * rstd
+        if has_weight:
+            out = out * affine[0]
+        if has_bias:
+            out = out + affine[-1]
+        return out
+
+    return recompute
+
+
+class _DroppedProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, p: float, recompute: Callable[..., Tensor] | None, *source: Tensor
+    ) -> Tensor:
+        if p > 0:
+            noise = torch.empty_like(x).bernoulli_(1 - p)  # as MaskDropout (and ATen's CPU dropout) draws it
+            mask = noise.bool()
+            out = (x * noise.div_(1 - p)) @ weight.t()
+        else:
+            mask, out = None, x @ weight.t()
+        ctx.p, ctx.recompute, ctx.n = p, recompute, len(source)
+        ctx.save_for_backward(weight, *source, *((mask,) if mask is not None else ()))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weight, *rest = ctx.saved_tensors
+        source, mask = rest[: ctx.n], rest[ctx.n] if ctx.p > 0 else None
+        scale = mask.to(grad.dtype).div_(1 - ctx.p) if mask is not None else None
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight.to(grad.dtype)
+            if scale is not None:
+                grad_x = grad_x * scale
+        if ctx.needs_input_grad[1]:
+            x = ctx.recompute(*source) if ctx.recompute is not None else source[0]
+            dropped = x * scale if scale is not None else x
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])
+        return grad_x, grad_weight, None, None, *([None] * ctx.n)
+
+
+__all__ = ["MaskDropout", "dropped_product", "recompute_source"]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import AdapterModule, InitMode
-from .dropout import MaskDropout
+from .dropout import MaskDropout, dropped_product
 
 Transform = Literal["SHIM", "ICFM", "CTCM", "DTSM"]
 TRANSFORMS: tuple[str, ...] = ("SHIM", "ICFM", "CTCM", "DTSM")
@@ -92,7 +92,11 @@ class LowRankDelta(AdapterModule):
             nn.init.zeros_(self.B)
 
     def parallel(self, x: Tensor) -> Tensor:
-        h = self.drop(x) @ self.A.t()  # (*, r)
+        p = self.drop.p if isinstance(self.drop, nn.Dropout) else 0.0
+        return self.up(dropped_product(x, self.A, p, self.training))  # A drop(x): (*, r), a lean backward
+
+    def up(self, h: Tensor) -> Tensor:
+        """The branch after ``A``: ``s · B (g ⊙ T h)`` for ``h = A drop(x)`` of shape ``(*, r)``."""
         if self.gate is not None:
             h = h * self.gate
         if self.transform is not None:
