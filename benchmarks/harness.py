@@ -24,10 +24,15 @@ How each number is measured:
   ``floor_from``). Its ``saved_bytes`` are the activations any method that trains inside the network
   must keep; ``saved_bytes_vs_floor`` says how far above that a method is.
 - ``peak_memory``: growth above the resting footprint of the built model (weights and adapters), over the
-  training steps: gradients, optimizer state and activations. On CPU it is the process's peak RSS (Linux
-  ``VmHWM``, reset through ``/proc/self/clear_refs`` once the model is built) minus its RSS then; where that
-  reset is unavailable, ``ru_maxrss`` is used instead (it also counts peaks before the model was built). On
-  CUDA it is ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus ``memory_allocated`` then.
+  untimed warm-up steps (at least one; the timed steps follow them): gradients, optimizer state and activations.
+  On CPU it is the process's peak RSS (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` once the model is
+  built) minus its RSS then; where that reset is unavailable, ``ru_maxrss`` is used instead (it also counts peaks
+  before the model was built). In an isolated candidate on glibc, those steps run under
+  :func:`modalpeft.lightning.memory.exact_heap` (tensors of 1 MiB and more get pages of their own, returned when
+  freed), so the peak is the most memory alive at once, not how the heap happened to reuse freed tensors (with
+  glibc's default, two runs of LoRA read 1.11 and 1.35 GiB); the timed steps run with the threshold where the
+  default settles in a training loop (32 MiB). On CUDA it is ``max_memory_allocated`` after
+  ``reset_peak_memory_stats`` minus ``memory_allocated`` then.
   With ``isolate=True`` (the default) each candidate runs in a fresh spawned process, so no peak, cache or
   allocator state leaks from one candidate to the next; ``isolate=False`` measures in this process (faster,
   for tests; its CPU memory numbers are less accurate). On CPU the growth includes the runtime's one-time
@@ -68,7 +73,7 @@ from torch import Tensor, nn
 import modalpeft as mp
 from modalpeft.core.inject import modules_to_save_modules
 from modalpeft.core.peft_bridge import is_peft_config
-from modalpeft.lightning.memory import MemoryProbe
+from modalpeft.lightning.memory import MemoryProbe, exact_heap
 
 Baseline = Literal["full", "head_only", "floor"]
 BASELINES: tuple[str, ...] = ("full", "head_only", "floor")
@@ -285,10 +290,8 @@ def _measure_one(job: _Job) -> dict[str, Any]:
     torch.manual_seed(job.seed + 1)
     inputs, targets = _to_device(job.batch_factory(), device)
     optimizer = torch.optim.AdamW(trainable, lr=job.lr)
-    probe = MemoryProbe(device)
-    probe.start()
-    step_times = []
-    for step in range(job.warmup + job.steps):
+
+    def step(optimizer: torch.optim.Optimizer) -> float:
         _sync(device)
         start = time.perf_counter()
         loss = job.loss_fn(_forward(model, inputs), targets)
@@ -296,12 +299,20 @@ def _measure_one(job: _Job) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
-        if step >= job.warmup:
-            step_times.append(time.perf_counter() - start)
-    peak_memory = probe.peak_growth()
+        return time.perf_counter() - start
+
+    # the memory over the untimed warm-up steps (at least one), the allocator returning freed tensors to the system
+    # (exact_heap, CPU); then the timed steps, the allocator as a training loop leaves glibc's
+    probe = MemoryProbe(device)
+    with exact_heap() if device.type == "cpu" and job.isolated else contextlib.nullcontext(False) as exact:
+        probe.start()
+        for _ in range(max(job.warmup, 1)):
+            step(optimizer)
+        peak_memory = probe.peak_growth()
+    step_times = [step(optimizer) for _ in range(job.steps)]
     saved = saved_activation_bytes(model, inputs, targets, job.loss_fn)
     state = training_state_bytes(trainable, optimizer)
-    del optimizer, loss
+    del optimizer
 
     file_size = _file_size(model, adapted, job.candidate, list(job.modules_to_save))
     model.eval()
@@ -322,7 +333,7 @@ def _measure_one(job: _Job) -> dict[str, Any]:
         "train_state_bytes": state,
         "train_bytes": saved + state,
         "peak_memory": peak_memory,
-        "peak_memory_kind": probe.kind,
+        "peak_memory_kind": probe.kind + (", 1 MiB mmap threshold" if exact else ""),
         "model_memory": probe.baseline,
         "step_time": statistics.median(step_times),
         "step_times": step_times,

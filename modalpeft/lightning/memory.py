@@ -10,7 +10,9 @@ import ctypes
 import gc
 import resource
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,6 +59,44 @@ class MemoryProbe:
         else:  # kilobytes on Linux, bytes on macOS
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         return max(peak - self.baseline, 0)
+
+
+EXACT_HEAP_THRESHOLD = 1 << 20
+"""glibc's mmap threshold inside :func:`exact_heap`: blocks of 1 MiB and more get pages of their own."""
+STEADY_HEAP_THRESHOLD = 32 << 20
+"""The threshold set when :func:`exact_heap` ends: glibc's dynamic threshold's ceiling on 64-bit, which a training
+loop's freed activations raise it to (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
+_M_MMAP_THRESHOLD = -3
+
+
+@contextlib.contextmanager
+def exact_heap() -> Iterator[bool]:
+    """Within the block, glibc serves every allocation of 1 MiB or more (tensors) from pages of its own and returns
+    them to the system when freed, so the process's RSS follows the bytes alive at each moment and its peak is the
+    most that was alive at once; with the default dynamic threshold, freed tensors stay in the heap and the peak
+    also counts how they were laid out (two runs of the same step can differ by hundreds of MiB). Yields whether
+    the setting took (glibc on Linux; elsewhere nothing changes). On leaving, the threshold is fixed at
+    :data:`STEADY_HEAP_THRESHOLD`, where the default's dynamic threshold settles in a training loop, and the heap's
+    free pages are released. glibc's threshold is process-wide and, once set, no longer dynamic: use it in a process
+    of its own (the benchmark harness's isolated candidates)."""
+    libc = _glibc()
+    took = bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, EXACT_HEAP_THRESHOLD))
+    try:
+        yield took
+    finally:
+        if took:
+            libc.mallopt(_M_MMAP_THRESHOLD, STEADY_HEAP_THRESHOLD)
+            _release_free_heap()
+
+
+def _glibc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
 
 
 def _release_free_heap() -> None:

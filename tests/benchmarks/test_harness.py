@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import statistics
+import sys
 
 import peft
 import pytest
@@ -170,7 +171,9 @@ def test_failed_candidate_is_recorded():
 def test_isolated_measure_runs_in_a_fresh_process():
     (record,) = measure(tiny_vit, [Candidate("bitfit", mp.BitFitConfig())], steps=1, warmup=0, threads=1, **KWARGS)
     assert record["isolated"] is True and record["error"] is None
-    assert record["peak_memory_kind"] in ("rss_hwm_growth", "ru_maxrss_growth")
+    kind = record["peak_memory_kind"]
+    assert kind.split(",")[0] in ("rss_hwm_growth", "ru_maxrss_growth")
+    assert kind.endswith(", 1 MiB mmap threshold") == sys.platform.startswith("linux")  # glibc: the exact heap
     assert isinstance(record["peak_memory"], int) and record["file_size"] > 0
 
 
@@ -234,6 +237,11 @@ def test_point_peft_profile_splits_the_step_and_leaves_the_model_as_it_was():
     records = [{"method": "floor", "saved_bytes": 2**20}, {"method": "full", "saved_bytes": 3 * 2**20}]
     text = pointcloud.point_peft_section(records, parts)
     assert "frozen retrieval pass" in text and "floor 1 MiB, full 3 MiB" in text
+    assert "needs at least" not in text  # no step times in these records
+    records[0]["step_time"], records[1]["step_time"] = 0.5, 1.0
+    parts = {**parts, "frozen_pass": 0.3, "step": 1.4}
+    text = pointcloud.point_peft_section(records, parts)
+    assert "= 800 ms, **0.80x** full fine-tuning's step (1000 ms)" in text and "to 1400 ms (1.40x" in text
     with pytest.raises(ValueError, match="point_peft"):
         profile_point_peft(pointcloud.build_model("point_mae_test"), pointcloud.synthetic_batch(2, points))
 
