@@ -321,7 +321,27 @@ def point_peft_section(records: list[dict[str, Any]], parts: dict[str, float]) -
         "backbone's layers and the MLP adapter.",
         "",
     ]
+    lines += _point_peft_bound(by_method, parts)
     return "\n".join(lines)
+
+
+def _point_peft_bound(by_method: dict[str, dict[str, Any]], parts: dict[str, float]) -> list[str]:
+    """What Point-PEFT's algorithm costs at least: the floor's step (backward through every block, which any method
+    that trains inside the network pays) plus the gradient-free retrieval pass over the whole backbone, as a share
+    of full fine-tuning's step (both step times from this run's records)."""
+    floor, full = (by_method.get(n, {}).get("step_time") for n in ("floor", "full"))
+    if not floor or not full:
+        return []
+    bound = floor + parts["frozen_pass"]
+    return [
+        f"What the algorithm needs at least: the floor's step ({1000 * floor:.0f} ms: backward through every block, "
+        f"nothing trained inside) plus the retrieval pass ({1000 * parts['frozen_pass']:.0f} ms) = "
+        f"{1000 * bound:.0f} ms, **{bound / full:.2f}x** full fine-tuning's step ({1000 * full:.0f} ms); Point-PEFT's "
+        f"own layers (prompts, MLP and geometry adapters, bias deltas) take the step from there to "
+        f"{1000 * parts['step']:.0f} ms ({parts['step'] / full:.2f}x; the profiled step runs in this process, "
+        "the others each in a fresh one).",
+        "",
+    ]
 
 
 if __name__ == "__main__":
