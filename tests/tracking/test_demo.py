@@ -76,3 +76,33 @@ def test_quick_demo(tmp_path) -> None:
     assert "| tmoe |" in page and "Environment: Python" in page
     if demo.clip_path() is not None:
         assert (tmp_path / "run" / "tracking_clip.png").is_file() and results["clip"]["frames"] == 4
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_the_learning_rate_grid_reads_only_validation_sequences(tmp_path, monkeypatch) -> None:
+    """``--lr-grid`` trains every grid contender (TMoE with B = 0 too) at each candidate rate and scores it on
+    validation sequences drawn like the training ones; the held-out test sequences are never built."""
+    built = []
+    real = demo.sprite_sequences
+    monkeypatch.setattr(demo, "sprite_sequences", lambda split, *a, **k: built.append(split) or real(split, *a, **k))
+    candidates = {name: (1e-3, 2e-3) for name in (*demo.CONTENDERS, demo.TMOE_ZERO_B)}
+    console = Console(record=True, width=200)
+    assert demo.run(quick=True, out_dir=tmp_path / "run", console=console, lr_grid=True, lr_candidates=candidates)
+    assert "test" not in built
+    report = json.loads((tmp_path / "run" / "lr_grid.json").read_text())
+    assert {(r["method"], r["lr"]) for r in report["rows"]} == {(n, lr) for n, v in candidates.items() for lr in v}
+    assert set(report["picked"]) == set(candidates)
+    page = (tmp_path / "run" / "tracking_lr_grid.md").read_text()
+    assert "| tmoe (B = 0) |" in page and "Init: TMoE with every expert's B at zero" in page
+    assert not (tmp_path / "run" / "tracking.md").exists()
+
+
+def test_picked_takes_the_best_validation_ao_and_the_lower_rate_on_a_tie() -> None:
+    rows = [
+        {"method": "tmoe", "lr": 1e-3, "ao": 0.2},
+        {"method": "tmoe", "lr": 2e-3, "ao": 0.3},
+        {"method": "tmoe", "lr": 5e-3, "ao": 0.3},
+        {"method": "full fine-tuning", "lr": 1e-3, "ao": 0.1},
+    ]
+    assert demo.picked(rows) == {"tmoe": 2e-3, "full fine-tuning": 1e-3}
