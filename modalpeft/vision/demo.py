@@ -524,7 +524,6 @@ def write_markdown(
         )
         if not met and r.method in SHORTFALL_NOTES:
             verdicts.append(f"  (what was checked before accepting the shortfall: `{SHORTFALL_NOTES[r.method]}`)")
-    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "vit_base_patch16_224_b8_cpu.md"
     lines = [
         "# Vision results",
         "",
@@ -568,16 +567,27 @@ def write_markdown(
         *verdicts,
         "",
     ]
-    if bench.is_file():
-        lines += [
-            "## Cost on ViT-B/16 (`make bench`)",
-            "",
-            "Training step time and peak memory relative to full fine-tuning, the head-only floor and peft's LoRA in "
-            "the same run; `merged infer` is the forward time after `merge_and_unload()` (SSF's merged model is "
-            "plain timm and runs at the plain model's speed). From "
-            "`benchmarks/results/vit_base_patch16_224_b8_cpu.md`:",
-            "",
-            bench.read_text().strip(),
-            "",
-        ]
+    lines += cost_section()
     atomic_write({"vision.md": "\n".join(lines).encode()}, results_dir)
+
+
+COST_HEADING = "## Cost on ViT-B/16 (`make bench`)"
+
+
+def cost_section() -> list[str]:
+    """The page's last section, from the committed ViT-B/16 benchmark (``benchmarks/results``; nothing outside a
+    source checkout). ``python -m benchmarks.pages`` rewrites it in ``docs/results/vision.md`` after a new run."""
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "vit_base_patch16_224_b8_cpu.md"
+    if not bench.is_file():
+        return []
+    return [
+        COST_HEADING,
+        "",
+        "Training step time and peak memory relative to full fine-tuning, the head-only floor and peft's LoRA in "
+        "the same run; `merged infer` is the forward time after `merge_and_unload()` (SSF's merged model is "
+        "plain timm and runs at the plain model's speed). From "
+        "`benchmarks/results/vit_base_patch16_224_b8_cpu.md`:",
+        "",
+        bench.read_text().strip(),
+        "",
+    ]
