@@ -189,3 +189,15 @@ def test_quick_lr_grid_reads_training_examples_only(tmp_path) -> None:
     best = max((1e-3, 1e-2), key=lambda lr: (means["lora (peft)", lr], -lr))
     assert report["picked"] == {"lora (peft)": best, "full fine-tuning": 1e-4}
     assert "| lora (peft) |" in (out / "text_lr_grid.md").read_text() and not (out / "text.md").exists()
+
+
+def test_each_suite_has_its_own_grid_and_page(tmp_path) -> None:
+    """``--suite weight-space --lr-grid`` searches issue 19's methods (not the adapters') and writes its own page."""
+    assert set(demo.TextSettings(suite="weight-space").lr_candidates) == set(demo.TARGETED["weight-space"])
+    assert set(demo.TextSettings().lr_candidates) == {"full fine-tuning", *demo.TARGETED["adapters"]}
+    out = tmp_path / "run"
+    settings = dict(**tiny_inputs(tmp_path), lr_grid=True, suite="weight-space", lr_candidates={"svfit": (1e-2,)})
+    assert demo.run(quick=True, out_dir=out, console=Console(record=True, width=200), **settings)
+    page = (out / "text_weight_space_lr_grid.md").read_text()
+    assert "--suite weight-space --lr-grid" in page and "| svfit |" in page
+    assert not (out / "text_lr_grid.md").exists()
