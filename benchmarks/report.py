@@ -117,6 +117,45 @@ def render(
     return table, plot
 
 
+BEFORE = Path(__file__).resolve().parent / "results" / "before_issue13.json"
+"""The cost ratios before issue 13's work, per committed run name (``<model>_b<batch>_<device>``), with the commits
+they were read from."""
+
+
+def before_after(records: Sequence[Mapping[str, Any]], run_name: str, before_path: Path = BEFORE) -> str:
+    """Markdown: each method's activation bytes (x floor), peak RSS (x full) and step time (x the run's time
+    reference) before issue 13's cost work and in ``records``; empty when ``before_path`` has no entry for
+    ``run_name`` (another model, batch or device than the committed runs)."""
+    if not before_path.is_file():
+        return ""
+    entry = json.loads(before_path.read_text()).get(run_name)
+    if entry is None:
+        return ""
+    ref, old, sources = entry["time_reference"], entry["methods"], entry["sources"]
+    now = {r["method"]: r for r in records if not r.get("error")}
+    step_key = f"step_time_vs_{ref}"
+    lines = [
+        "## Before and after the cost work (issue 13)",
+        "",
+        f"Before: peak RSS and step time from the run the issue was filed on (commit {sources['rss_and_time']}), "
+        f"activation bytes from the first run that measured them (commit {sources['saved']}); "
+        "`benchmarks/results/before_issue13.json`. After: this run. The RSS columns differ in method too: before, "
+        "the default heap over every step; now, the memory alive at once (`exact_heap`, see the notes above).",
+        "",
+        f"| method | act. x floor, before | after | peak RSS x full, before | after | step x {ref}, before | after |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in [*old, *(m for m in now if m not in old)]:
+        b, a = old.get(name, {}), now.get(name, {})
+        cells = [
+            (b.get("saved_bytes_vs_floor"), a.get("saved_bytes_vs_floor")),
+            (b.get("peak_memory_vs_full"), a.get("peak_memory_vs_full")),
+            (b.get(step_key), a.get(step_key)),
+        ]
+        lines.append(f"| {name} | " + " | ".join(f"{_times(x)} | {_times(y)}" for x, y in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # -- formatting ---------------------------------------------------------------------------------------------
 def _header(records: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any]) -> list[str]:
     first = next((r for r in records if not r.get("error")), records[0] if records else {})

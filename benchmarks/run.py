@@ -43,7 +43,7 @@ from modalpeft.core.layers.kronecker import most_square_factor
 from modalpeft.lightning.demo import run_folder
 
 from .harness import Candidate, default_device, measure
-from .report import render
+from .report import before_after, render
 
 MODELS: dict[str, dict[str, Any]] = {
     "vit_base_patch16_224": {"name": "vit_base_patch16_224"},
@@ -197,7 +197,10 @@ def measure_and_report(
         progress=True,
         floor_from=floor_from,
     )
-    table, _ = render(records, stem, run_info, appendix(records, device) if appendix else "")
+    extra = "\n".join(
+        part for part in (appendix(records, device) if appendix else "", before_after(records, stem.name)) if part
+    )
+    table, _ = render(records, stem, run_info, extra)
     print(table)
     print(f"{run_info['note']}. Wrote {stem}.json and .md in {time.perf_counter() - start:.0f} s.")
     return records

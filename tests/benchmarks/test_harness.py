@@ -272,3 +272,16 @@ def test_audio_run_covers_every_audio_method_and_generates():
         assert model(ids).shape == (targets.numel(), 16)
     speed = audio.generation_speed("musicgen_test", chosen[-1], batch=1, device="cpu", repeats=1)
     assert speed["gen_frames_per_s"] > 0 and speed["gen_realtime_factor"] == speed["gen_frames_per_s"] / 50
+
+
+def test_before_after_table_reads_the_committed_ratios(tmp_path):
+    """The committed runs get a before/after table from ``before_issue13.json``; another run name gets none."""
+    records = [
+        {"method": "spt", "saved_bytes_vs_floor": 1.08, "peak_memory_vs_full": 0.45, "step_time_vs_lora": 1.05},
+        {"method": "newcomer", "saved_bytes_vs_floor": 1.0, "peak_memory_vs_full": None, "step_time_vs_lora": 1.0},
+    ]
+    text = report.before_after(records, "vit_base_patch16_224_b8_cpu")
+    assert "| spt | 1.46x | 1.08x | 0.87x | 0.45x | 1.70x | 1.05x |" in text
+    assert "| newcomer | - | 1.00x | - | - | - | 1.00x |" in text and "commit 8531247" in text
+    assert report.before_after(records, "vit_tiny_test_b2_cpu") == ""
+    assert report.before_after(records, "vit_base_patch16_224_b8_cpu", tmp_path / "absent.json") == ""
