@@ -123,7 +123,7 @@ def lr_grid_table(
 ) -> list[str]:
     """A learning-rate grid's markdown table: a row per method of ``choice`` (in its order), a column per rate of
     ``rows`` (``{"method", "lr", ...}``; ``cell(row)`` writes a result, bold where picked), then the pick and the
-    rate ``in_use`` under ``in_use_header``."""
+    rate ``in_use`` under ``in_use_header`` (``-`` for a method that is not a contender of the demo)."""
     rates = sorted({r["lr"] for r in rows if r["lr"] is not None})
     lines = [
         "| method | " + " | ".join(f"lr {r:g}" for r in rates) + f" | picked | {in_use_header} |",
@@ -135,7 +135,8 @@ def lr_grid_table(
             row = next((r for r in rows if r["method"] == name and r["lr"] == rate), None)
             text = "" if row is None else cell(row)
             cells.append(f"**{text}**" if row is not None and picked == rate else text)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {picked:g} | {in_use.get(name, 0):g} |")
+        used = in_use.get(name)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {picked:g} | {'-' if used is None else f'{used:g}'} |")
     return lines
 
 

@@ -168,12 +168,12 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
         "sora": (1e-3, 3e-3, 1e-2),
     },
     "weight-space": {
-        "svfit": (3e-3, 1e-2, 3e-2, 1e-1),
-        "loldu": (3e-3, 1e-2, 3e-2, 1e-1),
-        "neuroada": (3e-3, 8e-3, 3e-2),
+        "svfit": (1e-2, 3e-2, 1e-1, 3e-1, 1.0),
+        "loldu": (1e-2, 3e-2, 1e-1, 3e-1, 1.0),
+        "neuroada": (8e-3, 3e-2, 1e-1, 3e-1),
         "mtlora": (1e-3, 3e-3, 1e-2),
         "paca": (3e-4, 1e-3, 3e-3),
-        "increlora": (1e-3, 3e-3, 1e-2),
+        "increlora": (3e-3, 1e-2, 3e-2, 1e-1),
     },
 }
 """The learning-rate grid of each suite (``--lr-grid``; ``--suite weight-space --lr-grid`` for issue 19's methods):

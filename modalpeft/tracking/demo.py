@@ -109,10 +109,10 @@ class TrackingSettings:
     are not built); writes ``tracking_lr_grid.md``."""
     lr_candidates: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
-            "head only": (1e-3, 2e-3, 5e-3, 1e-2),
+            "head only": (5e-4, 1e-3, 2e-3, 5e-3),
             "full fine-tuning": (1e-4, 3e-4, 1e-3),
             "lora (peft)": (3e-4, 1e-3, 2e-3, 5e-3),
-            "tmoe": (5e-4, 1e-3, 2e-3, 5e-3),
+            "tmoe": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3),
             TMOE_ZERO_B: (3e-4, 1e-3, 2e-3, 5e-3),
         }
     )

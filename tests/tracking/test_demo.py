@@ -95,6 +95,8 @@ def test_the_learning_rate_grid_reads_only_validation_sequences(tmp_path, monkey
     assert set(report["picked"]) == set(candidates)
     page = (tmp_path / "run" / "tracking_lr_grid.md").read_text()
     assert "| tmoe (B = 0) |" in page and "Init: TMoE with every expert's B at zero" in page
+    zero_b = next(line for line in page.splitlines() if line.startswith("| tmoe (B = 0) |"))
+    assert zero_b.endswith("| - |")  # not a contender of the demo: no rate in use
     assert not (tmp_path / "run" / "tracking.md").exists()
 
 
