@@ -42,6 +42,12 @@ class ScaleShift(AdapterModule):
       modules when the host's output is modified in place afterwards (``nn.ReLU(inplace=True)`` right after a
       Linear), which a kept output cannot allow (backward then raises an error that says so).
 
+    What stays above the floor on ViT-B/16 (1.20x its activation bytes, ``benchmarks/results``): the outputs of
+    ``attn.proj`` and ``mlp.fc2`` (and of the patch embedding), which ``γ``'s gradient ``Σ_t g_t ⊙ out_t`` reads and
+    which no frozen operation keeps (they only join the residual sum). Recomputing them in backward from the
+    Linear's input costs that Linear's product again (``fc2``: a third of a block's matrix work, about +20% step
+    time for both), against the step-time target; they are kept.
+
     Args:
         dim: number of channels ``C``.
         channel_dim: the output axis that holds the channels: ``-1`` for token features ``(*, C)``, ``1`` for
