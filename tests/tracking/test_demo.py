@@ -108,3 +108,11 @@ def test_picked_takes_the_best_validation_ao_and_the_lower_rate_on_a_tie() -> No
         {"method": "full fine-tuning", "lr": 1e-3, "ao": 0.1},
     ]
     assert demo.picked(rows) == {"tmoe": 2e-3, "full fine-tuning": 1e-3}
+
+
+def test_a_run_of_another_length_gets_a_page_of_its_own() -> None:
+    """``--steps N`` (a schedule study) writes ``tracking_<N>_steps.md`` and its pictures, not over the demo's page;
+    the demo's length and ``--quick`` checks keep ``tracking``."""
+    assert demo.page_stem(demo.TrackingSettings()) == "tracking"
+    assert demo.page_stem(demo.TrackingSettings(steps=240)) == "tracking_240_steps"
+    assert demo.page_stem(demo.TrackingSettings.quick(), quick=True) == "tracking"
