@@ -7,10 +7,14 @@ Decomposition for Parameter-Efficient Fine-Tuning", 2024, https://arxiv.org/abs/
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ..layer import AdapterModule, InitMode
+from .dropout import recompute_source
 
 
 class FactorizedVector(AdapterModule):
@@ -20,9 +24,17 @@ class FactorizedVector(AdapterModule):
     ``z₀ = σ_1..σ_r``, ``s = 1``; LoLDU: ``F₁ = P L_r``, ``F₂ = U_r``, ``z₀ = D_r``, ``s = α / r``) and trains
     ``z`` in place of ``z₀``: ``W' = W_res + s · F₁ diag(z) F₂``. The base weight stays ``W`` here, and the
     adapter adds the difference, which is the same weight and needs no copy of ``W_res``. ``z`` starts at ``z₀``,
-    so the model starts unchanged. The update is materialised once per forward (``r·d_out·d_in``
-    multiply-adds, independent of the number of tokens) and added to the base weight
-    (:meth:`param_deltas`); merging adds it for good.
+    so the model starts unchanged. The adapted Linear is one product with ``W' = W + ΔW``, the update materialised
+    once per forward (``r·d_out·d_in`` multiply-adds, independent of the number of tokens); merging adds it for good.
+
+    Training cost. Autograd through ``W + ΔW`` would form the weight's gradient ``∂L/∂W' = gᵀx`` (a
+    ``tokens·d_out·d_in`` product, full fine-tuning's) and keep ``x``. The backward here gives ``z`` its gradient
+    directly, ``∂L/∂z_k = s Σ_t (g F₁)[t, k] · (x F₂ᵀ)[t, k]``, and ``∂L/∂x = g W + s ((g F₁) ⊙ Δz) F₂``, each in
+    whichever form costs fewer multiply-adds for the layer and the batch (the factored one, ``tokens·r·(d_out +
+    d_in)``, for LoLDU's small ranks; for a full-rank SVFit on a square Linear the weight-gradient form), and keeps
+    of ``x`` only what recomputes it where the op before keeps that anyway
+    (:func:`~modalpeft.core.layers.dropout.recompute_source`: a LayerNorm's or a GELU's input). Outputs and
+    gradients equal autograd's through ``W + ΔW`` up to float rounding (tested).
 
     The factors and ``z₀`` are non-persistent buffers: the method computes them from the base weight when it
     adapts (and again when an adapter is loaded onto the same base model), so a saved adapter holds ``z`` only.
@@ -65,8 +77,65 @@ class FactorizedVector(AdapterModule):
     def delta_weight(self) -> Tensor:
         return (self.left * ((self.z - self.start) * self.scaling)) @ self.right  # (d_out, r) (r, d_in)
 
-    def param_deltas(self, base: nn.Module) -> dict[str, Tensor]:
-        return {"weight": self.delta_weight().to(base.weight.dtype)}
+    def replace_base(self, base: nn.Module, x: Tensor) -> Tensor:
+        """``x (W + ΔW)ᵀ + b`` with the lean backward (class docstring); on ``x`` flattened to ``(tokens, d_in)``."""
+        tensors, recompute = recompute_source(x) or ((x,), None)
+        out = _FactorizedLinear.apply(
+            x.reshape(-1, x.shape[-1]), base.weight, base.bias, self.z, self, recompute, *tensors
+        )
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class _FactorizedLinear(torch.autograd.Function):
+    """``x (W + s F₁ diag(z − z₀) F₂)ᵀ + b``; backward: ``∂L/∂z`` without the weight's gradient (``W``, ``b``
+    frozen)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        z: Tensor,
+        layer: FactorizedVector,
+        recompute: Callable[..., Tensor] | None,
+        *source: Tensor,
+    ) -> Tensor:
+        dz = (z - layer.start) * layer.scaling
+        out = nn.functional.linear(x, weight + ((layer.left * dz) @ layer.right).to(weight.dtype), bias)
+        ctx.layer, ctx.recompute, ctx.n = layer, recompute, len(source)
+        ctx.save_for_backward(weight, dz, *source)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weight, dz, *source = ctx.saved_tensors
+        layer = ctx.layer
+        left, right = layer.left.to(grad.dtype), layer.right.to(grad.dtype)
+        tokens, (d_out, d_in), rank = grad.shape[0], weight.shape, dz.shape[0]
+        # extra multiply-adds over the frozen Linear's backward: (g F₁), (g F₁ ⊙ Δz) F₂ and x F₂ᵀ, against
+        # W' again, gᵀx and F₁ᵀ (gᵀx)
+        factored = tokens * rank * (d_out + 2 * d_in) <= tokens * d_out * d_in + 2 * rank * d_out * d_in
+        grad_x = grad_weight = grad_bias = grad_z = None
+        g_left = grad @ left if factored else None  # (T, r)
+        if ctx.needs_input_grad[0]:
+            if factored:
+                grad_x = grad @ weight.to(grad.dtype) + (g_left * dz.to(grad.dtype)) @ right
+            else:
+                grad_x = grad @ (weight + ((layer.left * dz) @ layer.right).to(weight.dtype)).to(grad.dtype)
+        x = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            x = ctx.recompute(*source) if ctx.recompute is not None else source[0]
+            x = x.reshape(-1, x.shape[-1]).to(grad.dtype)
+        if ctx.needs_input_grad[1]:  # a base weight that trains too (not the methods' setting)
+            grad_weight = (grad.t() @ x).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        if ctx.needs_input_grad[3]:
+            # Σ_t (g F₁)[t] ⊙ (x F₂ᵀ)[t], or diag(F₁ᵀ (gᵀ x) F₂ᵀ) through the weight-sized gradient when cheaper
+            grad_z = (g_left * (x @ right.t())).sum(0) if factored else ((left.t() @ (grad.t() @ x)) * right).sum(1)
+            grad_z = (grad_z * layer.scaling).to(dz.dtype)
+        return grad_x, grad_weight, grad_bias, grad_z, None, None, *([None] * ctx.n)
 
 
 def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -132,3 +132,72 @@ def test_bad_rank_is_refused(bad) -> None:
         mp.LoLDUConfig(rank=bad)
     with pytest.raises(ValueError, match="alpha="):
         mp.LoLDUConfig(alpha=0.0)
+
+
+def _reference(layer, base, x):
+    """Autograd through ``W + ΔW``: what the lean product must equal."""
+    return torch.nn.functional.linear(x, base.weight + layer.delta_weight(), base.bias)
+
+
+@pytest.mark.parametrize("producer", ["leaf", "layer_norm", "gelu"])
+@pytest.mark.parametrize(("d_out", "d_in", "rank", "tokens"), [(48, 16, 3, 40), (16, 16, 16, 6), (24, 16, 16, 64)])
+@pytest.mark.parametrize("base_trains", [False, True])
+def test_factorized_product_matches_autograd_through_the_adapted_weight(
+    producer, d_out, d_in, rank, tokens, base_trains
+):
+    """Outputs, ∂L/∂z, ∂L/∂x (and the base's gradients when it trains) equal autograd's through W + ΔW, in the
+    factored regime (small rank, many tokens) and the weight-gradient one (full rank, few tokens), whatever made x."""
+    from modalpeft.core.layers import FactorizedVector
+
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out).requires_grad_(base_trains)
+    u, s, vh = torch.linalg.svd(base.weight.detach(), full_matrices=False)
+    layer = FactorizedVector(u[:, :rank], vh[:rank], s[:rank], scaling=0.7, init_weights=False)
+    norm = nn.LayerNorm(d_in)
+    make = {"leaf": lambda t: t, "layer_norm": norm, "gelu": nn.functional.gelu}[producer]
+    t = torch.randn(2, tokens // 2, d_in, requires_grad=True)
+    grad = torch.randn(2, tokens // 2, d_out)
+    results = []
+    for lean in (True, False):
+        for p in (t, layer.z, base.weight, base.bias):
+            p.grad = None
+        x = make(t)
+        y = layer.replace_base(base, x) if lean else _reference(layer, base, x)
+        (y * grad).sum().backward()
+        grads = [p.grad.clone() for p in (t, layer.z) + ((base.weight, base.bias) if base_trains else ())]
+        results.append((y.detach(), *grads))
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_factorized_product_keeps_no_copy_of_a_normed_input():
+    """After a LayerNorm, the lean backward keeps the norm's own saves and ``Δz``: nothing of ``x``'s size of its own,
+    where autograd through ``W + ΔW`` keeps ``x`` and the adapted weight."""
+    from modalpeft.core.layers import FactorizedVector
+
+    torch.manual_seed(0)
+    base = nn.Linear(16, 48).requires_grad_(False)
+    u, s, vh = torch.linalg.svd(base.weight, full_matrices=False)
+    layer = FactorizedVector(u[:, :4], vh[:4], s[:4])
+    norm = nn.LayerNorm(16)
+    t = torch.randn(3, 10, 16, requires_grad=True)
+
+    def own_saves(lean: bool) -> list[int]:
+        saved, phase = {}, ["norm"]
+        resident = {p.data_ptr() for p in (*base.parameters(), *layer.buffers(), layer.z)}
+
+        def pack(tensor):
+            key = tensor.untyped_storage().data_ptr()
+            if tensor.data_ptr() not in resident and key not in saved:
+                saved[key] = (phase[0], tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            x = norm(t)
+            phase[0] = "product"
+            y = layer.replace_base(base, x) if lean else _reference(layer, base, x)
+        y.sum().backward()
+        return sorted(n for who, n in saved.values() if who == "product" and n >= t.numel())
+
+    assert own_saves(False) == [t.numel(), 48 * 16]  # autograd keeps x for the weight's gradient, and W + ΔW
+    assert own_saves(True) == []
