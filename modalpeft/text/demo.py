@@ -153,11 +153,17 @@ LRS = {
     "parallel_adapter": 1e-3,
     "dept": 3e-2,
     "lofit": 1e-2,
-    "neuroada": 8e-3,
+    "svfit": 1e-1,
+    "loldu": 1e-1,
+    "neuroada": 1e-1,
+    "paca": 1e-3,
+    "increlora": 1e-2,
 }
-"""Learning rates; every other contender takes ``TextSettings.lr`` (NeuroAda: its k=1 script's 8e-3). Those of full
-fine-tuning, LoRA, the parallel adapter, Compacter and SoRA are the picks of the validation grid
-(``TextSettings.lr_grid``, ``docs/results/text_lr_grid.md``); the others were not searched."""
+"""Learning rates; every other contender takes ``TextSettings.lr``. Those of full fine-tuning, LoRA, the parallel
+adapter, Compacter and SoRA are the picks of the validation grid (``TextSettings.lr_grid``,
+``docs/results/text_lr_grid.md``), those of SVFit, LoLDU, NeuroAda, MTLoRA, PaCA and IncreLoRA the picks of the
+weight-space suite's (``docs/results/text_weight_space_lr_grid.md``; NeuroAda's k=1 script uses 8e-3, 75.3 against
+70.1 on validation at 0.1); DePT's and LoFiT's were not searched."""
 
 GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     "adapters": {
