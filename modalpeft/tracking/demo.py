@@ -95,10 +95,10 @@ class TrackingSettings:
     batch_size: int = 8
     lrs: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
-            "head only": (5e-3,),
-            "full fine-tuning": (1e-3,),
-            "lora (peft)": (2e-3,),
-            "tmoe": (2e-3,),
+            "head only": (1e-3,),
+            "full fine-tuning": (3e-4,),
+            "lora (peft)": (1e-3,),
+            "tmoe": (5e-4,),
         }
     )
     """Learning rates tried per contender (the best by AO on the validation sequences is kept); the defaults are
