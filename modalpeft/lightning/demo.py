@@ -147,8 +147,13 @@ def lr_grid_note(rows: Sequence[dict[str, Any]], choice: dict[str, float], in_us
     edge = [n for n, lr in choice.items() if len(grids[n]) > 1 and lr in (min(grids[n]), max(grids[n]))]
     same = all(in_use.get(n) == lr for n, lr in choice.items())
     return (
-        f"The demo's rates ({where}) "
-        + ("are the picked ones." if same else "**differ from the picked ones**: set them from this table.")
+        f"When this grid ran, the demo's rates ({where}) "
+        + (
+            "were the picked ones."
+            if same
+            else "**differed from the picked ones**; the demo trains at the picks since (`tests/test_lr_grids.py` "
+            "compares the code with this table)."
+        )
         + (f" Picked at the edge of its grid (extend the candidates): {', '.join(edge)}." if edge else "")
     )
 

@@ -1,0 +1,59 @@
+"""The demos train at the learning rates their committed grid pages picked (``docs/results/*_lr_grid.md``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def picks(page: str) -> dict[str, float]:
+    """``method -> picked rate`` from a grid page's table (the column before the last)."""
+    lines = (RESULTS / page).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method |") and "| picked |" in line)
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = float(cells[-2])
+    return rows
+
+
+def code_rates(page: str) -> dict[str, float]:
+    """The rates the demo of ``page`` trains each of its contenders at."""
+    if page == "audio_lr_grid.md":
+        from modalpeft.audio.demo import AudioSettings
+
+        return dict(AudioSettings().lrs)
+    if page == "diffusion_lr_grid.md":
+        from modalpeft.diffusion.demo import DiffusionSettings
+
+        return dict(DiffusionSettings().lrs)
+    if page in ("text_lr_grid.md", "text_weight_space_lr_grid.md"):
+        from modalpeft.text.demo import TextSettings
+
+        settings = TextSettings(suite="adapters" if page == "text_lr_grid.md" else "weight-space")
+        return {name: settings.lrs.get(name, settings.lr) for name in settings.methods}
+    from modalpeft.tracking.demo import TrackingSettings
+
+    return {name: rates[0] for name, rates in TrackingSettings().lrs.items() if len(rates) == 1}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        "audio_lr_grid.md",
+        "diffusion_lr_grid.md",
+        "text_lr_grid.md",
+        "text_weight_space_lr_grid.md",
+        "tracking_lr_grid.md",
+    ],
+)
+def test_the_demo_trains_at_the_picked_rates(page: str) -> None:
+    picked, used = picks(page), code_rates(page)
+    contenders = {name: rate for name, rate in picked.items() if name in used}  # grid-only rows have no rate in use
+    assert contenders, f"{page}: no contender of the demo in its table"
+    assert {name: used[name] for name in contenders} == contenders
