@@ -94,5 +94,5 @@ def test_exact_heap_peak_is_what_is_alive_at_once():
     out = subprocess.run([sys.executable, "-c", _EXACT], capture_output=True, text=True, check=True).stdout
     took, exact, heap = out.split()
     assert took == "True"
-    assert 39 * 2**20 < int(exact) < 43 * 2**20, f"{int(exact) / 2**20:.1f} MiB"
-    assert int(heap) > 52 * 2**20, f"{int(heap) / 2**20:.1f} MiB"
+    assert 39 * 2**20 < int(exact) < 47 * 2**20, f"{int(exact) / 2**20:.1f} MiB"  # 40 MiB alive, a little runtime
+    assert int(heap) > int(exact) + 10 * 2**20, f"{int(heap) / 2**20:.1f} against {int(exact) / 2**20:.1f} MiB"
