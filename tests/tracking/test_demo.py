@@ -116,3 +116,19 @@ def test_a_run_of_another_length_gets_a_page_of_its_own() -> None:
     assert demo.page_stem(demo.TrackingSettings()) == "tracking"
     assert demo.page_stem(demo.TrackingSettings(steps=240)) == "tracking_240_steps"
     assert demo.page_stem(demo.TrackingSettings.quick(), quick=True) == "tracking"
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_a_grid_of_another_length_gets_a_page_of_its_own(tmp_path) -> None:
+    """``--lr-grid --steps N`` writes ``tracking_<N>_steps_lr_grid.md`` (the demo's grid page stays), its command in
+    the header."""
+    candidates = {name: (1e-3,) for name in (*demo.CONTENDERS, demo.TMOE_ZERO_B)}
+    settings = demo.TrackingSettings.quick(lr_grid=True, lr_candidates=candidates, steps=3)
+    assert demo.page_stem(settings) == "tracking_3_steps"
+    out = tmp_path / "run"
+    overrides = {k: v for k, v in vars(settings).items() if k not in ("out",)}
+    assert demo.run(out_dir=out, console=Console(record=True, width=200), **overrides)
+    page = (out / "tracking_3_steps_lr_grid.md").read_text()
+    assert "--lr-grid --steps 3 --results-dir" in page and "as in `tracking_3_steps.md`" in page
+    assert not (out / "tracking_lr_grid.md").exists()
