@@ -23,20 +23,20 @@ from modalpeft.core.state import atomic_write
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sections() -> dict[str, tuple[str, Callable[[], list[str]], str]]:
-    """``page name -> (heading, section lines, line ending)``."""
+def sections() -> dict[str, tuple[str, Callable[[], list[str]]]]:
+    """``page name -> (heading, the section's lines)``."""
     from modalpeft.pointcloud import demo as pointcloud
     from modalpeft.vision import demo as vision
 
     return {
-        "vision.md": (vision.COST_HEADING, vision.cost_section, ""),
-        "pointcloud.md": (pointcloud.COST_HEADING, pointcloud.cost_section, "\n"),
+        "vision.md": (vision.COST_HEADING, vision.cost_section),
+        "pointcloud.md": (pointcloud.COST_HEADING, pointcloud.cost_section),
     }
 
 
-def rewrite(text: str, heading: str, section: list[str], ending: str) -> str:
-    """``text`` with everything from the line ``heading`` to its end replaced by ``section`` (joined by newlines, then
-    ``ending``, as the demo writes it); a page without the heading gets the section appended."""
+def rewrite(text: str, heading: str, section: list[str], ending: str = "\n") -> str:
+    """``text`` with everything from the line ``heading`` to its end replaced by ``section`` (one line each, then
+    ``ending``: the demos end their pages with a newline); a page without the heading gets the section appended."""
     lines = text.split("\n")
     if heading in lines:
         del lines[lines.index(heading) :]
@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report pages whose cost section is out of date")
     args = parser.parse_args(argv)
     stale = []
-    for name, (heading, make, ending) in sections().items():
+    for name, (heading, make) in sections().items():
         page = args.results_dir / name
         if not page.is_file():
             print(f"{page}: no such page (run its demo with --results-dir first)", file=sys.stderr)
             return 2
         old = page.read_text()
-        new = rewrite(old, heading, make(), ending)
+        new = rewrite(old, heading, make())
         if new != old:
             stale.append(name)
             if not args.check:

@@ -48,6 +48,7 @@ from ..core.state import atomic_write
 from ..lightning.demo import (
     environment_note,
     lr_grid_note,
+    lr_grid_picks,
     lr_grid_table,
     metric_vs_params_png,
     mwa_table,
@@ -351,11 +352,7 @@ def lr_grid(demo: AudioDemo, log: Any) -> list[dict[str, Any]]:
 
 def picked(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Per contender, the rate with the lowest validation bits/token."""
-    best: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        if row["method"] not in best or row["bits_per_token"] < best[row["method"]]["bits_per_token"]:
-            best[row["method"]] = row
-    return {name: row["lr"] for name, row in best.items()}
+    return lr_grid_picks(rows, "bits_per_token", higher_is_better=False)
 
 
 def grid_markdown(rows: list[dict[str, Any]], settings: AudioSettings, meta: dict[str, Any]) -> str:

@@ -30,6 +30,7 @@ from .data import index_batches as batches
 from .optim import build_optimizer, param_groups, warmup_cosine
 
 __all__ = [
+    "benchmark_section",
     "NUMERIC_ENVIRONMENT",
     "accuracy",
     "batches",
@@ -38,6 +39,7 @@ __all__ = [
     "environment_note",
     "leftover_wrappers",
     "lr_grid_note",
+    "lr_grid_picks",
     "lr_grid_table",
     "metric_vs_params_png",
     "mwa_table",
@@ -138,6 +140,26 @@ def lr_grid_table(
         used = in_use.get(name)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {picked:g} | {'-' if used is None else f'{used:g}'} |")
     return lines
+
+
+def benchmark_section(table: str, heading: str, intro: str) -> list[str]:
+    """A results page's closing section: ``heading``, ``intro`` and the committed benchmark table
+    ``benchmarks/results/<table>``; ``[]`` outside a source checkout (no such file). ``python -m benchmarks.pages``
+    rewrites the section in the committed pages after a new benchmark run."""
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / table
+    return [heading, "", intro, "", bench.read_text().strip()] if bench.is_file() else []
+
+
+def lr_grid_picks(rows: Sequence[dict[str, Any]], score: str, higher_is_better: bool = True) -> dict[str, float]:
+    """Per method of ``rows`` (``{"method", "lr", score, ...}``, in their order), the rate with the best ``score``;
+    ties go to the smaller rate."""
+    sign = 1.0 if higher_is_better else -1.0
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        held = best.get(row["method"])
+        if held is None or (sign * row[score], -row["lr"]) > (sign * held[score], -held["lr"]):
+            best[row["method"]] = row
+    return {name: row["lr"] for name, row in best.items()}
 
 
 def lr_grid_note(rows: Sequence[dict[str, Any]], choice: dict[str, float], in_use: dict[str, float], where: str) -> str:

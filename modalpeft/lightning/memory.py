@@ -80,7 +80,7 @@ def exact_heap() -> Iterator[bool]:
     free pages are released. glibc's threshold is process-wide and, once set, no longer dynamic: use it in a process
     of its own (the benchmark harness's isolated candidates)."""
     libc = _glibc()
-    took = bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, EXACT_HEAP_THRESHOLD))
+    took = bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, EXACT_HEAP_THRESHOLD))
     try:
         yield took
     finally:
@@ -90,21 +90,21 @@ def exact_heap() -> Iterator[bool]:
 
 
 def _glibc() -> Any:
+    """The C library on Linux (``None`` elsewhere); callers check for the glibc functions they use (musl lacks
+    them)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") else None
+        return ctypes.CDLL("libc.so.6")
     except OSError:
         return None
 
 
 def _release_free_heap() -> None:
     """glibc's ``malloc_trim(0)``: return the free pages of every malloc arena to the system (a no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # not glibc (musl has no malloc_trim)
+        libc.malloc_trim(0)
 
 
 def _proc_status(key: str) -> int | None:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..core.compare import delta, logits_of, same_outputs
 from ..core.model import AdaptedModel, parameter_counts
 from ..core.state import atomic_write
-from ..lightning.demo import environment_note, run_environment
+from ..lightning.demo import benchmark_section, environment_note, run_environment
 from ..lightning.memory import MemoryProbe
 from .ops import farthest_point_sample, gather_points
 from .transforms import ScaleAndTranslate, fps_pool_size
@@ -376,19 +376,14 @@ COST_HEADING = "## Cost on the full-size Point-MAE (`python -m benchmarks.pointc
 
 
 def cost_section() -> list[str]:
-    """The page's last section, from the committed full-size Point-MAE benchmark (``benchmarks/results``; nothing
-    outside a source checkout). ``python -m benchmarks.pages`` rewrites it in ``docs/results/pointcloud.md``."""
-    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "point_mae_b8_cpu.md"
-    if not bench.is_file():
-        return []
-    return [
+    """The page's last section: the committed full-size Point-MAE benchmark
+    (:func:`~modalpeft.lightning.demo.benchmark_section`)."""
+    return benchmark_section(
+        "point_mae_b8_cpu.md",
         COST_HEADING,
-        "",
         "C=384, 12 blocks, 64 groups of 32, 1,024 points, 15 classes, random weights; from "
         "`benchmarks/results/point_mae_b8_cpu.md`:",
-        "",
-        bench.read_text().strip(),
-    ]
+    )
 
 
 def run(

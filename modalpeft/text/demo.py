@@ -45,6 +45,7 @@ from ..lightning.demo import (
     environment_note,
     in_workers,
     lr_grid_note,
+    lr_grid_picks,
     lr_grid_table,
     metric_vs_params_png,
     mwa_table,
@@ -705,10 +706,7 @@ def run_lr_grid(settings: TextSettings, log: Callable[[str], None] = print) -> d
     ]
     names = list(settings.lr_candidates)
     rows.sort(key=lambda r: (names.index(r["method"]), r["lr"]))
-    picks = {}
-    for name in names:
-        mine = [r for r in rows if r["method"] == name]
-        picks[name] = max(mine, key=lambda r: (r["mean"], -r["lr"]))["lr"]  # ties: the smaller rate
+    picks = lr_grid_picks(rows, "mean")  # ties: the smaller rate
     defaults = TextSettings()
     in_use = {name: defaults.lrs.get(name, defaults.lr) for name in names}
     lines = [

@@ -50,6 +50,7 @@ from ..lightning.demo import (
     demo_trainer,
     environment_note,
     lr_grid_note,
+    lr_grid_picks,
     lr_grid_table,
     quiet_lightning,
     run_environment,
@@ -510,7 +511,7 @@ def reload_cell(r: Result) -> str:
 
 def markdown(results: list[Result], settings: TrackingSettings, meta: dict[str, Any]) -> str:
     s = settings
-    stem = meta.get("stem", "tracking")
+    stem = meta["stem"]
     lines = [
         "# Tracking: the offline demo" + ("" if stem == "tracking" else f", {s.steps} steps"),
         "",
@@ -611,11 +612,7 @@ def lr_grid(demo: Demo, log: Callable[[str], None]) -> list[dict[str, Any]]:
 
 def picked(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Per contender, the rate with the highest validation AO (the lower rate on a tie)."""
-    best: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        if row["method"] not in best or row["ao"] > best[row["method"]]["ao"]:
-            best[row["method"]] = row
-    return {name: row["lr"] for name, row in best.items()}
+    return lr_grid_picks(rows, "ao")
 
 
 def grid_markdown(rows: list[dict[str, Any]], settings: TrackingSettings, meta: dict[str, Any]) -> str:
@@ -623,7 +620,7 @@ def grid_markdown(rows: list[dict[str, Any]], settings: TrackingSettings, meta: 
     choice = picked(rows)
     in_use = {name: rates[0] for name, rates in TrackingSettings().lrs.items() if len(rates) == 1}
     best = {n: max(r["ao"] for r in rows if r["method"] == n) for n in choice}
-    stem = meta.get("stem", "tracking")
+    stem = meta["stem"]
     steps = "" if stem == "tracking" else f"--steps {s.steps} "
     lines = [
         "# Tracking: the learning rates of the demo, picked on validation sequences",

@@ -48,6 +48,7 @@ from ..core.state import atomic_write
 from ..lightning.demo import (
     accuracy,
     batches,
+    benchmark_section,
     dir_size,
     environment_note,
     in_workers,
@@ -567,7 +568,8 @@ def write_markdown(
         *verdicts,
         "",
     ]
-    lines += cost_section()
+    section = cost_section()
+    lines += [*section, ""] if section else []
     atomic_write({"vision.md": "\n".join(lines).encode()}, results_dir)
 
 
@@ -575,19 +577,12 @@ COST_HEADING = "## Cost on ViT-B/16 (`make bench`)"
 
 
 def cost_section() -> list[str]:
-    """The page's last section, from the committed ViT-B/16 benchmark (``benchmarks/results``; nothing outside a
-    source checkout). ``python -m benchmarks.pages`` rewrites it in ``docs/results/vision.md`` after a new run."""
-    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "vit_base_patch16_224_b8_cpu.md"
-    if not bench.is_file():
-        return []
-    return [
+    """The page's last section: the committed ViT-B/16 benchmark
+    (:func:`~modalpeft.lightning.demo.benchmark_section`)."""
+    return benchmark_section(
+        "vit_base_patch16_224_b8_cpu.md",
         COST_HEADING,
-        "",
         "Training step time and peak memory relative to full fine-tuning, the head-only floor and peft's LoRA in "
         "the same run; `merged infer` is the forward time after `merge_and_unload()` (SSF's merged model is "
-        "plain timm and runs at the plain model's speed). From "
-        "`benchmarks/results/vit_base_patch16_224_b8_cpu.md`:",
-        "",
-        bench.read_text().strip(),
-        "",
-    ]
+        "plain timm and runs at the plain model's speed). From `benchmarks/results/vit_base_patch16_224_b8_cpu.md`:",
+    )

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .recompute import recompute_source
+
 
 class MaskDropout(nn.Dropout):
     """``nn.Dropout`` with the same outputs, gradients and random draws, and a cheaper backward on the CPU.
@@ -63,57 +65,16 @@ def dropped_product(x: Tensor, weight: Tensor, p: float, training: bool) -> Tens
     random stream, same output bit for bit); a recomputed LayerNorm output equals the original up to float rounding
     (gradients within 1e-6 relative, tested). In eval mode, without gradients or on inputs that need none, it is the
     plain product."""
-    lean = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    lean = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and 0 <= p < 1
     if not lean:
-        return F.dropout(x, p, training) @ weight.t() if p > 0 else x @ weight.t()
-    if not training or p == 0:
-        p = 0.0
-    elif not 0 < p < 1:
         return F.dropout(x, p, training) @ weight.t()
     tensors, recompute = recompute_source(x) or ((x,), None)
-    return _DroppedProduct.apply(x, weight, p, recompute, *tensors)
+    return _DroppedProduct.apply(x, weight, p if training else 0.0, recompute, *tensors)
 
 
-def recompute_source(x: Tensor) -> tuple[tuple[Tensor, ...], Callable[..., Tensor]] | None:
-    """What the operation that made ``x`` keeps for its own backward and recomputes ``x`` from, with the function
-    that does: ``(tensors, f)`` with ``f(*tensors) ≈ x``, or ``None`` (keep ``x``).
-
-    - GELU (``GeluBackward0``): its input ``u``; ``x = gelu(u)`` exactly (the same kernel on the same input);
-    - LayerNorm over the last axes (``NativeLayerNormBackward0``): its input, mean and reciprocal deviation, weight
-      and bias; ``x = (input - mean) · rstd · w + b``, equal to the kernel's output up to float rounding.
-
-    Anything else (or a node whose saved tensors cannot be read) gives ``None``."""
-    node = x.grad_fn
-    name = type(node).__name__ if node is not None else ""
-    try:
-        if name == "GeluBackward0":
-            u = node._saved_self
-            approximate = node._saved_approximate
-            if u.shape == x.shape and u.dtype == x.dtype:
-                return (u,), lambda u: F.gelu(u, approximate=approximate)
-        elif name == "NativeLayerNormBackward0":
-            source = node._saved_input
-            mean, rstd = node._saved_result1, node._saved_result2
-            weight, bias = node._saved_weight, node._saved_bias
-            if source.shape == x.shape and source.dtype == x.dtype and mean.shape == rstd.shape:
-                return (source, mean, rstd, *(t for t in (weight, bias) if t is not None)), _layer_norm_from(
-                    weight is not None, bias is not None
-                )
-    except RuntimeError:  # the node's saved tensors were freed or cannot be unpacked here
-        return None
-    return None
-
-
-def _layer_norm_from(has_weight: bool, has_bias: bool) -> Callable[..., Tensor]:
-    def recompute(source: Tensor, mean: Tensor, rstd: Tensor, *affine: Tensor) -> Tensor:
-        out = (source - mean) * rstd
-        if has_weight:
-            out = out * affine[0]
-        if has_bias:
-            out = out + affine[-1]
-        return out
-
-    return recompute
+def dropout_rate(drop: nn.Module) -> float:
+    """The rate of an adapter's input dropout module (:class:`MaskDropout`, or ``nn.Identity`` when it has none)."""
+    return drop.p if isinstance(drop, nn.Dropout) else 0.0
 
 
 class _DroppedProduct(torch.autograd.Function):
@@ -148,4 +109,4 @@ class _DroppedProduct(torch.autograd.Function):
         return grad_x, grad_weight, None, None, *([None] * ctx.n)
 
 
-__all__ = ["MaskDropout", "dropped_product", "recompute_source"]
+__all__ = ["MaskDropout", "dropout_rate", "dropped_product"]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import AdapterModule, InitMode
-from .dropout import recompute_source
+from .recompute import recompute_source
 
 
 class FactorizedVector(AdapterModule):
@@ -33,7 +33,7 @@ class FactorizedVector(AdapterModule):
     whichever form costs fewer multiply-adds for the layer and the batch (the factored one, ``tokens·r·(d_out +
     d_in)``, for LoLDU's small ranks; for a full-rank SVFit on a square Linear the weight-gradient form), and keeps
     of ``x`` only what recomputes it where the op before keeps that anyway
-    (:func:`~modalpeft.core.layers.dropout.recompute_source`: a LayerNorm's or a GELU's input). Outputs and
+    (:func:`~modalpeft.core.layers.recompute.recompute_source`: a LayerNorm's or a GELU's input). Outputs and
     gradients equal autograd's through ``W + ΔW`` up to float rounding (tested).
 
     The factors and ``z₀`` are non-persistent buffers: the method computes them from the base weight when it
@@ -102,7 +102,7 @@ class _FactorizedLinear(torch.autograd.Function):
         *source: Tensor,
     ) -> Tensor:
         dz = (z - layer.start) * layer.scaling
-        out = nn.functional.linear(x, weight + ((layer.left * dz) @ layer.right).to(weight.dtype), bias)
+        out = nn.functional.linear(x, _adapted_weight(weight, layer, dz), bias)
         ctx.layer, ctx.recompute, ctx.n = layer, recompute, len(source)
         ctx.save_for_backward(weight, dz, *source)
         return out
@@ -122,7 +122,7 @@ class _FactorizedLinear(torch.autograd.Function):
             if factored:
                 grad_x = grad @ weight.to(grad.dtype) + (g_left * dz.to(grad.dtype)) @ right
             else:
-                grad_x = grad @ (weight + ((layer.left * dz) @ layer.right).to(weight.dtype)).to(grad.dtype)
+                grad_x = grad @ _adapted_weight(weight, layer, dz).to(grad.dtype)
         x = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             x = ctx.recompute(*source) if ctx.recompute is not None else source[0]
@@ -136,6 +136,11 @@ class _FactorizedLinear(torch.autograd.Function):
             grad_z = (g_left * (x @ right.t())).sum(0) if factored else ((left.t() @ (grad.t() @ x)) * right).sum(1)
             grad_z = (grad_z * layer.scaling).to(dz.dtype)
         return grad_x, grad_weight, grad_bias, grad_z, None, None, *([None] * ctx.n)
+
+
+def _adapted_weight(weight: Tensor, layer: FactorizedVector, dz: Tensor) -> Tensor:
+    """``W + F₁ diag(Δz) F₂`` (``Δz`` already scaled)."""
+    return weight + ((layer.left * dz) @ layer.right).to(weight.dtype)
 
 
 def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:

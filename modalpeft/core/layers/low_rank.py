@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import AdapterModule, InitMode
-from .dropout import MaskDropout, dropped_product
+from .dropout import MaskDropout, dropout_rate, dropped_product
 
 Transform = Literal["SHIM", "ICFM", "CTCM", "DTSM"]
 TRANSFORMS: tuple[str, ...] = ("SHIM", "ICFM", "CTCM", "DTSM")
@@ -92,8 +92,7 @@ class LowRankDelta(AdapterModule):
             nn.init.zeros_(self.B)
 
     def parallel(self, x: Tensor) -> Tensor:
-        p = self.drop.p if isinstance(self.drop, nn.Dropout) else 0.0
-        return self.up(dropped_product(x, self.A, p, self.training))  # A drop(x): (*, r), a lean backward
+        return self.up(dropped_product(x, self.A, dropout_rate(self.drop), self.training))  # A drop(x): (*, r)
 
     def up(self, h: Tensor) -> Tensor:
         """The branch after ``A``: ``s · B (g ⊙ T h)`` for ``h = A drop(x)`` of shape ``(*, r)``."""

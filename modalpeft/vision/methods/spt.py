@@ -74,7 +74,7 @@ from ...core.config import AdapterConfig, _help
 from ...core.inject import attach
 from ...core.layer import AdapterModule, InitMode
 from ...core.layers import Bottleneck, LowRankDelta, MaskDropout, SparseDelta
-from ...core.layers.dropout import dropped_product
+from ...core.layers.dropout import dropout_rate, dropped_product
 from ...core.model import AdaptedModel
 from ...core.registry import register_method
 from .spt_select import (
@@ -337,9 +337,9 @@ class SPTUpdate(AdapterModule):
         if self.rows and self.kind == "lora":
             # one mask shared by the q, k, v blocks, as the official x_drop; one product with their stacked A's,
             # whose backward keeps the mask and recomputes the dropped input (core dropped_product)
-            p = self.drop.p if isinstance(self.drop, nn.Dropout) else 0.0
             stacked = torch.cat([b.A for b in self.structured]) if len(self.structured) > 1 else self.structured[0].A
-            hidden = dropped_product(x, stacked, p, self.training).split([b.A.shape[0] for b in self.structured], -1)
+            hidden = dropped_product(x, stacked, dropout_rate(self.drop), self.training)
+            hidden = hidden.split([b.A.shape[0] for b in self.structured], -1)
             blocks = torch.cat([self.drop_path(b.up(h)) for b, h in zip(self.structured, hidden, strict=True)], -1)
             out = _AddIntoRows.apply(out, blocks.to(out.dtype), tuple(self.rows))
         return out
