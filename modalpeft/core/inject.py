@@ -65,7 +65,10 @@ def hosts(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield clean_name(name), module
 
 
-def _matches(spec: list[str] | str | Callable | None, name: str, module: nn.Module) -> bool:
+def name_matches(spec: list[str] | str | Callable | None, name: str, module: nn.Module) -> bool:
+    """Whether the module ``name`` is one that ``spec`` names, as ``target_modules`` does: a list of names or
+    suffixes (``"attn.qkv"`` matches ``blocks.0.attn.qkv``), a regex that matches the whole name, or a callable
+    ``(name, module) -> bool``; ``None`` names nothing."""
     if spec is None:
         return False
     if isinstance(spec, str):
@@ -105,13 +108,13 @@ def find_targets(
     inside_attention = attention_children(model)
     found = []
     for name, module in base_modules(model):
-        if not name or any(_matches(saved, n, module) for n in _ancestors(name)):
+        if not name or any(name_matches(saved, n, module) for n in _ancestors(name)):
             continue
         if types is not None and not isinstance(module, types):
             continue
-        if spec is not None and not _matches(spec, name, module):
+        if spec is not None and not name_matches(spec, name, module):
             continue
-        if _matches(config.exclude_modules, name, module):
+        if name_matches(config.exclude_modules, name, module):
             continue
         if name in inside_attention:
             if config.target_modules is None:

@@ -270,3 +270,47 @@ def test_resnet_convs_without_bias_get_ssf_after_their_batchnorms(library: str) 
     torch.testing.assert_close(merged(x), adapted, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="takes SSF after that BatchNorm"):
         mp.adapt(build(), SSFConfig(target_modules=["conv1"]))
+
+
+def test_recompute_modules_keeps_the_gradients_and_fewer_activations_on_a_vit(tmp_path) -> None:
+    from benchmarks.harness import saved_activation_bytes
+
+    recompute = ["attn.proj", "mlp.fc2"]
+    plain = mp.adapt(MODELS["vit"](), SSFConfig(init_weights=False), modules_to_save=["head"])
+    lean = mp.adapt(
+        MODELS["vit"](), SSFConfig(init_weights=False, recompute_modules=recompute), modules_to_save=["head"]
+    )
+    lean.load_state_dict(plain.state_dict())
+    chosen = {n for n, m in scale_shifts(lean).items() if isinstance(m, mp.core.layers.RecomputingScaleShift)}
+    assert chosen == {f"blocks.{i}.{n}" for i in range(2) for n in recompute}
+    plain.train(), lean.train()
+    x, target = images(), torch.tensor([1, 3])
+
+    ce = nn.functional.cross_entropy
+    kept_plain, kept_lean = (saved_activation_bytes(m, x, target, ce) for m in (plain, lean))
+    per_output = 2 * 17 * 32 * 4  # one (batch, tokens, width) float tensor: the output of a proj or an fc2
+    assert kept_plain - kept_lean == 4 * per_output
+
+    ce(plain(x), target).backward()
+    ce(lean(x), target).backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for name, p in lean.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7)
+    lean.eval()
+    expected = plain.eval()(x)
+    torch.testing.assert_close(lean(x), expected, rtol=0, atol=0)
+    lean.save_adapter(tmp_path / "ssf")
+    loaded = mp.load_adapter(MODELS["vit"](), tmp_path / "ssf")
+    assert loaded.peft_config["default"].recompute_modules == recompute
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    assert_close_relative(lean.merge_and_unload()(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("recompute", "match"),
+    [(["norm1"], r"\['blocks.0.norm1', 'blocks.1.norm1'\], which are not nn.Linear"), (["fc3"], "matches none")],
+)
+def test_recompute_modules_names_only_adapted_linears(recompute: list[str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        mp.adapt(MODELS["vit"](), SSFConfig(recompute_modules=recompute))

@@ -11,7 +11,7 @@ from .low_rank import LowRankDelta
 from .partial import PartialColumns
 from .phm import PHMLinear
 from .prompt import PromptTokens
-from .scale_shift import FoldedScaleShift, ScaleShift, scale_shift_for
+from .scale_shift import FoldedScaleShift, RecomputingScaleShift, ScaleShift, scale_shift_for
 from .selectors import ParamDelta
 from .sequence import AttentionStage, DilatedConvStage, SequenceStage
 from .sparse import SparseDelta
@@ -32,6 +32,7 @@ __all__ = [
     "PartialColumns",
     "ParamDelta",
     "PromptTokens",
+    "RecomputingScaleShift",
     "ScaleShift",
     "SequenceStage",
     "SparseDelta",

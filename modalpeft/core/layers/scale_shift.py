@@ -6,12 +6,15 @@ https://arxiv.org/abs/2210.08823.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layer import AdapterLayer, AdapterModule, InitMode
+from .recompute import recompute_source
 
 
 class ScaleShift(AdapterModule):
@@ -44,9 +47,10 @@ class ScaleShift(AdapterModule):
 
     What stays above the floor on ViT-B/16 (1.20x its activation bytes, ``benchmarks/results``): the outputs of
     ``attn.proj`` and ``mlp.fc2`` (and of the patch embedding), which ``γ``'s gradient ``Σ_t g_t ⊙ out_t`` reads and
-    which no frozen operation keeps (they only join the residual sum). Recomputing them in backward from the
-    Linear's input costs that Linear's product again (``fc2``: a third of a block's matrix work, about +20% step
-    time for both), against the step-time target; they are kept.
+    which no frozen operation keeps (they only join the residual sum). Nothing cheaper than the Linear's product
+    gives that sum (``Σ_t g_t ⊙ (W h_t)`` is ``rowsum(W ⊙ Gᵀ H)``, a product of the same size), so keeping them
+    costs memory and not keeping them costs time: :class:`RecomputingScaleShift` (SSF's ``recompute_modules``) is
+    the other choice, for the layers a user names.
 
     Args:
         dim: number of channels ``C``.
@@ -169,12 +173,91 @@ class FoldedScaleShift(ScaleShift):
         return {"weight": weight * scale, "bias": bias * scale + self.shift.to(bias.dtype)}
 
 
-def scale_shift_for(base: nn.Module, dim: int, *, channel_dim: int = -1, init_weights: InitMode = True) -> ScaleShift:
+class RecomputingScaleShift(ScaleShift):
+    """A :class:`ScaleShift` after a frozen ``nn.Linear`` that keeps nothing of the Linear's output for backward:
+    ``γ``'s gradient ``Σ_t g_t ⊙ out_t`` recomputes ``out = x Wᵀ + b`` from the Linear's input ``x``, and ``x`` from
+    what the operation that made it keeps anyway (:func:`~modalpeft.core.layers.recompute.recompute_source`: a
+    GELU's input before ``mlp.fc2``, a fused attention's output before ``attn.proj``, a norm's input before ``qkv``).
+
+    For the Linears whose output no later operation keeps, the last ones of a residual branch (a ViT block's
+    ``attn.proj`` and ``mlp.fc2``), where the plain :class:`ScaleShift` must keep that output: SSF's saved
+    activations on ViT-B/16 go down to the floor's plus the patch embedding's output, for one more product of each
+    such Linear per step (measured in ``benchmarks/results``, the candidate ``ssf_recompute``). After a Linear whose
+    output the next operation keeps anyway (``qkv``, ``fc1``) the plain one costs nothing and this one a product.
+    Chosen by SSF's ``recompute_modules``; the same parameters, file and merge as :class:`ScaleShift`.
+
+    Falls back to the plain path (which keeps the output) when the Linear trains, when its input's producer keeps
+    nothing that rebuilds it (then keeping ``x`` would cost as much as keeping ``out``), outside training and without
+    gradients. Output bit for bit the plain path's; gradients equal up to float rounding (the recomputed LayerNorm
+    output; tested at 1e-5 relative).
+    """
+
+    post = AdapterModule.post  # the scale-shift is applied by replace_base, with the Linear
+
+    def replace_base(self, base: nn.Module, x: Tensor) -> Tensor:
+        frozen = isinstance(base, nn.Linear) and not base.weight.requires_grad
+        frozen = frozen and (base.bias is None or not base.bias.requires_grad)
+        if frozen and torch.is_grad_enabled() and self.scale.requires_grad and self.channel_dim in (-1, x.ndim - 1):
+            source = recompute_source(x)
+            if source is not None:
+                tensors, rebuild = source
+                scale, shift = self.scale.to(x.dtype), self.shift.to(x.dtype)
+                return _LinearScaleShift.apply(x, base.weight, base.bias, scale, shift, rebuild, *tensors)
+        return ScaleShift.post(self, base(x))
+
+
+class _LinearScaleShift(torch.autograd.Function):
+    """``(x Wᵀ + b) ⊙ γ + β`` for a frozen ``W, b``, keeping for backward only ``source`` (what rebuilds ``x``)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        scale: Tensor,
+        shift: Tensor,
+        rebuild: Callable[..., Tensor],
+        *source: Tensor,
+    ) -> Tensor:
+        y = F.linear(x, weight, bias) * scale + shift  # as the plain path computes it, bit for bit
+        ctx.rebuild, ctx.n, ctx.has_bias = rebuild, len(source), bias is not None
+        ctx.save_for_backward(weight, scale, *source, *((bias,) if bias is not None else ()))
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weight, scale, *rest = ctx.saved_tensors
+        source, bias = rest[: ctx.n], rest[ctx.n] if ctx.has_bias else None
+        axes = tuple(range(grad.ndim - 1))
+        grad_x = (grad * scale) @ weight if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[3]:
+            out = F.linear(ctx.rebuild(*source), weight, bias)
+            grad_scale = (grad * out).sum(axes)
+        grad_shift = grad.sum(axes) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_scale, grad_shift, None, *([None] * ctx.n)
+
+
+def scale_shift_for(
+    base: nn.Module, dim: int, *, channel_dim: int = -1, init_weights: InitMode = True, recompute: bool = False
+) -> ScaleShift:
     """The :class:`ScaleShift` to place after ``base``: :class:`FoldedScaleShift` after a norm it folds into,
-    the plain one otherwise (same parameters and file either way)."""
+    :class:`RecomputingScaleShift` after a Linear with ``recompute``, the plain one otherwise (same parameters and
+    file in every case)."""
     norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
     base = base.base_layer if isinstance(base, AdapterLayer) else base
-    cls = FoldedScaleShift if isinstance(base, norms) and ScaleShift.can_fold(base) else ScaleShift
+    if isinstance(base, norms) and ScaleShift.can_fold(base):
+        cls: type[ScaleShift] = FoldedScaleShift
+    elif recompute:
+        if not isinstance(base, nn.Linear):
+            raise ValueError(
+                f"a recomputing ScaleShift goes after an nn.Linear, not a {type(base).__name__}: only a Linear's "
+                "output is recomputed in backward; leave this layer out of recompute_modules"
+            )
+        cls = RecomputingScaleShift
+    else:
+        cls = ScaleShift
     return cls(dim, channel_dim=channel_dim, init_weights=init_weights)
 
 

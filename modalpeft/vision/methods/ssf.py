@@ -34,13 +34,15 @@ SSF after the merging norm, as this rule does (the bias-free ``reduction`` after
 Training cost: after a norm the scale-shift folds into the norm's affine during training, and after a Linear or
 convolution it keeps its output instead of its input (:class:`~modalpeft.core.layers.ScaleShift`'s docstring), so
 SSF keeps about as many activations as the frozen model's backward needs anyway (ViT-B/16, batch 8: 2.10x the floor
-before, see ``docs/results/vision.md`` for the figure now).
+before, see ``docs/results/vision.md`` for the figure now) but the outputs of the Linears that end a residual branch;
+``recompute_modules=["attn.proj", "mlp.fc2"]`` keeps those too out of memory, for one more product of each per step
+(:class:`~modalpeft.core.layers.RecomputingScaleShift`; the candidate ``ssf_recompute`` in ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from timm.layers import Conv2dSame, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, LayerNorm2dFp32, LayerNormFp32
 from timm.layers import Linear as TimmLinear
@@ -48,8 +50,8 @@ from timm.layers.conv2d_same import Conv2dSameExport
 from timm.layers.norm import LayerNormExp2d
 from torch import Tensor, nn
 
-from ...core.config import AdapterConfig
-from ...core.inject import attach, find_targets
+from ...core.config import AdapterConfig, _help
+from ...core.inject import attach, find_targets, name_matches
 from ...core.layers import ScaleShift, scale_shift_for
 from ...core.layers.scale_shift import FOLDABLE_TYPES
 from ...core.registry import register_method
@@ -68,6 +70,16 @@ class SSFConfig(AdapterConfig):
     ``init_weights``: ``True`` the official ``γ ~ N(1, 0.02²)``, ``β ~ N(0, 0.02²)``; ``"identity"``
     ``γ = 1``, ``β = 0``; ``False`` random ``N(1, 0.1²)``, ``N(0, 0.1²)`` (for tests).
     """
+
+    recompute_modules: list[str] | str | None = field(
+        default=None,
+        metadata=_help(
+            "Adapted Linears whose output the scale-shift recomputes in backward instead of keeping (names or "
+            "suffixes as target_modules, or a regex): the last Linears of residual branches, whose outputs nothing "
+            "else keeps (ViT: ['attn.proj', 'mlp.fc2']); fewer activations for one more product of each per step. "
+            "Training cost only: the adapter, its file and its merge are the same."
+        ),
+    )
 
 
 def _plain(module: nn.Module) -> bool:
@@ -140,6 +152,20 @@ def apply_ssf(
                 "of target_modules (or add it to exclude_modules); target_modules=None picks only foldable layers."
             )
         plans.append((name, module, *where))
+    recompute = {name for name, module, *_ in plans if name_matches(config.recompute_modules, name, module)}
+    wrong = sorted(name for name, module, *_ in plans if name in recompute and not isinstance(module, nn.Linear))
+    if wrong:
+        raise ValueError(
+            f"ssf: recompute_modules={config.recompute_modules!r} names {wrong}, which are not nn.Linear layers; only "
+            "a Linear's output is recomputed in backward: name Linears only (ViT: ['attn.proj', 'mlp.fc2'])"
+        )
+    if config.recompute_modules is not None and not recompute:
+        raise ValueError(
+            f"ssf: recompute_modules={config.recompute_modules!r} matches none of the adapted layers; name adapted "
+            "Linears (ViT: ['attn.proj', 'mlp.fc2']) or leave it None"
+        )
     for name, module, dim, channel_dim in plans:
-        adapter = scale_shift_for(module, dim, channel_dim=channel_dim, init_weights=config.init_weights)
+        adapter = scale_shift_for(
+            module, dim, channel_dim=channel_dim, init_weights=config.init_weights, recompute=name in recompute
+        )
         attach(model, name, adapter_name, adapter)

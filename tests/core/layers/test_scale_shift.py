@@ -267,3 +267,72 @@ def test_an_in_place_change_of_the_kept_output_is_a_clear_error():
     out = torch.relu_(host(torch.randn(2, 4)))
     with pytest.raises(RuntimeError, match="recompute_from_output = False"):
         out.sum().backward()
+
+
+# -- RecomputingScaleShift: nothing of a frozen Linear's output kept; the output rebuilt from its input's producer --
+def _attention_output(x: torch.Tensor, contiguous: bool) -> torch.Tensor:
+    """timm's attention up to ``attn.proj``'s input: q, k, v from ``x``, the fused kernel, heads merged."""
+    b, n, c = x.shape
+    q, k, v = ((x * s).reshape(b, n, 2, c // 2).permute(0, 2, 1, 3) for s in (1.0, 0.5, -1.0))
+    out = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    return out.reshape(b, n, c) if contiguous else out.permute(0, 1, 3, 2).clone().reshape(b, n, c)
+
+
+PRODUCERS = [
+    pytest.param(lambda x: nn.functional.gelu(x), id="after-GELU"),
+    pytest.param(lambda x: nn.functional.layer_norm(x, (8,), torch.linspace(0.5, 2, 8), torch.ones(8)), id="after-LN"),
+    pytest.param(lambda x: _attention_output(x, True), id="after-attention"),
+    pytest.param(lambda x: _attention_output(x, False), id="after-attention-clone"),
+]
+
+
+@pytest.mark.parametrize("producer", PRODUCERS)
+def test_recomputing_scale_shift_matches_the_plain_one_and_keeps_nothing_of_the_output(producer):
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6)
+    adapter = layers.scale_shift_for(lin, 6, init_weights=False, recompute=True)
+    assert type(adapter) is layers.RecomputingScaleShift and not adapter.has_post and adapter.has_replace_base
+    plain = ScaleShift(6, init_weights=False)
+    plain.load_state_dict(adapter.state_dict())
+    plain_host, host = _hosted(copy.deepcopy(lin), plain), _hosted(lin, adapter)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 5, 6)
+
+    expected, kept_plain = _saved_bytes(lambda: plain_host(producer(x_ref)) + 1.0, plain_host)
+    expected.backward(g)
+    out, kept = _saved_bytes(lambda: host(producer(x)) + 1.0, host)
+    out.backward(g)
+    frozen = copy.deepcopy(lin).requires_grad_(False)
+    _, kept_frozen = _saved_bytes(lambda: frozen(producer(x.detach().requires_grad_())) + 1.0, frozen)
+
+    assert torch.equal(out, expected)  # the same operations in the same order
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(adapter.scale.grad, plain.scale.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(adapter.shift.grad, plain.shift.grad, rtol=1e-5, atol=1e-6)
+    assert kept == kept_frozen  # what the frozen Linear's graph keeps (its input's producer), nothing more
+    assert kept_plain >= kept + out.numel() * 4  # the plain one keeps the output besides
+
+
+def test_recomputing_scale_shift_falls_back_where_the_input_cannot_be_rebuilt_or_the_linear_trains():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    adapter = layers.RecomputingScaleShift(3, init_weights=False)
+    host = _hosted(lin, adapter)
+    x = torch.randn(2, 4, requires_grad=True)  # a leaf: nothing rebuilds it
+    host(x).sum().backward()
+    torch.testing.assert_close(adapter.scale.grad, lin(x).detach().sum(0))
+    assert type(host(x).grad_fn).__name__ == "_ScaleShiftKeepsOutputBackward"  # the output-keeping path
+    lin.weight.requires_grad_(True)
+    out = host(nn.functional.gelu(x))
+    assert type(out.grad_fn).__name__ != "_LinearScaleShiftBackward"
+    out.sum().backward()
+    assert lin.weight.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(host(x), lin(x) * adapter.scale + adapter.shift)
+
+
+def test_only_a_linear_takes_a_recomputing_scale_shift():
+    with pytest.raises(ValueError, match="after an nn.Linear, not a Conv2d"):
+        layers.scale_shift_for(nn.Conv2d(2, 4, 3), 4, channel_dim=1, recompute=True)
+    assert type(layers.scale_shift_for(nn.LayerNorm(4), 4, recompute=True)) is layers.FoldedScaleShift
