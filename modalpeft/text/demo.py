@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -62,6 +63,8 @@ def _peft(name: str, settings: TextSettings) -> Any:
 
     if name == "lora":
         return peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])
+    if name == "lora-all":
+        return peft.LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR)
     steps = settings.steps
     return peft.AdaLoraConfig(
         init_r=12, target_r=8, total_step=steps, tinit=steps // 10, tfinal=steps // 5, target_modules=["query", "value"]
@@ -78,11 +81,16 @@ def _native(name: str, **kwargs: Any) -> Contender:
 
 ALL_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 """Every Linear of a BERT layer (the weight-space recipes' placement)."""
+LORA_ALL = "lora (peft, all Linears)"
+"""peft's LoRA, r = 8 and alpha = 16, on every Linear of every layer: the LoRA that SoRA starts from (SoRA's
+placement and rank; the LoRA baseline of the SoRA and AdaLoRA papers), the adapters suite's LoRA. ``"lora (peft)"``
+is the q/v LoRA of the original RoBERTa recipe, beside the weight-space methods and in the MWA study."""
 
 CONTENDERS: dict[str, Contender] = {
     "linear probe": lambda s: "linear",
     "full fine-tuning": lambda s: "full",
     "lora (peft)": lambda s: _peft("lora", s),
+    LORA_ALL: lambda s: _peft("lora-all", s),
     "adalora (peft)": lambda s: _peft("adalora", s),
     "houlsby": _native("houlsby", bottleneck_dim=32),
     "parallel_adapter": _native("parallel_adapter", bottleneck_dim=32, scaling=4.0),
@@ -115,7 +123,7 @@ SUITES: dict[str, tuple[str, ...]] = {
     "adapters": (
         "linear probe",
         "full fine-tuning",
-        "lora (peft)",
+        LORA_ALL,
         "adalora (peft)",
         "houlsby",
         "parallel_adapter",
@@ -141,7 +149,7 @@ SUITES: dict[str, tuple[str, ...]] = {
 (issue 19's methods, ``text_weight_space.md``: ``modalpeft demo --modality text --suite weight-space``) and
 ``mwa`` (checkpoint merging of each adapter's last saves, ``text_mwa.md``)."""
 TARGETED = {
-    "adapters": ("lora (peft)", "parallel_adapter", "compacter", "sora"),
+    "adapters": (LORA_ALL, "parallel_adapter", "compacter", "sora"),
     "weight-space": ("svfit", "loldu", "neuroada", "mtlora", "paca", "increlora"),
     "mwa": (),
 }
@@ -169,7 +177,7 @@ weight-space suite's (``docs/results/text_weight_space_lr_grid.md``; NeuroAda's 
 GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     "adapters": {
         "full fine-tuning": (3e-5, 1e-4, 3e-4),
-        "lora (peft)": (1e-3, 3e-3, 1e-2),
+        LORA_ALL: (1e-3, 3e-3, 1e-2),
         "parallel_adapter": (3e-4, 1e-3, 3e-3, 1e-2),
         "compacter": (1e-3, 3e-3, 1e-2),
         "sora": (1e-3, 3e-3, 1e-2),
@@ -229,6 +237,8 @@ class TextSettings:
     lr_candidates: dict[str, tuple[float, ...]] | None = None
     """The grid's contenders and rates; ``None``: the suite's (:data:`GRIDS`)."""
     val_fraction: float = 0.2
+    quick_run: bool = False
+    """Set by :meth:`quick`: seconds, not results (the pages keep their demo names)."""
 
     def __post_init__(self) -> None:
         if self.suite not in SUITES:
@@ -241,8 +251,10 @@ class TextSettings:
 
     @property
     def page(self) -> str:
-        """The report's file name stem: ``text`` or ``text_weight_space``."""
-        return "text" if self.suite == "adapters" else "text_" + self.suite.replace("-", "_")
+        """The report's file name stem: ``text`` or ``text_weight_space``, with ``_<N>_steps`` for a run of another
+        length than the demo's (``--steps 180``: ``text_weight_space_180_steps``; not for ``quick`` runs)."""
+        stem = "text" if self.suite == "adapters" else "text_" + self.suite.replace("-", "_")
+        return stem if self.quick_run or self.steps == DEMO_STEPS else f"{stem}_{self.steps}_steps"
 
     @property
     def grid_page(self) -> str:
@@ -257,7 +269,7 @@ class TextSettings:
     def quick(cls, **overrides: Any) -> TextSettings:
         """Seconds, not results: one task, a few examples, 2 steps."""
         small = {"tasks": ("wn-supersense",), "max_train": 16, "max_eval": 8, "batch_size": 4, "steps": 2, "workers": 1}
-        return cls(**{**small, **overrides})
+        return cls(**{**small, **overrides, "quick_run": True})
 
 
 @dataclass
@@ -377,7 +389,7 @@ class TaskRun:
         merge_ok = None
         if isinstance(model, AdaptedModel):
             config = model.peft_config[model.active_adapter]
-            mergeable = name in ("lora (peft)", "adalora (peft)") or get_method(config.method).mergeable
+            mergeable = name in ("lora (peft)", LORA_ALL, "adalora (peft)") or get_method(config.method).mergeable
             if mergeable:
                 merge_ok = same_outputs(reference, self.logits(copy.deepcopy(model).merge_and_unload()))[1]
         return reload_ok, diff, merge_ok
@@ -452,7 +464,13 @@ def run_job(settings: TextSettings, name: str, task_name: str) -> Part:
     run = _RUNS[key]
     run.s = settings  # the data is shared; each job's own settings (learning rates, steps) apply
     lr = settings.lrs.get(name, settings.lr)
-    root = Path(settings.out) / "runs" / name.split(" ")[0] / task_name / (f"lr-{lr:g}" if settings.lr_grid else "")
+    root = (
+        Path(settings.out)
+        / "runs"
+        / re.sub(r"\W+", "-", name).strip("-")
+        / task_name
+        / (f"lr-{lr:g}" if settings.lr_grid else "")
+    )
     saver = None
     if settings.suite == "mwa" and name not in ("linear probe", "full fine-tuning"):
         from ..lightning.mwa import MetricWeightedAveraging
@@ -538,6 +556,7 @@ def run_text(settings: TextSettings, log: Callable[[str], None] = print) -> list
     return rows
 
 
+DEMO_STEPS = TextSettings.steps
 PLOT = TextSettings().plot_name
 """The default page's plot, written beside ``text.md``."""
 
@@ -566,7 +585,8 @@ def targets(rows: list[Result], targeted: tuple[str, ...] = TARGETED["adapters"]
     headroom); each ``targeted`` contender beats the probe clearly (by at least 2 points) and comes within 2 points
     of full fine-tuning, for issue 18's adapters (LoRA, the parallel adapter, Compacter, SoRA) also with under 2% of
     its trainable parameters; SoRA's pruned adapter is smaller than the LoRA it started from at equal accuracy
-    (within 0.5 points)."""
+    (within 0.5 points): than its own unpruned adapter, and than :data:`LORA_ALL` when that ran (at most 0.5 points
+    under it)."""
     by_name = {r.method: r for r in rows}
     probe, full = by_name.get("linear probe"), by_name.get("full fine-tuning")
     if probe is None or full is None:
@@ -593,6 +613,14 @@ def targets(rows: list[Result], targeted: tuple[str, ...] = TARGETED["adapters"]
             f"sora pruned: {sora.pruned_trainable:,} of {sora.trainable:,} trainable parameters, "
             f"{100 * (pruned - sora.mean):+.1f} points: {verdict[ok]}"
         )
+        lora = by_name.get(LORA_ALL)  # the LoRA SoRA starts from: the same Linears and rank, no gates
+        if lora is not None:
+            ok = sora.pruned_trainable < lora.trainable and round(100 * (lora.mean - pruned), 6) <= 0.5
+            lines.append(
+                f"sora pruned against the LoRA it started from ({LORA_ALL}): {sora.pruned_trainable:,} against "
+                f"{lora.trainable:,} trainable parameters, {100 * (pruned - lora.mean):+.1f} points (at most 0.5 "
+                f"under): {verdict[ok]}"
+            )
     return lines
 
 
@@ -615,10 +643,15 @@ def markdown(settings: TextSettings, rows: list[Result]) -> str:
         lines.append(line(r.method, r.trainable, r.accuracy, r))
         if r.pruned_trainable is not None and r.pruned_accuracy:
             lines.append(line("sora, pruned", r.pruned_trainable, r.pruned_accuracy, r))
-    default = {k: v for k, v in asdict(TextSettings(suite=settings.suite)).items() if k not in ("out", "results_dir")}
+    default = {
+        k: v
+        for k, v in asdict(TextSettings(suite=settings.suite)).items()
+        if k not in ("out", "results_dir", "quick_run")
+    }
     changed = {k: v for k, v in asdict(settings).items() if k in default and default[k] != v}
     suite = "" if settings.suite == "adapters" else f" --suite {settings.suite}"
-    command = f"modalpeft demo --modality text{suite}" + (f" with {changed}" if changed else "")
+    steps = f" --steps {changed.pop('steps')}" if "steps" in changed else ""
+    command = f"modalpeft demo --modality text{suite}{steps}" + (f" with {changed}" if changed else "")
     checks = targets(rows, TARGETED[settings.suite])
     issue = 18 if settings.suite == "adapters" else 19
     return "\n".join(
@@ -639,8 +672,12 @@ def markdown(settings: TextSettings, rows: list[Result]) -> str:
             *([f"Targets (issue {issue}; one seed):", "", *[f"- {t}" for t in checks], ""] if checks else []),
             *(
                 [
+                    f"`{LORA_ALL}`: r = 8, alpha = 16 on every Linear of every layer, SoRA's placement and starting "
+                    "rank (the LoRA baseline of the SoRA and AdaLoRA papers); the q/v LoRA of the RoBERTa recipe "
+                    "(`lora (peft)`) is in `text_weight_space.md`.",
+                    "",
                     "The same run at five times the steps (`--steps 180`), and why AdaLoRA, DePT and LoFiT trail the "
-                    "others at this length: [text_schedule.md](text_schedule.md).",
+                    "others at this length: [text_schedule.md](text_schedule.md) (a run with the q/v LoRA).",
                     "",
                 ]
                 if settings.suite == "adapters"

@@ -88,7 +88,7 @@ def test_targets_say_which_are_met() -> None:
     rows = [
         row("linear probe", 10, 0.70),
         row("full fine-tuning", 10_000, 0.80),
-        row("lora (peft)", 150, 0.79),  # +9 over the probe, -1 from full, 1.5%: met
+        row(demo.LORA_ALL, 150, 0.785),  # +8.5 over the probe, -1.5 from full, 1.5%: met
         row("parallel_adapter", 250, 0.79),  # 2.5% of full's parameters: not met
         row("compacter", 50, 0.77),  # 3 points from full: not met
         row("sora", 150, 0.785, pruned_trainable=100, pruned_accuracy={"a": 0.78, "b": 0.78}),
@@ -96,13 +96,17 @@ def test_targets_say_which_are_met() -> None:
     lines = demo.targets(rows)
     assert lines[0] == "headroom: full fine-tuning +10.0 points over the linear probe (at least +5): met"
     verdicts = {line.split(":")[0]: line.rsplit(": ", 1)[1] for line in lines[1:]}
+    against_lora = f"sora pruned against the LoRA it started from ({demo.LORA_ALL})"
     assert verdicts == {
-        "lora (peft)": "met",
+        demo.LORA_ALL: "met",
         "parallel_adapter": "**NOT met**",
         "compacter": "**NOT met**",
         "sora": "met",
         "sora pruned": "met",  # 100 < 150 parameters, -0.5 points
+        against_lora: "met",  # 100 < 150 parameters, 0.5 points under the LoRA
     }
+    rows[2] = row(demo.LORA_ALL, 150, 0.79)
+    assert next(line for line in demo.targets(rows) if line.startswith(against_lora)).endswith("**NOT met**")
     assert demo.targets(rows[1:]) == []  # no probe: nothing to judge against
     rows[1] = row("full fine-tuning", 10_000, 0.74)
     assert demo.targets(rows)[0].endswith("(at least +5): **NOT met**")
@@ -165,7 +169,7 @@ def test_quick_mwa_suite_merges_each_adapters_last_saves(tmp_path) -> None:
     assert rows["linear probe"]["mwa"] == {}
     page = (out / "text_mwa.md").read_text()
     assert "## Checkpoint merging (MWA)" in page and "steps 2, 3, ..., 3" in page
-    assert (out / "runs" / "lora" / "wn-supersense" / "adapter_mwa" / "mwa.json").is_file()  # the callback's merge
+    assert (out / "runs" / "lora-peft" / "wn-supersense" / "adapter_mwa" / "mwa.json").is_file()  # the callback's merge
 
 
 def test_quick_lr_grid_reads_training_examples_only(tmp_path) -> None:
@@ -201,3 +205,10 @@ def test_each_suite_has_its_own_grid_and_page(tmp_path) -> None:
     page = (out / "text_weight_space_lr_grid.md").read_text()
     assert "--suite weight-space --lr-grid" in page and "| svfit |" in page
     assert not (out / "text_lr_grid.md").exists()
+
+
+def test_a_run_of_another_length_writes_its_own_page() -> None:
+    assert demo.TextSettings().page == "text" and demo.TextSettings(suite="weight-space").page == "text_weight_space"
+    longer = demo.TextSettings(suite="weight-space", steps=180)
+    assert longer.page == "text_weight_space_180_steps" and longer.plot_name.startswith("text_weight_space_180_steps")
+    assert demo.TextSettings.quick(steps=3).page == "text"  # quick runs are not results: the demo's names
