@@ -31,7 +31,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -558,6 +558,46 @@ def run_text(settings: TextSettings, log: Callable[[str], None] = print) -> list
 
 DEMO_STEPS = TextSettings.steps
 PLOT = TextSettings().plot_name
+
+
+def rates_line(settings: TextSettings) -> str:
+    """The page's sentence on each contender's learning rate and where it comes from."""
+    rates = ", ".join(f"{name} {settings.lrs.get(name, settings.lr):g}" for name in settings.methods)
+    line = (
+        f"Learning rates: {rates}. Full fine-tuning's and the adapters' are the picks of the {DEMO_STEPS}-step "
+        "validation grids (`text_lr_grid.md`, `text_weight_space_lr_grid.md`; the q/v LoRA's, `lora (peft)`, of "
+        "`text_lr_grid.md` at commit 608a0fe, before the adapters suite's LoRA became SoRA's starting one); the "
+        "probe's, DePT's and LoFiT's were not searched"
+    )
+    return line + (f"; none was searched again at {settings.steps} steps." if settings.steps != DEMO_STEPS else ".")
+
+
+def render_results(folder: str | os.PathLike[str], results_dir: str | os.PathLike[str] | None = None) -> str:
+    """Write a finished run's page and plot again from its ``results.json`` (``<run folder>/text``), with this
+    code's wording and the run's own figures and environment, into ``folder`` (and ``results_dir``); returns the
+    page's name. For a change of a page's text without a rerun::
+
+        python -c "from modalpeft.text.demo import render_results; render_results('<run>/text', 'docs/results')"
+    """
+    folder = Path(folder)
+    results = json.loads((folder / "results.json").read_text())
+    saved = results["settings"]
+    names = {f.name for f in fields(TextSettings)}
+    tuples = {"tasks", "methods", "mwa_penalties"}
+    kwargs = {k: tuple(v) if k in tuples and v is not None else v for k, v in saved.items() if k in names}
+    kwargs["lr_candidates"] = {k: tuple(v) for k, v in (saved.get("lr_candidates") or {}).items()} or None
+    settings = TextSettings(**kwargs)
+    rows = [Result(**row) for row in results["rows"]]
+    page = {
+        f"{settings.page}.md": markdown(settings, rows, results["environment"]).encode(),
+        settings.plot_name: plot(rows, settings),
+    }
+    atomic_write(page, folder)
+    if results_dir is not None:
+        atomic_write(page, Path(results_dir))
+    return f"{settings.page}.md"
+
+
 """The default page's plot, written beside ``text.md``."""
 
 
@@ -624,7 +664,9 @@ def targets(rows: list[Result], targeted: tuple[str, ...] = TARGETED["adapters"]
     return lines
 
 
-def markdown(settings: TextSettings, rows: list[Result]) -> str:
+def markdown(settings: TextSettings, rows: list[Result], environment: dict[str, Any] | None = None) -> str:
+    """The suite's page; ``environment``: the run's (:func:`~modalpeft.lightning.demo.run_environment`; default:
+    this process's)."""
     full = next((r.trainable for r in rows if r.method == "full fine-tuning"), None)
     tasks = list(settings.tasks)
     head = ["method", "trainable", "% of full", *tasks, "mean", "step (ms)", "reload", "merge"]
@@ -669,6 +711,8 @@ def markdown(settings: TextSettings, rows: list[Result]) -> str:
             "",
             *lines,
             "",
+            rates_line(settings),
+            "",
             *([f"Targets (issue {issue}; one seed):", "", *[f"- {t}" for t in checks], ""] if checks else []),
             *(
                 [
@@ -686,7 +730,7 @@ def markdown(settings: TextSettings, rows: list[Result]) -> str:
             *mwa_lines(settings, rows),
             f"![mean dev accuracy against trainable parameters]({settings.plot_name})",
             "",
-            environment_note(run_environment()),
+            environment_note(environment or run_environment()),
             "",
         ]
     )

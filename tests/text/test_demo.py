@@ -57,8 +57,13 @@ def test_quick_demo_on_a_tiny_model(tmp_path) -> None:
     assert rows["full fine-tuning"]["trainable"] == rows["full fine-tuning"]["total"]
     assert rows["sora"]["pruned_trainable"] <= rows["sora"]["trainable"]
     page = (out / "text.md").read_text()
-    assert "| sora, pruned |" in page and "Environment: Python" in page
+    assert "| sora, pruned |" in page and "Environment: Python" in page and "Learning rates: full fine-tuning" in page
     assert (out / demo.PLOT).read_bytes().startswith(b"\x89PNG") and f"]({demo.PLOT})" in page
+    plot = (out / demo.PLOT).read_bytes()
+    (out / "text.md").unlink()
+    assert demo.render_results(out, tmp_path / "pages") == "text.md"  # the page again from results.json alone
+    assert (out / "text.md").read_text() == (tmp_path / "pages" / "text.md").read_text() == page
+    assert (tmp_path / "pages" / demo.PLOT).read_bytes() == plot
     # the same runs in two spawned worker processes give the same figures (only step times may differ)
     settings = demo.TextSettings.quick(
         out=str(tmp_path / "two"),
