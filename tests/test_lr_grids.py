@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,9 @@ def code_rates(page: str) -> dict[str, float]:
         return {name: settings.lrs.get(name, settings.lr) for name in settings.methods}
     from modalpeft.tracking.demo import TrackingSettings
 
-    return {name: rates[0] for name, rates in TrackingSettings().lrs.items() if len(rates) == 1}
+    steps = re.fullmatch(r"tracking(?:_(\d+)_steps)?_lr_grid\.md", page).group(1)  # tracking_240_steps_lr_grid.md
+    settings = TrackingSettings(steps=int(steps)) if steps else TrackingSettings()
+    return {name: rates[0] for name, rates in settings.lrs.items() if len(rates) == 1}
 
 
 @pytest.mark.parametrize(
@@ -50,6 +53,7 @@ def code_rates(page: str) -> dict[str, float]:
         "text_lr_grid.md",
         "text_weight_space_lr_grid.md",
         "tracking_lr_grid.md",
+        "tracking_240_steps_lr_grid.md",
     ],
 )
 def test_the_demo_trains_at_the_picked_rates(page: str) -> None:

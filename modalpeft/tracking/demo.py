@@ -94,16 +94,10 @@ class TrackingSettings:
     48 px region); templates keep the official 2."""
     steps: int = 80
     batch_size: int = 8
-    lrs: dict[str, tuple[float, ...]] = field(
-        default_factory=lambda: {
-            "head only": (1e-3,),
-            "full fine-tuning": (3e-4,),
-            "lora (peft)": (1e-3,),
-            "tmoe": (5e-4,),
-        }
-    )
-    """Learning rates tried per contender (the best by AO on the validation sequences is kept); the defaults are
-    the picks of ``lr_grid`` (``docs/results/tracking_lr_grid.md``)."""
+    lrs: dict[str, tuple[float, ...]] | None = None
+    """Learning rates tried per contender (the best by AO on the validation sequences is kept); ``None``: the picks
+    of the grid at this length (:data:`LRS_BY_STEPS`: ``docs/results/tracking_lr_grid.md`` for the demo's 80 steps,
+    ``tracking_<N>_steps_lr_grid.md`` for another), the demo's for a length no grid ran at."""
     lr_grid: bool = False
     """Instead of the demo, the learning-rate study: every contender of ``grid_methods`` at each rate of
     ``lr_candidates``, scored by AO on the validation sequences (drawn like the training ones; the test sequences
@@ -113,7 +107,7 @@ class TrackingSettings:
             "head only": (5e-4, 1e-3, 2e-3, 5e-3),
             "full fine-tuning": (1e-4, 3e-4, 1e-3),
             "lora (peft)": (3e-4, 1e-3, 2e-3, 5e-3),
-            "tmoe": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3),
+            "tmoe": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
             TMOE_ZERO_B: (3e-4, 1e-3, 2e-3, 5e-3),
         }
     )
@@ -137,6 +131,19 @@ class TrackingSettings:
         quick = dict(train_sequences=2, val_sequences=1, test_sequences=2, train_frames=6, test_frames=5)
         quick.update(steps=2, batch_size=2, clip_frames=4)
         return cls(**{**quick, **overrides})
+
+    def __post_init__(self) -> None:
+        if self.lrs is None:
+            self.lrs = dict(LRS_BY_STEPS.get(self.steps, LRS_BY_STEPS[DEMO_STEPS]))
+
+
+DEMO_STEPS = TrackingSettings.steps
+LRS_BY_STEPS: dict[int, dict[str, tuple[float, ...]]] = {
+    DEMO_STEPS: {"head only": (1e-3,), "full fine-tuning": (3e-4,), "lora (peft)": (1e-3,), "tmoe": (5e-4,)},
+    240: {"head only": (5e-4,), "full fine-tuning": (1e-3,), "lora (peft)": (2e-3,), "tmoe": (1e-3,)},
+}
+"""The rates each contender trains at, per run length: the picks of that length's validation grid
+(``modalpeft demo --modality tracking --lr-grid [--steps N]``)."""
 
 
 @dataclass
@@ -483,8 +490,7 @@ def page_stem(settings: TrackingSettings, quick: bool = False) -> str:
     """The page's and pictures' name stem: ``tracking``, or ``tracking_<N>_steps`` for a run of another length than
     the demo's (a schedule study, written beside the demo's page instead of over it); ``--quick`` checks keep
     ``tracking``."""
-    default = TrackingSettings.__dataclass_fields__["steps"].default
-    return "tracking" if quick or settings.steps == default else f"tracking_{settings.steps}_steps"
+    return "tracking" if quick or settings.steps == DEMO_STEPS else f"tracking_{settings.steps}_steps"
 
 
 # -- the report -----------------------------------------------------------------------------------------------------
@@ -618,7 +624,7 @@ def picked(rows: list[dict[str, Any]]) -> dict[str, float]:
 def grid_markdown(rows: list[dict[str, Any]], settings: TrackingSettings, meta: dict[str, Any]) -> str:
     s = settings
     choice = picked(rows)
-    in_use = {name: rates[0] for name, rates in TrackingSettings().lrs.items() if len(rates) == 1}
+    in_use = {name: rates[0] for name, rates in TrackingSettings(steps=s.steps).lrs.items() if len(rates) == 1}
     best = {n: max(r["ao"] for r in rows if r["method"] == n) for n in choice}
     stem = meta["stem"]
     steps = "" if stem == "tracking" else f"--steps {s.steps} "
@@ -781,4 +787,15 @@ def run(
     return not failed
 
 
-__all__ = ["CONTENDERS", "TMOE_ZERO_B", "Demo", "Result", "TrackingSettings", "lr_grid", "page_stem", "picked", "run"]
+__all__ = [
+    "CONTENDERS",
+    "LRS_BY_STEPS",
+    "TMOE_ZERO_B",
+    "Demo",
+    "Result",
+    "TrackingSettings",
+    "lr_grid",
+    "page_stem",
+    "picked",
+    "run",
+]
