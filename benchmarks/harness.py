@@ -278,6 +278,16 @@ def _run_isolated(job: _Job) -> dict[str, Any]:
 def _measure_one(job: _Job) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     device = torch.device(job.device)
+    # the allocator returning freed tensors to the system (exact_heap, CPU) from the model's build through the
+    # untimed warm-up steps: what adapting allocated and freed (SPT's sensitivity pass keeps every weight's gradient
+    # for a while) leaves no free heap pages that the warm-up's peak then grows around or into; the timed steps
+    # follow with the allocator as a training loop leaves glibc's
+    with contextlib.ExitStack() as heap:
+        exact = heap.enter_context(exact_heap() if device.type == "cpu" and job.isolated else contextlib.nullcontext())
+        return _measure_in_heap(job, device, heap, bool(exact))
+
+
+def _measure_in_heap(job: _Job, device: torch.device, heap: contextlib.ExitStack, exact: bool) -> dict[str, Any]:
     torch.manual_seed(job.seed)
     model, adapted = _build(job.model_factory(), job.candidate, list(job.modules_to_save), job.floor_from)
     model.to(device).train()
@@ -301,14 +311,13 @@ def _measure_one(job: _Job) -> dict[str, Any]:
         _sync(device)
         return time.perf_counter() - start
 
-    # the memory over the untimed warm-up steps (at least one), the allocator returning freed tensors to the system
-    # (exact_heap, CPU); then the timed steps, the allocator as a training loop leaves glibc's
+    # the memory over the untimed warm-up steps (at least one), still under exact_heap; then the timed steps
     probe = MemoryProbe(device)
-    with exact_heap() if device.type == "cpu" and job.isolated else contextlib.nullcontext(False) as exact:
-        probe.start()
-        for _ in range(max(job.warmup, 1)):
-            step(optimizer)
-        peak_memory = probe.peak_growth()
+    probe.start()
+    for _ in range(max(job.warmup, 1)):
+        step(optimizer)
+    peak_memory = probe.peak_growth()
+    heap.close()  # leaves exact_heap: the steady threshold for the timed steps
     step_times = [step(optimizer) for _ in range(job.steps)]
     saved = saved_activation_bytes(model, inputs, targets, job.loss_fn)
     state = training_state_bytes(trainable, optimizer)

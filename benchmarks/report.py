@@ -183,8 +183,8 @@ def _notes(records: Sequence[Mapping[str, Any]]) -> list[str]:
         "- train mem: act. saved + trainable parameters, their gradients and AdamW's state; x full mem: relative to "
         "full fine-tuning's.",
         "- peak RSS: growth over the built model's resting footprint during the untimed warm-up steps "
-        f"({', '.join(kinds) or '-'}; with a 1 MiB mmap threshold, freed tensors leave the process at once, so the "
-        "peak is the most memory alive at once: benchmarks/harness.py).",
+        f"({', '.join(kinds) or '-'}; with a 1 MiB mmap threshold, from the model's build on, freed tensors leave the "
+        "process at once, so the peak is the most memory alive at once: benchmarks/harness.py).",
         "- merged infer: median forward time after merge_and_unload (merged), of the adapted model when the "
         "method cannot merge (unmerged), or of the plain model (plain).",
     ]
