@@ -563,12 +563,15 @@ PLOT = TextSettings().plot_name
 def rates_line(settings: TextSettings) -> str:
     """The page's sentence on each contender's learning rate and where it comes from."""
     rates = ", ".join(f"{name} {settings.lrs.get(name, settings.lr):g}" for name in settings.methods)
+    searched = {name for grid in GRIDS.values() for name in grid} | {"lora (peft)"}
+    unsearched = [name for name in settings.methods if name not in searched]
     line = (
-        f"Learning rates: {rates}. Full fine-tuning's and the adapters' are the picks of the {DEMO_STEPS}-step "
-        "validation grids (`text_lr_grid.md`, `text_weight_space_lr_grid.md`; the q/v LoRA's, `lora (peft)`, of "
-        "`text_lr_grid.md` at commit 608a0fe, before the adapters suite's LoRA became SoRA's starting one); the "
-        "probe's, DePT's and LoFiT's were not searched"
+        f"Learning rates: {rates}. Those searched are the picks of the {DEMO_STEPS}-step validation grids "
+        "(`text_lr_grid.md`, `text_weight_space_lr_grid.md`; the q/v LoRA's, `lora (peft)`, of `text_lr_grid.md` at "
+        "commit 608a0fe, before the adapters suite's LoRA became SoRA's starting one)"
     )
+    if unsearched:
+        line += f"; not searched: {', '.join(unsearched)}"
     return line + (f"; none was searched again at {settings.steps} steps." if settings.steps != DEMO_STEPS else ".")
 
 
