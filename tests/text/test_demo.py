@@ -217,3 +217,8 @@ def test_a_run_of_another_length_writes_its_own_page() -> None:
     longer = demo.TextSettings(suite="weight-space", steps=180)
     assert longer.page == "text_weight_space_180_steps" and longer.plot_name.startswith("text_weight_space_180_steps")
     assert demo.TextSettings.quick(steps=3).page == "text"  # quick runs are not results: the demo's names
+    assert longer.grid_page == "text_weight_space_180_steps_lr_grid.md"
+    assert demo.grid_command(longer).endswith("--suite weight-space --steps 180 --lr-grid --results-dir docs/results")
+    assert (
+        demo.grid_command(demo.TextSettings()) == "modalpeft demo --modality text --lr-grid --results-dir docs/results"
+    )
