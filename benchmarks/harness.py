@@ -282,42 +282,36 @@ def _measure_one(job: _Job) -> dict[str, Any]:
     # untimed warm-up steps: what adapting allocated and freed (SPT's sensitivity pass keeps every weight's gradient
     # for a while) leaves no free heap pages that the warm-up's peak then grows around or into; the timed steps
     # follow with the allocator as a training loop leaves glibc's
-    with contextlib.ExitStack() as heap:
-        exact = heap.enter_context(exact_heap() if device.type == "cpu" and job.isolated else contextlib.nullcontext())
-        return _measure_in_heap(job, device, heap, bool(exact))
+    with exact_heap() if device.type == "cpu" and job.isolated else contextlib.nullcontext(False) as exact:
+        torch.manual_seed(job.seed)
+        model, adapted = _build(job.model_factory(), job.candidate, list(job.modules_to_save), job.floor_from)
+        model.to(device).train()
+        params = {id(p): p for p in model.parameters()}.values()
+        trainable = [p for p in params if p.requires_grad]
+        n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in params)
+        if n_trainable == 0:
+            raise ValueError(f"candidate {job.candidate.name!r} has no trainable parameter (modules_to_save empty?)")
 
+        torch.manual_seed(job.seed + 1)
+        inputs, targets = _to_device(job.batch_factory(), device)
+        optimizer = torch.optim.AdamW(trainable, lr=job.lr)
 
-def _measure_in_heap(job: _Job, device: torch.device, heap: contextlib.ExitStack, exact: bool) -> dict[str, Any]:
-    torch.manual_seed(job.seed)
-    model, adapted = _build(job.model_factory(), job.candidate, list(job.modules_to_save), job.floor_from)
-    model.to(device).train()
-    params = {id(p): p for p in model.parameters()}.values()
-    trainable = [p for p in params if p.requires_grad]
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in params)
-    if n_trainable == 0:
-        raise ValueError(f"candidate {job.candidate.name!r} has no trainable parameter (modules_to_save empty?)")
+        def step(optimizer: torch.optim.Optimizer) -> float:
+            _sync(device)
+            start = time.perf_counter()
+            loss = job.loss_fn(_forward(model, inputs), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            return time.perf_counter() - start
 
-    torch.manual_seed(job.seed + 1)
-    inputs, targets = _to_device(job.batch_factory(), device)
-    optimizer = torch.optim.AdamW(trainable, lr=job.lr)
-
-    def step(optimizer: torch.optim.Optimizer) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        loss = job.loss_fn(_forward(model, inputs), targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        return time.perf_counter() - start
-
-    # the memory over the untimed warm-up steps (at least one), still under exact_heap; then the timed steps
-    probe = MemoryProbe(device)
-    probe.start()
-    for _ in range(max(job.warmup, 1)):
-        step(optimizer)
-    peak_memory = probe.peak_growth()
-    heap.close()  # leaves exact_heap: the steady threshold for the timed steps
+        # the memory over the untimed warm-up steps (at least one), still under exact_heap
+        probe = MemoryProbe(device)
+        probe.start()
+        for _ in range(max(job.warmup, 1)):
+            step(optimizer)
+        peak_memory = probe.peak_growth()
     step_times = [step(optimizer) for _ in range(job.steps)]
     saved = saved_activation_bytes(model, inputs, targets, job.loss_fn)
     state = training_state_bytes(trainable, optimizer)

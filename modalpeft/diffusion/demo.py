@@ -47,6 +47,7 @@ from ..core.state import atomic_write
 from ..lightning.demo import (
     dir_size,
     environment_note,
+    folder_name,
     leftover_wrappers,
     lr_grid_note,
     lr_grid_table,
@@ -289,7 +290,7 @@ class Demo:
         """Save, reload into a fresh UNet (Δ), merge a reloaded copy where the method allows (Δ, no wrappers left)."""
         from ..core.api import load_adapter, save_baseline
 
-        path = Path(self.s.out) / "adapters" / name.replace(" ", "_").replace("(", "").replace(")", "")
+        path = Path(self.s.out) / "adapters" / folder_name(name)
         reference = self.unet_output(unet)
         if isinstance(unet, AdaptedModel):
             unet.save_adapter(path)

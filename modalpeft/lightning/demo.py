@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import platform
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "demo_trainer",
     "dir_size",
     "environment_note",
+    "folder_name",
     "leftover_wrappers",
     "lr_grid_note",
     "lr_grid_picks",
@@ -140,6 +142,12 @@ def lr_grid_table(
         used = in_use.get(name)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {picked:g} | {'-' if used is None else f'{used:g}'} |")
     return lines
+
+
+def folder_name(contender: str) -> str:
+    """A contender's name as a run-folder name: each run of non-word characters one dash (``"lora (peft)"`` ->
+    ``lora-peft``), so that the demos' contenders get distinct, portable folders."""
+    return re.sub(r"\W+", "-", contender).strip("-")
 
 
 def benchmark_section(table: str, heading: str, intro: str) -> list[str]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -44,6 +43,7 @@ from ..core.state import atomic_write
 from ..lightning.demo import (
     demo_trainer,
     environment_note,
+    folder_name,
     in_workers,
     lr_grid_note,
     lr_grid_picks,
@@ -464,13 +464,7 @@ def run_job(settings: TextSettings, name: str, task_name: str) -> Part:
     run = _RUNS[key]
     run.s = settings  # the data is shared; each job's own settings (learning rates, steps) apply
     lr = settings.lrs.get(name, settings.lr)
-    root = (
-        Path(settings.out)
-        / "runs"
-        / re.sub(r"\W+", "-", name).strip("-")
-        / task_name
-        / (f"lr-{lr:g}" if settings.lr_grid else "")
-    )
+    root = Path(settings.out) / "runs" / folder_name(name) / task_name / (f"lr-{lr:g}" if settings.lr_grid else "")
     saver = None
     if settings.suite == "mwa" and name not in ("linear probe", "full fine-tuning"):
         from ..lightning.mwa import MetricWeightedAveraging

@@ -49,6 +49,7 @@ from ..core.state import atomic_write
 from ..lightning.demo import (
     demo_trainer,
     environment_note,
+    folder_name,
     lr_grid_note,
     lr_grid_picks,
     lr_grid_table,
@@ -316,7 +317,7 @@ class Demo:
         from ..core.registry import get_method
 
         model, reference = task.model, self.outputs(task.model)
-        folder = Path(self.s.out) / "adapters" / name.replace(" ", "_").replace("(", "").replace(")", "")
+        folder = Path(self.s.out) / "adapters" / folder_name(name)
         task.export_adapter(folder)
         reloaded = self.outputs(load_adapter(self.tracker(), folder))
         diff = (reloaded - reference).abs().max().item()

@@ -51,6 +51,7 @@ from ..lightning.demo import (
     benchmark_section,
     dir_size,
     environment_note,
+    folder_name,
     in_workers,
     leftover_wrappers,
     metric_vs_params_png,
@@ -287,7 +288,7 @@ class Job:
         """Save the model, reload it into a fresh backbone, merge it; record the largest differences from ``logits``,
         the trained model's on the test images."""
         contender, x = self.contender, self.task.test[0]
-        path = Path(self.s.out) / "adapters" / self.task.name / contender.name.split(" (")[0].replace(" ", "_")
+        path = Path(self.s.out) / "adapters" / self.task.name / folder_name(contender.name)
         fresh = fresh_model(self.task.num_classes, 999)
         if contender.config is None:  # references: what they trained (the head, or every parameter)
             save_baseline(model, path, "linear" if contender.name == "linear probe" else "full")
