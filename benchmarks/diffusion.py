@@ -17,8 +17,9 @@ Candidates, all on the official placement (``to_q``, ``to_k``, ``to_v``, ``to_ou
   ``modules_to_save``).
 
 ``--gradient-checkpointing`` trains as the official DreamBooth scripts do (activations recomputed in the backward
-pass). Memory: the SD-2.1 run needs about 10 GB a candidate without it (3.5 GB of fp32 weights, 5.8 GB of activations
-and optimiser state measured for DiffuseKronA), so on a machine that holds less, pass it.
+pass). Memory: without it a candidate of the SD-2.1 run holds the 3.5 GB of fp32 weights and grows by 1.5-1.8 GiB in a
+step (the committed ``benchmarks/results/sd21_base_unet_b1_cpu.md``: 1.4 GiB saved for backward, LoKr's 1.7), so about
+5.5 GB; full attention fine-tuning adds 1.5 GiB of gradients and AdamW state. Pass it on a machine that holds less.
 
 Through :func:`benchmarks.harness.measure` (parameters, file size, peak memory, step time, merged inference); the
 appendix gives each candidate's step time and peak memory relative to LoRA, LoKr and full attention fine-tuning.

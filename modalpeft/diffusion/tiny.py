@@ -182,6 +182,63 @@ class TinyTextToImage(nn.Module):
         return ((x.clamp(-1, 1) + 1) / 2).float()
 
 
+FMNIST_ENCODER_FILE = Path(__file__).resolve().parent / "pretrained" / "fmnist_ssl_encoder.safetensors"
+"""The committed self-supervised Fashion-MNIST encoder (:func:`fmnist_subject_encoder`)."""
+
+FMNIST_ENCODER_SHA256 = "c0aaf80a2b075341492048b038d5cd852b9518286504f00a9bd6ad68440fb540"
+"""sha256 of :data:`FMNIST_ENCODER_FILE`, checked before every load."""
+
+
+class SubjectEncoder(nn.Module):
+    """A small self-supervised image encoder for subject fidelity: DreamBooth's DINO metric needs features that
+    tell one item from another of its class, which a classifier's features do not (they are trained to forget it).
+
+    Four 3x3 conv-BatchNorm-ReLU stages (widths ``widths``, the last three with stride 2: 32 -> 16 -> 8 -> 4 pixels),
+    global average pooling: ``(N, widths[-1])`` features of ``(N, 1, 32, 32)`` images in [0, 1] (normalised inside
+    with mean 0.5, std 0.5). ``recipes/diffusion/pretrain_fmnist_ssl.py`` trains it by instance discrimination
+    (SimCLR's NT-Xent; Chen et al., ICML 2020) on Fashion-MNIST's training images, with a projection head that is
+    dropped afterwards, as DINO's and SimCLR's features are read before their heads.
+    """
+
+    def __init__(self, widths: Sequence[int] = (32, 64, 128, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 1
+        for i, width in enumerate(widths):
+            layers += [
+                nn.Conv2d(channels, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.dim = channels
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.features((images - 0.5) / 0.5).mean(dim=(2, 3))
+
+
+def fmnist_subject_encoder(pretrained: bool = True, checkpoint_path: str | Path | None = None) -> SubjectEncoder:
+    """The self-supervised Fashion-MNIST :class:`SubjectEncoder` with the committed weights (sha256-checked), frozen,
+    in eval mode.
+
+    Raises:
+        FileNotFoundError: the weights file is missing.
+        ValueError: its sha256 differs from :data:`FMNIST_ENCODER_SHA256`.
+    """
+    model = SubjectEncoder()
+    if pretrained:
+        state = read_verified_weights(
+            checkpoint_path if checkpoint_path is not None else FMNIST_ENCODER_FILE,
+            FMNIST_ENCODER_SHA256,
+            "fmnist_subject_encoder",
+            "it ships with modalpeft (modalpeft/diffusion/pretrained/, see fmnist_ssl_encoder.md): reinstall or "
+            "restore it, or pass pretrained=False.",
+        )
+        model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
+
+
 def to_model(images: Tensor) -> Tensor:
     """Fashion-MNIST uint8 ``(N, 28, 28)`` -> the model's ``(N, 1, 32, 32)`` in [-1, 1] (padded with background)."""
     x = images.float().div(255).unsqueeze(1) * 2 - 1
@@ -215,6 +272,7 @@ def fmnist_diffusion(pretrained: bool = True, checkpoint_path: str | Path | None
 
 
 __all__ = [
-    "CLASS_NAMES", "FMNIST_DIFFUSION_FILE", "FMNIST_DIFFUSION_SHA256", "FMNIST_TEXT", "FMNIST_UNET", "IDENTIFIER",
-    "TinyTextToImage", "VOCABULARY", "build_tokenizer", "caption", "fmnist_diffusion", "to_classifier", "to_model",
+    "CLASS_NAMES", "FMNIST_DIFFUSION_FILE", "FMNIST_DIFFUSION_SHA256", "FMNIST_ENCODER_FILE", "FMNIST_ENCODER_SHA256",
+    "FMNIST_TEXT", "FMNIST_UNET", "IDENTIFIER", "SubjectEncoder", "TinyTextToImage", "VOCABULARY", "build_tokenizer",
+    "caption", "fmnist_diffusion", "fmnist_subject_encoder", "to_classifier", "to_model",
 ]  # fmt: skip
