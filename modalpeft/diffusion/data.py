@@ -13,6 +13,7 @@ and ``crops_top_left`` ``(B, 2)`` (``(height, width)`` and ``(top, left)``, SDXL
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +33,9 @@ from .pipeline import png_bytes
 def load_images(directory: str | os.PathLike[str], role: str = "instance_dir", allow_empty: bool = False) -> list:
     """Every image in ``directory`` (sorted by name, hidden files skipped), EXIF-rotated, as RGB ``PIL`` images.
 
-    Images of other modes (greyscale, RGBA, palette) are converted to RGB with one warning that names them and the
-    sizes found (every image is resized to the resolution later anyway).
+    Images of other modes (greyscale, RGBA, palette) are converted to RGB, and images of different sizes are kept as
+    they are (each is resized and cropped to the resolution later), with one warning that names the modes and the
+    sizes found.
 
     Raises:
         ValueError: ``directory`` is not a folder, holds no file (unless ``allow_empty``), or holds files that are
@@ -59,11 +61,17 @@ def load_images(directory: str | os.PathLike[str], role: str = "instance_dir", a
         )
     modes = sorted({image.mode for image in images})
     sizes = sorted({image.size for image in images})
+    notes = []
     if modes != ["RGB"] and images:
-        warnings.warn(
-            f"{role}={str(directory)!r}: images of modes {modes} (sizes {sizes[:5]}) are converted to RGB.",
-            stacklevel=2,
+        notes.append(f"images of modes {modes} are converted to RGB")
+    if len(sizes) > 1:
+        shown = ", ".join(f"{w}x{h}" for w, h in sizes[:5]) + (" ..." if len(sizes) > 5 else "")
+        notes.append(
+            f"images of {len(sizes)} sizes ({shown}) are each resized (shorter side to the resolution) and cropped "
+            "square, so their framing differs; crop them alike beforehand where that matters"
         )
+    if notes:
+        warnings.warn(f"{role}={str(directory)!r}: " + "; ".join(notes) + ".", stacklevel=2)
     return [image if image.mode == "RGB" else image.convert("RGB") for image in images]
 
 
@@ -191,7 +199,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
-        if not identifier or identifier not in instance_prompt.split():
+        if not identifier or not re.search(rf"(?<!\w){re.escape(identifier)}(?!\w)", instance_prompt):
             warnings.warn(
                 f"instance_prompt={instance_prompt!r} does not hold the identifier {identifier!r}: the subject is then "
                 f"learnt under common words (language drift); write e.g. 'a photo of {identifier or 'sks'} dog'.",

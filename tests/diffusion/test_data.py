@@ -32,7 +32,7 @@ def test_mixed_modes_and_sizes_are_converted_with_a_note(tmp_path) -> None:
     folder = write_images(tmp_path / "photos", 1, size=24)
     Image.new("L", (40, 30), 128).save(folder / "grey.png")
     Image.new("RGBA", (30, 50), (10, 20, 30, 40)).save(folder / "alpha.png")
-    with pytest.warns(UserWarning, match=r"modes \['L', 'RGB', 'RGBA'\].*converted to RGB"):
+    with pytest.warns(UserWarning, match=r"modes \['L', 'RGB', 'RGBA'\] are converted to RGB; images of 3 sizes "):
         images = load_images(folder)
     assert [image.mode for image in images] == ["RGB"] * 3
     data = DreamBoothDataModule(str(folder), "a photo of sks dog", resolution=16, batch_size=3)
@@ -41,6 +41,24 @@ def test_mixed_modes_and_sizes_are_converted_with_a_note(tmp_path) -> None:
     batch = next(iter(data.train_dataloader()))
     assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["pixel_values"].abs().max() <= 1
     assert sorted(batch["original_sizes"].tolist()) == [[24, 24], [30, 40], [50, 30]]
+
+
+def test_rgb_images_of_different_sizes_get_a_note_and_one_size_none(tmp_path, recwarn) -> None:
+    folder = write_images(tmp_path / "photos", 2, size=24)
+    assert [image.size for image in load_images(folder)] == [(24, 24)] * 2 and not recwarn.list
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(folder / "wide.png")
+    with pytest.warns(UserWarning, match=r"2 sizes \(24x24, 40x30\) are each resized") as caught:
+        images = load_images(folder)
+    assert "modes" not in str(caught[0].message) and sorted(image.size for image in images)[-1] == (40, 30)
+
+
+def test_the_identifier_is_found_beside_punctuation_and_not_inside_words(tmp_path, recwarn) -> None:
+    folder = str(write_images(tmp_path / "photos", 1))
+    DreamBoothDataModule(folder, "a photo of sks, a dog")
+    DreamBoothDataModule(folder, "a photo of <v> dog", identifier="<v>")
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="does not hold the identifier 'sks'"):
+        DreamBoothDataModule(folder, "a photo of a sksdog")
 
 
 def test_prompt_without_the_identifier_warns_and_prior_needs_both_fields(tmp_path) -> None:

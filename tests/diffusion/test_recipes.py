@@ -107,3 +107,27 @@ def test_generate_subcommand_writes_pngs(files, tmp_path, monkeypatch, capsys) -
         runpy.run_path(str(ROOT / "recipes" / "diffusion.py"), run_name="__main__")
     assert exit_info.value.code == 2 and "prompts is empty" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_generate_renders_an_adapter_at_its_scale(files, tmp_path, monkeypatch) -> None:
+    """``generate --adapter DIR --scale S``: at scale 0 the images are the base model's, at 1 they are the adapter's."""
+    import numpy as np
+    from PIL import Image
+
+    import modalpeft as mp
+
+    pipe = load_pipeline(str(files["sd"]))
+    mp.adapt(pipe.unet, mp.DiffuseKronAConfig(a1=8, a2=8, init_weights=False)).save_adapter(tmp_path / "adapter")
+    script = str(ROOT / "recipes" / "diffusion.py")
+
+    def render(out: str, *extra: str) -> list:
+        argv = ["diffusion.py", "generate", "--pipeline", str(files["sd"]), "--prompts", '["a sks dog"]', "--out_dir"]
+        monkeypatch.setattr(sys, "argv", [*argv, out, "--steps", "2", "--height", "16", "--width", "16", *extra])
+        runpy.run_path(script, run_name="__main__")
+        return [np.asarray(Image.open(p)) for p in sorted((tmp_path / out).iterdir())]
+
+    base = render("base")
+    off = render("off", "--adapter", str(tmp_path / "adapter"), "--scale", "0")
+    on = render("on", "--adapter", str(tmp_path / "adapter"))
+    assert len(base) == len(on) == 1 and (off[0] == base[0]).all()
+    assert np.abs(on[0].astype(int) - base[0].astype(int)).max() > 0

@@ -52,9 +52,12 @@ def _trainer(tmp_path, steps: int = 2) -> pl.Trainer:
 
 
 @pytest.mark.parametrize("snr_gamma", [None, 5.0])
-def test_v_prediction_loss_with_min_snr_and_prior_matches_the_formulas(pipes, tmp_path, snr_gamma) -> None:
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_loss_with_min_snr_and_prior_matches_the_formulas(pipes, tmp_path, prediction, snr_gamma) -> None:
     config = DiffuseKronAConfig(init_weights=False)
-    task = DreamBoothTask(str(pipes["sd_v"]), config, snr_gamma=snr_gamma, prior_loss_weight=0.5)
+    pipe_dir = pipes["sd_v" if prediction == "v_prediction" else "sd"]
+    task = DreamBoothTask(str(pipe_dir), config, snr_gamma=snr_gamma, prior_loss_weight=0.5)
+    assert task.noise_scheduler.config.prediction_type == prediction
     instance = write_images(tmp_path / "photos", 2)
     classes = write_images(tmp_path / "cls", 2, seed=3)
     data = DreamBoothDataModule(
@@ -76,12 +79,13 @@ def test_v_prediction_loss_with_min_snr_and_prior_matches_the_formulas(pipes, tm
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2  # scaled_linear, the DDIM config's
     abar = torch.cumprod(1 - betas, 0)[t].view(-1, 1, 1, 1)
     noisy = abar.sqrt() * z + (1 - abar).sqrt() * noise
-    target = abar.sqrt() * noise - (1 - abar).sqrt() * z  # v
+    v = abar.sqrt() * noise - (1 - abar).sqrt() * z
+    target = v if prediction == "v_prediction" else noise
     pred = task.model(noisy, t, encoder_hidden_states=text[0]).sample
     per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma is not None:
+    if snr_gamma is not None:  # Min-SNR-γ (Hang et al., 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v
         snr = (abar / (1 - abar)).flatten()
-        per = per * torch.clamp(snr, max=snr_gamma) / (snr + 1)
+        per = per * torch.clamp(snr, max=snr_gamma) / (snr + 1 if prediction == "v_prediction" else snr)
     expected = per[:2].mean() + 0.5 * per[2:].mean()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
 
@@ -93,6 +97,7 @@ def test_sd_fit_generates_class_images_once_renders_grids_and_exports(pipes, tmp
         validation_prompts=["a sks dog", "a dog"], validation_every_n_steps=1, validation_inference_steps=2,
         validation_resolution=16,
     )  # fmt: skip
+    assert task.pipe.unet.is_gradient_checkpointing
     frozen = {n: p.clone() for n, p in task.frozen.named_parameters()}
     instance = write_images(tmp_path / "photos", 3)
     cache = tmp_path / "cache"
@@ -182,6 +187,27 @@ def test_sdxl_trains_with_two_text_encoders_and_micro_conditioning(pipes, tmp_pa
     after = dict(task.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert (tmp_path / "lightning_logs" / "version_0" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_bf16_mixed_precision_trains_with_the_vae_in_fp32(pipes, tmp_path, monkeypatch) -> None:
+    """Lightning's ``bf16-mixed`` (runs on CPU too): the UNet computes under autocast, the VAE encodes in fp32 (the
+    block that keeps SDXL's VAE from overflowing), the adapter's weights stay fp32 and train."""
+    task = DreamBoothTask(str(pipes["sdxl"]), DiffuseKronAConfig(layout="kron"), optimizer="adamw", lr=1e-2)
+    dtypes = []
+    encode = task.pipe.vae.encode
+    monkeypatch.setattr(task.pipe.vae, "encode", lambda x: dtypes.append(torch.get_autocast_dtype("cpu") if
+                        torch.is_autocast_enabled("cpu") else x.dtype) or encode(x))  # fmt: skip
+    data = DreamBoothDataModule(str(write_images(tmp_path / "photos", 2, size=24)), "a sks dog", resolution=16)
+    before = {n: p.clone() for n, p in task.model.named_parameters() if p.requires_grad}
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", precision="bf16-mixed", default_root_dir=tmp_path, logger=False,
+        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+    )  # fmt: skip
+    trainer.fit(task, data)
+    assert dtypes == [torch.float32, torch.float32]  # autocast off around the VAE
+    trained = {n: p for n, p in task.model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trained.values())
+    assert any(not torch.equal(before[n], trained[n]) for n in before)
 
 
 def test_full_fine_tuning_trains_the_unet_only_and_exports_it(pipes, tmp_path) -> None:
