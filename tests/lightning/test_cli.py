@@ -51,6 +51,13 @@ def test_native_config_round_trips_from_yaml(tmp_path) -> None:
     }
 
 
+def test_recipes_show_a_progress_bar_of_the_steps(tmp_path) -> None:
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    trainer = parse(tmp_path, "linear").trainer
+    assert isinstance(trainer.progress_bar_callback, RichProgressBar) and trainer.progress_bar_callback.is_enabled
+
+
 def test_peft_config_round_trips_from_yaml(tmp_path) -> None:
     adapter = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["qkv"]}}
     cli = parse(tmp_path, adapter)
