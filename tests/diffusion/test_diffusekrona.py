@@ -131,6 +131,44 @@ def test_target_modules_on_any_model_with_linears():
     assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == 16 + 8 * 4 + 16 + 2 * 8
 
 
+@pytest.mark.parametrize("layout", ["official", "kron"])
+def test_a_transformer_denoiser_with_target_modules(tmp_path, layout):
+    """A diffusers transformer denoiser (PixArt-α's, tiny): the same four projections of self- and cross-attention,
+    the spec's count, identity at init, exact merge and reload."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+
+    def denoiser() -> nn.Module:
+        torch.manual_seed(0)
+        return PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+            patch_size=2, cross_attention_dim=32, caption_channels=24, use_additional_conditions=False,
+        ).eval()  # fmt: skip
+
+    inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "encoder_hidden_states": torch.randn(2, 5, 24)}
+    inputs |= {"timestep": torch.tensor([3, 700]), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    model = denoiser()
+    with torch.no_grad():
+        base = model(**inputs).sample
+    config = DiffuseKronAConfig(a1=4, a2=8, layout=layout, target_modules=list(PROJ))
+    adapted = mp.adapt(model, config)
+    assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == 2 * 8 * (4 * 8 + (32 // 4) * (32 // 8))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(**inputs).sample, base, rtol=0, atol=0)  # B = 0
+        for module in adapted.modules():
+            if isinstance(module, KroneckerDelta):
+                module.reset_adapter(False)
+        tuned = adapted(**inputs).sample
+        assert (tuned - base).abs().max() > 1e-3
+    adapted.save_adapter(tmp_path / "adapter")
+    reloaded = mp.load_adapter(denoiser(), tmp_path / "adapter")
+    merged = reloaded.merge_and_unload()
+    assert not any(isinstance(m, KroneckerDelta) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).sample, tuned, rtol=1e-5, atol=1e-5)
+
+
 # ---- counts on the real configs (meta device) ----------------------------------------------------------------
 
 
