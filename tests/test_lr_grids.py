@@ -33,10 +33,12 @@ def code_rates(page: str) -> dict[str, float]:
         from modalpeft.diffusion.demo import DiffusionSettings
 
         return dict(DiffusionSettings().lrs)
-    if page in ("text_lr_grid.md", "text_weight_space_lr_grid.md"):
-        from modalpeft.text.demo import TextSettings
+    text = re.fullmatch(r"text(_weight_space)?(?:_(\d+)_steps)?_lr_grid\.md", page)  # text_weight_space_180_steps...
+    if text:
+        from modalpeft.text.demo import DEMO_STEPS, TextSettings
 
-        settings = TextSettings(suite="adapters" if page == "text_lr_grid.md" else "weight-space")
+        suite, steps = "weight-space" if text.group(1) else "adapters", int(text.group(2) or DEMO_STEPS)
+        settings = TextSettings(suite=suite, steps=steps)
         return {name: settings.lrs.get(name, settings.lr) for name in settings.methods}
     from modalpeft.tracking.demo import TrackingSettings
 
@@ -52,6 +54,7 @@ def code_rates(page: str) -> dict[str, float]:
         "diffusion_lr_grid.md",
         "text_lr_grid.md",
         "text_weight_space_lr_grid.md",
+        "text_weight_space_180_steps_lr_grid.md",
         "tracking_lr_grid.md",
         "tracking_240_steps_lr_grid.md",
     ],

@@ -174,6 +174,13 @@ adapter, Compacter and SoRA are the picks of the validation grid (``TextSettings
 weight-space suite's (``docs/results/text_weight_space_lr_grid.md``; NeuroAda's k=1 script uses 8e-3, 75.3 against
 70.1 on validation at 0.1); DePT's and LoFiT's were not searched."""
 
+LRS_BY_STEPS: dict[int, dict[str, float]] = {
+    180: {"svfit": 0.1, "loldu": 0.1, "neuroada": 0.03, "paca": 1e-3, "increlora": 3e-3},
+}
+"""Rates for runs of another length than the demo's, over :data:`LRS`: the picks of that length's validation grid
+(``modalpeft demo --modality text --suite weight-space --lr-grid --steps N``,
+``docs/results/text_weight_space_<N>_steps_lr_grid.md``)."""
+
 GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     "adapters": {
         "full fine-tuning": (3e-5, 1e-4, 3e-4),
@@ -194,6 +201,21 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
 """The learning-rate grid of each suite (``--lr-grid``; ``--suite weight-space --lr-grid`` for issue 19's methods):
 its contenders and candidate rates (the weight-space methods train a vector of singular values, LDU pivots or
 entries, whose scale is the weight's: their grid reaches higher rates)."""
+
+GRIDS_BY_STEPS: dict[int, dict[str, dict[str, tuple[float, ...]]]] = {
+    180: {
+        "weight-space": {
+            "svfit": (3e-2, 1e-1, 3e-1),
+            "loldu": (3e-2, 1e-1, 3e-1),
+            "neuroada": (1e-2, 3e-2, 1e-1),
+            "paca": (3e-4, 1e-3, 3e-3),
+            "increlora": (1e-3, 3e-3, 1e-2),
+        }
+    }
+}
+"""The grids of runs of another length (``--lr-grid --steps N``), in place of :data:`GRIDS`: at 180 steps the
+weight-space methods that were more than 2 points behind full fine-tuning at their 36-step picks, three rates
+around each pick (``docs/results/text_weight_space_180_steps_lr_grid.md``; no pick at a grid's edge)."""
 
 
 @dataclass
@@ -224,7 +246,9 @@ class TextSettings:
     """Processes that train the (contender, task) runs side by side, each with ``threads`` threads."""
     wordnet: str = str(minibench.WORDNET_DIR)
     fortunes: str = str(minibench.FORTUNES_DIR)
-    lrs: dict[str, float] = field(default_factory=lambda: dict(LRS))
+    lrs: dict[str, float] | None = None
+    """Each contender's learning rate (every other one takes ``lr``); ``None``: :data:`LRS`, with the picks of the
+    grid at this run's length where one ran (:data:`LRS_BY_STEPS`)."""
     mwa_keep: int = 5
     mwa_every: int = 4
     """The ``mwa`` suite: the last ``mwa_keep`` saves of each adapter, one every ``mwa_every`` steps (the training
@@ -247,7 +271,10 @@ class TextSettings:
             self.methods = SUITES[self.suite]
         self.methods = tuple(self.methods)
         if self.lr_candidates is None:
-            self.lr_candidates = dict(GRIDS.get(self.suite, GRIDS["adapters"]))
+            grids = {**GRIDS, **GRIDS_BY_STEPS.get(self.steps, {})}
+            self.lr_candidates = dict(grids.get(self.suite, GRIDS["adapters"]))
+        if self.lrs is None:
+            self.lrs = {**LRS, **LRS_BY_STEPS.get(self.steps, {})}
 
     @property
     def page(self) -> str:
@@ -566,7 +593,15 @@ def rates_line(settings: TextSettings) -> str:
     )
     if unsearched:
         line += f"; not searched: {', '.join(unsearched)}"
-    return line + (f"; none was searched again at {settings.steps} steps." if settings.steps != DEMO_STEPS else ".")
+    if settings.steps == DEMO_STEPS:
+        return line + "."
+    again = [name for name in settings.methods if name in LRS_BY_STEPS.get(settings.steps, {})]
+    if not again:
+        return line + f"; none was searched again at {settings.steps} steps."
+    return line + (
+        f"; searched again at {settings.steps} steps (`{settings.grid_page}`), whose picks these are: "
+        f"{', '.join(again)}."
+    )
 
 
 def grid_command(settings: TextSettings) -> str:
@@ -792,7 +827,7 @@ def run_lr_grid(settings: TextSettings, log: Callable[[str], None] = print) -> d
     names = list(settings.lr_candidates)
     rows.sort(key=lambda r: (names.index(r["method"]), r["lr"]))
     picks = lr_grid_picks(rows, "mean")  # ties: the smaller rate
-    defaults = TextSettings()
+    defaults = TextSettings(steps=settings.steps)  # the rates a run of this length trains at
     in_use = {name: defaults.lrs.get(name, defaults.lr) for name in names}
     lines = [
         "# Text: the learning rates of the demo, picked on validation splits",

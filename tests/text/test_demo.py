@@ -222,3 +222,22 @@ def test_a_run_of_another_length_writes_its_own_page() -> None:
     assert (
         demo.grid_command(demo.TextSettings()) == "modalpeft demo --modality text --lr-grid --results-dir docs/results"
     )
+
+
+def test_a_run_of_another_length_takes_that_lengths_grid_and_picks(monkeypatch) -> None:
+    """``--steps 180`` searches ``GRIDS_BY_STEPS[180]`` and trains at ``LRS_BY_STEPS[180]`` over ``LRS``; the page's
+    rates line says which rates that length's grid picked; another length keeps the demo's grids and rates."""
+    monkeypatch.setattr(demo, "LRS_BY_STEPS", {180: {"svfit": 0.03}})
+    longer = demo.TextSettings(suite="weight-space", steps=180)
+    assert longer.lr_candidates == demo.GRIDS_BY_STEPS[180]["weight-space"]
+    assert longer.lrs == {**demo.LRS, "svfit": 0.03} and demo.TextSettings(suite="weight-space").lrs == demo.LRS
+    assert demo.TextSettings(suite="weight-space", steps=90).lr_candidates == demo.GRIDS["weight-space"]
+    line = demo.rates_line(longer)
+    assert "svfit 0.03" in line and line.endswith(
+        "searched again at 180 steps (`text_weight_space_180_steps_lr_grid.md`), whose picks these are: svfit."
+    )
+    assert demo.rates_line(demo.TextSettings(suite="weight-space", steps=90)).endswith(
+        "none was searched again at 90 steps."
+    )
+    explicit = demo.TextSettings(suite="weight-space", steps=180, lrs={"svfit": 1.0})
+    assert explicit.lrs == {"svfit": 1.0}  # given rates are kept as given
