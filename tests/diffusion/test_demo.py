@@ -104,3 +104,17 @@ def test_the_lr_grid_runs_on_another_bag_and_writes_its_page(tmp_path) -> None:
     assert set(report["picked"]) == {"DiffuseKronA (official)", "full attention"}
     page = (tmp_path / "diffusion_lr_grid.md").read_text()
     assert f"test image {index}" in page and not (tmp_path / "diffusion.md").exists()
+
+
+def test_a_run_of_another_length_writes_its_own_page(tmp_path) -> None:
+    from modalpeft.diffusion import demo
+
+    assert demo.page_stem(DiffusionSettings()) == "diffusion" and DiffusionSettings().steps == demo.DEMO_STEPS
+    assert demo.page_stem(DiffusionSettings(steps=400)) == "diffusion_400_steps"
+    assert demo.page_stem(DiffusionSettings(steps=400), quick=True) == "diffusion"
+    report = run(quick=True, out_dir=tmp_path / "run", results_dir=tmp_path / "pages", steps=3)
+    assert report["stem"] == "diffusion"  # a --quick check keeps the demo's name
+    settings = DiffusionSettings.quick(steps=3)
+    page = demo.markdown([], demo.Demo(settings), {**report, "targets": {}, "stem": "diffusion_3_steps"})
+    assert "`modalpeft demo --modality diffusion --steps 3 --results-dir docs/results`" in page
+    assert "not searched again at 3 steps" in page and "![generations](diffusion_3_steps_grid.png)" in page
