@@ -51,6 +51,7 @@ from ..lightning.demo import (
     environment_note,
     folder_name,
     leftover_wrappers,
+    length_stem,
     lr_grid_note,
     lr_grid_table,
     metric_vs_params_png,
@@ -153,7 +154,7 @@ def page_stem(settings: DiffusionSettings, quick: bool = False) -> str:
     """The page's and pictures' name stem: ``diffusion``, or ``diffusion_<N>_steps`` for a run of another length than
     the demo's (a schedule study, written beside the demo's page instead of over it); ``--quick`` checks keep
     ``diffusion``."""
-    return "diffusion" if quick or settings.steps == DEMO_STEPS else f"diffusion_{settings.steps}_steps"
+    return length_stem("diffusion", settings.steps, DEMO_STEPS, quick)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from .data import index_batches as batches
 from .optim import build_optimizer, param_groups, warmup_cosine
 
 __all__ = [
+    "length_stem",
     "benchmark_section",
     "NUMERIC_ENVIRONMENT",
     "accuracy",
@@ -148,6 +149,12 @@ def folder_name(contender: str) -> str:
     """A contender's name as a run-folder name: each run of non-word characters one dash (``"lora (peft)"`` ->
     ``lora-peft``), so that the demos' contenders get distinct, portable folders."""
     return re.sub(r"\W+", "-", contender).strip("-")
+
+
+def length_stem(stem: str, steps: int, demo_steps: int, quick: bool = False) -> str:
+    """A results page's name stem for a run of ``steps``: ``stem`` for the demo's length (and ``--quick`` checks),
+    ``<stem>_<steps>_steps`` for another length (a schedule study, written beside the demo's page, not over it)."""
+    return stem if quick or steps == demo_steps else f"{stem}_{steps}_steps"
 
 
 def benchmark_section(table: str, heading: str, intro: str) -> list[str]:

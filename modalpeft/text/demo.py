@@ -45,6 +45,7 @@ from ..lightning.demo import (
     environment_note,
     folder_name,
     in_workers,
+    length_stem,
     lr_grid_note,
     lr_grid_picks,
     lr_grid_table,
@@ -281,7 +282,7 @@ class TextSettings:
         """The report's file name stem: ``text`` or ``text_weight_space``, with ``_<N>_steps`` for a run of another
         length than the demo's (``--steps 180``: ``text_weight_space_180_steps``; not for ``quick`` runs)."""
         stem = "text" if self.suite == "adapters" else "text_" + self.suite.replace("-", "_")
-        return stem if self.quick_run or self.steps == DEMO_STEPS else f"{stem}_{self.steps}_steps"
+        return length_stem(stem, self.steps, DEMO_STEPS, self.quick_run)
 
     @property
     def grid_page(self) -> str:

@@ -50,6 +50,7 @@ from ..lightning.demo import (
     demo_trainer,
     environment_note,
     folder_name,
+    length_stem,
     lr_grid_note,
     lr_grid_picks,
     lr_grid_table,
@@ -491,7 +492,7 @@ def page_stem(settings: TrackingSettings, quick: bool = False) -> str:
     """The page's and pictures' name stem: ``tracking``, or ``tracking_<N>_steps`` for a run of another length than
     the demo's (a schedule study, written beside the demo's page instead of over it); ``--quick`` checks keep
     ``tracking``."""
-    return "tracking" if quick or settings.steps == DEMO_STEPS else f"tracking_{settings.steps}_steps"
+    return length_stem("tracking", settings.steps, DEMO_STEPS, quick)
 
 
 # -- the report -----------------------------------------------------------------------------------------------------
