@@ -29,10 +29,11 @@ def code_rates(page: str) -> dict[str, float]:
         from modalpeft.audio.demo import AudioSettings
 
         return dict(AudioSettings().lrs)
-    if page == "diffusion_lr_grid.md":
-        from modalpeft.diffusion.demo import DiffusionSettings
+    diffusion = re.fullmatch(r"diffusion(?:_(\d+)_steps)?_lr_grid\.md", page)  # diffusion_400_steps_lr_grid.md
+    if diffusion:
+        from modalpeft.diffusion.demo import DEMO_STEPS, DiffusionSettings
 
-        return dict(DiffusionSettings().lrs)
+        return dict(DiffusionSettings(steps=int(diffusion.group(1) or DEMO_STEPS)).lrs)
     text = re.fullmatch(r"text(_weight_space)?(?:_(\d+)_steps)?_lr_grid\.md", page)  # text_weight_space_180_steps...
     if text:
         from modalpeft.text.demo import DEMO_STEPS, TextSettings

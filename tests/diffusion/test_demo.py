@@ -118,3 +118,23 @@ def test_a_run_of_another_length_writes_its_own_page(tmp_path) -> None:
     page = demo.markdown([], demo.Demo(settings), {**report, "targets": {}, "stem": "diffusion_3_steps"})
     assert "`modalpeft demo --modality diffusion --steps 3 --results-dir docs/results`" in page
     assert "not searched again at 3 steps" in page and "![generations](diffusion_3_steps_grid.png)" in page
+
+
+def test_a_length_trains_at_its_own_grids_picks_or_the_demos(tmp_path, monkeypatch) -> None:
+    """``LRS_BY_STEPS``: a length with its own grid trains at that grid's picks and its page says so; another length
+    takes the demo's; given rates are kept; a grid of another length writes ``diffusion_<N>_steps_lr_grid.md``."""
+    from modalpeft.diffusion import demo
+    from modalpeft.lightning.demo import run_environment
+
+    assert DiffusionSettings().lrs == demo.LRS_BY_STEPS[demo.DEMO_STEPS] == DiffusionSettings(steps=7).lrs
+    monkeypatch.setitem(demo.LRS_BY_STEPS, 3, {**demo.LRS_BY_STEPS[demo.DEMO_STEPS], "LoRA r=4 (peft)": 0.5})
+    assert DiffusionSettings(steps=3).lrs["LoRA r=4 (peft)"] == 0.5
+    assert DiffusionSettings(steps=3, lrs={"x": 1.0}).lrs == {"x": 1.0}
+    settings = DiffusionSettings.quick(steps=3)
+    meta = {"stem": "diffusion_3_steps", "load": "0", "seconds": 0, "environment": run_environment()}
+    page = demo.markdown([], demo.Demo(settings), {**meta, "targets": {}, "instance_self_similarity": 1.0})
+    assert "the picks of the 3-step validation grid (`diffusion_3_steps_lr_grid.md`)." in page
+    rows = [{"method": "base model", "lr": None, "subject_fidelity": 0.9, "prompt_fidelity": 0.5,
+             "language_drift": 0.0}]  # fmt: skip
+    grid = demo.grid_markdown(rows, settings, {**meta, "subject_index": 1})
+    assert "`modalpeft demo --modality diffusion --lr-grid --steps 3 --results-dir docs/results`" in grid
