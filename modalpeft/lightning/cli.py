@@ -91,7 +91,18 @@ class ModalpeftCLI(LightningCLI):
             lines.append(f"  adapter: {adapter}/ (modalpeft.load_adapter(<fresh backbone>, '{adapter}'))")
         print("\n".join(lines))
 
-    after_fit = after_validate = after_test = after_predict = _print_run_folder
+    def _finish(self) -> None:
+        """Print the run folder, then close torch.distributed's process group if the run opened one (DDP): a gloo
+        group still open at interpreter exit can abort a finished run ("terminate called without an active
+        exception", exit status -6), seen once in CI."""
+        self._print_run_folder()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    after_fit = after_validate = after_test = after_predict = _finish
 
 
 def cli_main(
