@@ -51,6 +51,7 @@ from ..lightning.demo import (
     environment_note,
     folder_name,
     leftover_wrappers,
+    length_rates,
     length_stem,
     lr_grid_note,
     lr_grid_table,
@@ -142,7 +143,7 @@ class DiffusionSettings:
 
     def __post_init__(self) -> None:
         if self.lrs is None:
-            self.lrs = dict(LRS_BY_STEPS.get(self.steps, LRS_BY_STEPS[DEMO_STEPS]))
+            self.lrs = length_rates(LRS_BY_STEPS, self.steps, DEMO_STEPS)
 
 
 DEMO_STEPS = DiffusionSettings.steps
@@ -157,6 +158,11 @@ LRS_BY_STEPS: dict[int, dict[str, float]] = {
 }
 """The rates of a run of each length that has its own validation grid (``--lr-grid --steps N`` writes
 ``diffusion_<N>_steps_lr_grid.md``); a run of another length takes the demo's."""
+
+
+def _steps_option(stem: str, steps: int) -> str:
+    """The ``--steps`` part of the command that writes the page named ``stem`` (none for the demo's length)."""
+    return "" if stem == "diffusion" else f" --steps {steps}"
 
 
 def page_stem(settings: DiffusionSettings, quick: bool = False) -> str:
@@ -420,7 +426,7 @@ def grid_markdown(rows: list[dict[str, Any]], settings: DiffusionSettings, meta:
     choice = picked(rows, settings.max_drift)
     base = rows[0]
     s = settings
-    length = "" if meta.get("stem", "diffusion") == "diffusion" else f" --steps {s.steps}"
+    length = _steps_option(meta.get("stem", "diffusion"), s.steps)
     lines = [
         "# Diffusion: the learning rates of the demo, picked on a validation subject",
         "",
@@ -561,7 +567,7 @@ def check_cell(ok: bool | None, diff: float | None) -> str:
 def markdown(results: list[Result], demo: Demo, meta: dict[str, Any]) -> str:
     s = demo.s
     stem = meta.get("stem", "diffusion")
-    length = "" if stem == "diffusion" else f" --steps {s.steps}"
+    length = _steps_option(stem, s.steps)
     lines = [
         "# Diffusion: the offline demo",
         "",

@@ -20,7 +20,7 @@ import platform
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from .data import index_batches as batches
 from .optim import build_optimizer, param_groups, warmup_cosine
 
 __all__ = [
+    "length_rates",
     "length_stem",
     "benchmark_section",
     "NUMERIC_ENVIRONMENT",
@@ -155,6 +156,12 @@ def length_stem(stem: str, steps: int, demo_steps: int, quick: bool = False) -> 
     """A results page's name stem for a run of ``steps``: ``stem`` for the demo's length (and ``--quick`` checks),
     ``<stem>_<steps>_steps`` for another length (a schedule study, written beside the demo's page, not over it)."""
     return stem if quick or steps == demo_steps else f"{stem}_{steps}_steps"
+
+
+def length_rates(by_steps: Mapping[int, Mapping[str, Any]], steps: int, demo_steps: int) -> dict[str, Any]:
+    """The learning rates a run of ``steps`` trains at: the demo length's (``by_steps[demo_steps]``), overlaid with
+    the picks of the grid at ``steps`` where one ran."""
+    return {**by_steps[demo_steps], **by_steps.get(steps, {})}
 
 
 def benchmark_section(table: str, heading: str, intro: str) -> list[str]:

@@ -45,6 +45,7 @@ from ..lightning.demo import (
     environment_note,
     folder_name,
     in_workers,
+    length_rates,
     length_stem,
     lr_grid_note,
     lr_grid_picks,
@@ -275,7 +276,7 @@ class TextSettings:
             grids = {**GRIDS, **GRIDS_BY_STEPS.get(self.steps, {})}
             self.lr_candidates = dict(grids.get(self.suite, GRIDS["adapters"]))
         if self.lrs is None:
-            self.lrs = {**LRS, **LRS_BY_STEPS.get(self.steps, {})}
+            self.lrs = length_rates({DEMO_STEPS: LRS, **LRS_BY_STEPS}, self.steps, DEMO_STEPS)
 
     @property
     def page(self) -> str:

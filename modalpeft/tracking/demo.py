@@ -50,6 +50,7 @@ from ..lightning.demo import (
     demo_trainer,
     environment_note,
     folder_name,
+    length_rates,
     length_stem,
     lr_grid_note,
     lr_grid_picks,
@@ -136,7 +137,7 @@ class TrackingSettings:
 
     def __post_init__(self) -> None:
         if self.lrs is None:
-            self.lrs = dict(LRS_BY_STEPS.get(self.steps, LRS_BY_STEPS[DEMO_STEPS]))
+            self.lrs = length_rates(LRS_BY_STEPS, self.steps, DEMO_STEPS)
 
 
 DEMO_STEPS = TrackingSettings.steps
