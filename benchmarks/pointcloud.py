@@ -289,7 +289,11 @@ def point_peft_section(records: list[dict[str, Any]], parts: dict[str, float]) -
     step = parts["step"]
     rows = [
         ("forward", parts["forward"]),
-        ("- of it, the frozen retrieval pass (a gradient-free forward of the backbone)", parts["frozen_pass"]),
+        (
+            "- of it, the frozen retrieval pass (a gradient-free forward of the backbone on half its patches, as the "
+            "official frozen copy)",
+            parts["frozen_pass"],
+        ),
         ("- of it, the prompts (cache retrieval into the prompted blocks)", parts["prompts"]),
         ("- of it, the geometry adapter (local attention, pooling, propagation, adapter1)", parts["geometry"]),
         ("backward", parts["backward"]),
@@ -327,7 +331,7 @@ def point_peft_section(records: list[dict[str, Any]], parts: dict[str, float]) -
 
 def _point_peft_bound(by_method: dict[str, dict[str, Any]], parts: dict[str, float]) -> list[str]:
     """What Point-PEFT's algorithm costs at least: the floor's step (backward through every block, which any method
-    that trains inside the network pays) plus the gradient-free retrieval pass over the whole backbone, as a share
+    that trains inside the network pays) plus the gradient-free retrieval pass through the backbone, as a share
     of full fine-tuning's step (both step times from this run's records)."""
     floor, full = (by_method.get(n, {}).get("step_time") for n in ("floor", "full"))
     if not floor or not full:

@@ -82,7 +82,8 @@ def test_memory_bank_build_save_load(tmp_path):
     bank = build_memory_bank(base, batches)
     assert bank.shape == (12, C)
     torch.testing.assert_close(bank.norm(dim=-1), torch.ones(12))
-    torch.testing.assert_close(bank[4:8], F.normalize(pooled_features(base, batches[1][0])[0], dim=-1))
+    # the official frozen copy's grouping: half the backbone's patches
+    torch.testing.assert_close(bank[4:8], F.normalize(pooled_features(base, batches[1][0], G // 2)[0], dim=-1))
     assert build_memory_bank(base, batches, max_batches=1).shape == (4, C)
     save_memory_bank(tmp_path / "bank.safetensors", bank)
     torch.testing.assert_close(load_memory_bank(tmp_path / "bank.safetensors"), bank)
@@ -91,6 +92,32 @@ def test_memory_bank_build_save_load(tmp_path):
     # a bank file adapts a model as well as the data does
     from_file = mp.adapt(tiny(), PointPEFTConfig(**CFG, memory_bank=str(tmp_path / "bank.safetensors")))
     torch.testing.assert_close(from_file.group_divider.adapters["default"].bank, bank)
+
+
+def test_retrieval_groups_are_the_official_copy_with_fewer_groups():
+    """The first g patches of the backbone's grouping are the backbone configured with g groups (the official frozen
+    copy: cache_prompt.yaml's 64 groups for the fine-tuned 128): FPS keeps its order, a patch depends on its centre."""
+    x = torch.randn(3, 128, 3, generator=torch.Generator().manual_seed(3))
+    model, official = tiny(), tiny()
+    official.group_divider.num_group = official.num_group = G // 2
+    feature, center = pooled_features(model, x, G // 2)
+    torch.testing.assert_close(feature, pooled_features(official, x)[0], rtol=0, atol=0)
+    assert center.shape == (3, G, 3)  # the backbone's own centres, for the geometry adapter
+    assert not torch.allclose(feature, pooled_features(model, x)[0])  # all 16 patches: another query
+    # None is the official half; every patch is the earlier behaviour; the bank and the queries agree
+    assert (
+        mp.adapt(tiny(), PointPEFTConfig(**CFG, memory_data=train_batches()))
+        .group_divider.adapters["default"]
+        .retrieval_groups
+        == G // 2
+    )
+    model = mp.adapt(tiny(), PointPEFTConfig(**CFG, retrieval_groups=G, memory_data=train_batches()))
+    bank = build_memory_bank(tiny(), train_batches(), groups=G)
+    torch.testing.assert_close(model.group_divider.adapters["default"].bank, bank)
+    with pytest.raises(ValueError, match="retrieval_groups=0 must be an integer >= 1"):
+        PointPEFTConfig(retrieval_groups=0)
+    with pytest.raises(ValueError, match=r"retrieval_groups=17 must be between 1 and the backbone's num_group=16"):
+        mp.adapt(tiny(), PointPEFTConfig(**CFG, retrieval_groups=17, memory_data=train_batches()))
 
 
 def test_retrieval():
@@ -111,7 +138,7 @@ def test_cache_prompts_come_from_the_frozen_backbone(clouds):
     context = model.group_divider.adapters["default"]
     running = model.encoder.first_conv[1].running_mean.clone()
     model(clouds)
-    feature = pooled_features(tiny(), clouds)[0]  # the backbone without the adapter, in eval mode
+    feature = pooled_features(tiny(), clouds, G // 2)[0]  # the backbone without the adapter, in eval mode
     torch.testing.assert_close(context.shared.cache, retrieve(feature, context.bank, 3))
     assert model.training and all(m.training for m in model.modules())  # modes restored after the frozen pass
     # one BatchNorm update of the encoder (the main pass), none from the frozen pass: compare with a single pass
@@ -130,7 +157,8 @@ def test_prompts_live_for_one_block(clouds):
         block.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
     model(clouds)
     p = CFG["top_k"] + 2
-    frozen = [(G, G), G] * DEPTH  # the retrieval query's pass: the patch tokens alone, without the adapter
+    # the retrieval query's pass: half the patch tokens (the official frozen copy), without the adapter
+    frozen = [(G // 2, G // 2), G // 2] * DEPTH
     assert seen == [*frozen, (1 + p + G, 1 + p + G), 1 + G, (1 + G, 1 + G), 1 + G]
 
 

@@ -18,6 +18,7 @@ from modalpeft.core.layers import MaskDropout
 from modalpeft.pointcloud import PointPEFTConfig, create_backbone
 from modalpeft.pointcloud.methods.point_peft import retrieve
 
+G = 16  # point_mae_test's patches
 CFG = {"top_k": 3, "prompt_blocks": 1, "num_anchors": 8, "num_neighbors": 4}
 
 
@@ -122,8 +123,10 @@ def test_blocks_match_the_official_block_in_training(clouds, monkeypatch, seed):
     shared = context.shared
     torch.manual_seed(seed)
     fresh = create_backbone("point_mae_test", num_classes=5, drop_path_rate=0.5)  # the same frozen weights
-    torch.testing.assert_close(shared.cache, retrieve(cp_feat(fresh.eval(), clouds), context.bank, CFG["top_k"]))
     center = fresh.group_divider(clouds)[1]  # the patch centres (FPS is deterministic)
+    # the official cp_model: a separate frozen copy grouping the cloud into half as many patches (cache_prompt.yaml)
+    fresh.group_divider.num_group = G // 2
+    torch.testing.assert_close(shared.cache, retrieve(cp_feat(fresh.eval(), clouds), context.bank, CFG["top_k"]))
     adapted = seen[-len(model.blocks) :]  # after the frozen pass of the retrieval query
     for i, (host, x, pos, out) in enumerate(adapted):
         dp = float(getattr(host.base_layer.mlp_residual.drop_path.base_layer, "drop_prob", 0.0))

@@ -61,12 +61,16 @@ in training mode, against a transcription of the official ``Block.forward`` with
   outputs). The official trainable count is ours + 6 · (3,840 + 6,536) + 12 + 30 (``prompt_cor``) = 773,017 (the
   spec's "≈ 0.77M");
 - the retrieval query comes from this backbone with the adapter disabled (the pretrained weights: bias tuning and
-  the other deltas off), in eval mode and without gradients, with the model's own grouping; the official code
-  keeps a separate frozen Point-MAE copy configured with half as many groups (64 for 128). Measured on the demo
-  (pretrained Point-MAE, 300 test clouds against the 480 training clouds' bank), the top-8 retrieved entries
-  with 16 instead of the model's 32 groups overlap by 59% (the same top-1 for 43%). Including the class token
-  in the query and the bank, as modalpeft did before, kept 83% of the top-8 (80% of the top-1). The
-  memory-bank builder is missing from the official repository; ours stores L2-normalised features (the
+  the other deltas off), in eval mode and without gradients. The official code keeps a separate frozen Point-MAE
+  copy configured with half as many groups (``cfgs/prompt/cache_prompt.yaml``: 64 groups of 32 points for the
+  fine-tuned model's 128); ``retrieval_groups=None`` does the same from the model's own grouping, exactly: FPS is
+  greedy from a fixed start, so its first 64 of 128 centres are its 64 centres, and each patch's token depends only
+  on its centre's neighbours (:func:`pooled_features`; tested against the backbone built with 64 groups). Before
+  this, modalpeft retrieved with all of the model's groups: measured on the demo (pretrained Point-MAE, 300 test
+  clouds against the 480 training clouds' bank), the top-8 retrieved entries with 16 instead of the model's 32
+  groups overlap by 59% (the same top-1 for 43%); ``retrieval_groups=model.num_group`` keeps that behaviour.
+  Including the class token in the query and the bank, as modalpeft did earlier, kept 83% of the top-8 (80% of the
+  top-1). The memory-bank builder is missing from the official repository; ours stores L2-normalised features (the
   official loader's use suggests so);
 - the attention mask the official code computes (radius 1.28) is ignored by its attention, so there is none here
   (no effect on the outputs).
@@ -140,6 +144,13 @@ class PointPEFTConfig(AdapterConfig):
         metadata=_help("Also train the blocks' proj/fc1/fc2/norm1/norm2 biases and the final LayerNorm (official)."),
     )
     tune_class_token: bool = field(default=True, metadata=_help("Train the class token and its position."))
+    retrieval_groups: int | None = field(
+        default=None,
+        metadata=_help(
+            "Patches of the frozen retrieval pass (query and memory bank): the first this many of the backbone's FPS "
+            "centres. None: half the backbone's groups, as the official frozen copy (64 for the fine-tuned 128)."
+        ),
+    )
     memory_bank: str | None = field(
         default=None,
         metadata={"save": False, "help": "A safetensors memory bank (save_memory_bank); used when no data is given."},
@@ -178,6 +189,8 @@ class PointPEFTConfig(AdapterConfig):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
         if self.memory_batches is not None:
             _positive_int("memory_batches", self.memory_batches)
+        if self.retrieval_groups is not None:
+            _positive_int("retrieval_groups", self.retrieval_groups)
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -204,23 +217,43 @@ def _points_of(batch: Any) -> Tensor:
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, points: Tensor) -> tuple[Tensor, Tensor]:
+def retrieval_group_count(model: nn.Module, groups: int | None) -> int:
+    """The patches of the retrieval pass: ``groups``, or half the backbone's ``num_group`` (the official ratio)."""
+    count = max(1, model.num_group // 2) if groups is None else groups
+    if not 1 <= count <= model.num_group:
+        raise ValueError(
+            f"point_peft: retrieval_groups={groups} must be between 1 and the backbone's num_group={model.num_group} "
+            "(the retrieval pass uses the first of its FPS centres); pass None for the official half."
+        )
+    return count
+
+
+def pooled_features(model: nn.Module, points: Tensor, groups: int | None = None) -> tuple[Tensor, Tensor]:
     """The frozen encoder's global feature, as the official pretrained Point-MAE encoder gives it: the patch tokens
     alone (that encoder has no class token) through the blocks and the final norm, then a max over them.
 
+    ``groups``: the first this many patches of the backbone's grouping (``None``: all of them). FPS picks centres
+    greedily from a fixed start, so the first ``g`` centres of ``G`` are FPS's ``g`` centres, and a patch (its
+    centre's nearest points) and its token do not depend on the other patches: this is the encoder configured with
+    ``num_group=g`` on the same cloud (tested), as the official frozen copy is (``cfgs/prompt/cache_prompt.yaml``:
+    64 groups of 32 points), from the one grouping the adapted model runs anyway.
+
     Shapes:
-        - points: ``(B, N, 3)``; output: feature ``(B, C)``, centres ``(B, G, 3)``
+        - points: ``(B, N, 3)``; output: feature ``(B, C)``, the backbone's centres ``(B, G, 3)``
     """
     x, pos, center = model.embed(points)
     k = model.num_prefix_tokens
-    x, pos = x[:, k:], pos[:, k:]  # (B, G, C): no class token
+    g = x.shape[1] - k if groups is None else groups
+    x, pos = x[:, k : k + g], pos[:, k : k + g]  # (B, g, C): no class token
     for block in model.blocks:
         x = block(x, pos)
     return model.norm(x).max(dim=1).values, center
 
 
 @torch.no_grad()
-def build_memory_bank(model: nn.Module, data: Iterable[Any], max_batches: int | None = None) -> Tensor:
+def build_memory_bank(
+    model: nn.Module, data: Iterable[Any], max_batches: int | None = None, groups: int | None = None
+) -> Tensor:
     """L2-normalised :func:`pooled_features` of every training cloud, in eval mode.
 
     Args:
@@ -228,12 +261,15 @@ def build_memory_bank(model: nn.Module, data: Iterable[Any], max_batches: int | 
         data: batches of ``(points, labels)``, point tensors or dicts with ``"points"``; a callable returning
             such an iterable is called first.
         max_batches: stop after this many batches.
+        groups: the retrieval pass's patches (``PointPEFTConfig.retrieval_groups``; ``None``: the official half of
+            the backbone's groups). The bank and the queries must use the same.
 
     Shapes:
         - output: ``(N_train, C)``
     """
     if callable(data) and not isinstance(data, (Tensor, nn.Module)):
         data = data()
+    groups = retrieval_group_count(model, groups)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     device = next(model.parameters()).device
@@ -242,7 +278,8 @@ def build_memory_bank(model: nn.Module, data: Iterable[Any], max_batches: int | 
         for i, batch in enumerate(data):
             if max_batches is not None and i >= max_batches:
                 break
-            feats.append(F.normalize(pooled_features(model, _points_of(batch).to(device))[0].float(), dim=-1))
+            points = _points_of(batch).to(device)
+            feats.append(F.normalize(pooled_features(model, points, groups)[0].float(), dim=-1))
     finally:
         for m, mode in modes:
             m.training = mode
@@ -375,6 +412,7 @@ class PointPEFTContext(AdapterModule):
         self.ref = _ModelRef(model)
         self.adapter_name = adapter_name
         self.top_k = config.top_k
+        self.retrieval_groups = retrieval_group_count(model, config.retrieval_groups)
         self.num_anchors, self.num_neighbors = config.num_anchors, config.num_neighbors
         self.register_buffer("bank", bank.detach().clone().float())
         self.local_attn = LocalAttention(model.embed_dim, config.local_heads, config.local_head_dim)
@@ -401,7 +439,7 @@ class PointPEFTContext(AdapterModule):
             host.disabled = True
         try:
             model.eval()
-            feature, center = pooled_features(model, points)
+            feature, center = pooled_features(model, points, self.retrieval_groups)
         finally:
             for host in mine:
                 host.disabled = False
@@ -517,7 +555,7 @@ def _memory_bank(model: nn.Module, config: PointPEFTConfig, state: Mapping[str, 
     if state is not None and BANK_KEY in state:
         return state[BANK_KEY]
     if config.memory_data is not None:
-        return build_memory_bank(model, config.memory_data, config.memory_batches)
+        return build_memory_bank(model, config.memory_data, config.memory_batches, config.retrieval_groups)
     if config.memory_bank is not None:
         return load_memory_bank(config.memory_bank)
     raise ValueError(
