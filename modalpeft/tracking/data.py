@@ -85,21 +85,37 @@ def _frames(folder: Path, suffix: str = ".jpg") -> list[Path]:
     return sorted(names, key=lambda p: (len(p.stem), p.stem))
 
 
-def check_counts(name: str, frames: list[Path], boxes: np.ndarray, annotation: Path) -> None:
-    """Frames exist and every one has a box (or only the first has, as in test splits)."""
+def check_counts(
+    name: str, frames: list[Path], boxes: np.ndarray, annotation: Path, first_box_only: bool = False
+) -> None:
+    """Frames exist and every one has a box, or, where ``first_box_only`` (the hidden-label test splits: GOT-10k
+    ``test``, TrackingNet ``TEST``), only the first may have one."""
     if not frames:
         raise ValueError(f"sequence {name}: no frames found beside {annotation}; check the data set's layout.")
-    if len(boxes) != 1 and len(boxes) < len(frames):
+    if len(boxes) < len(frames) and not (first_box_only and len(boxes) == 1):
+        only = (
+            " (only the test splits whose labels are hidden, GOT-10k test and TrackingNet TEST, give the first box "
+            "alone)"
+            if len(boxes) == 1
+            else " (or only the first, for a test split)"
+        )
         raise ValueError(
-            f"{annotation} has {len(boxes)} boxes for {len(frames)} frames: every frame needs a box (or only the "
-            "first, for a test split); restore the file or remove the extra frames."
+            f"{annotation} has {len(boxes)} boxes for {len(frames)} frames: every frame needs a box{only}; restore the "
+            "file or remove the extra frames."
         )
 
 
-def make_sequence(name: str, frames: list[Path], boxes: np.ndarray, visible: np.ndarray, annotation: Path) -> Sequence:
-    """Check what was read and build the :class:`Sequence`: one box per frame (or only the first, for test splits),
-    positive sizes on visible frames."""
-    check_counts(name, frames, boxes, annotation)
+def make_sequence(
+    name: str,
+    frames: list[Path],
+    boxes: np.ndarray,
+    visible: np.ndarray,
+    annotation: Path,
+    first_box_only: bool = False,
+) -> Sequence:
+    """Check what was read and build the :class:`Sequence`: one box per frame (or only the first, where
+    ``first_box_only``: see :func:`check_counts`), positive sizes on visible frames."""
+    check_counts(name, frames, boxes, annotation, first_box_only)
     boxes = boxes[: len(frames)]
     visible = visible[: len(boxes)].astype(bool)
     bad = np.flatnonzero(visible & ((boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)))
@@ -124,13 +140,13 @@ def read_got10k(root: str | os.PathLike[str], split: str = "train") -> list[Sequ
         path = folder / name
         boxes = read_boxes(path / "groundtruth.txt")
         frames = _frames(path)
-        check_counts(name, frames, boxes, path / "groundtruth.txt")
+        check_counts(name, frames, boxes, path / "groundtruth.txt", split == "test")
         visible = np.ones(len(boxes), dtype=bool)
         if (path / "absence.label").is_file():
             visible &= _read_flags(path / "absence.label", len(boxes)) == 0
         if (path / "cover.label").is_file():
             visible &= _read_flags(path / "cover.label", len(boxes)) > 0
-        sequences.append(make_sequence(name, frames, boxes, visible, path / "groundtruth.txt"))
+        sequences.append(make_sequence(name, frames, boxes, visible, path / "groundtruth.txt", split == "test"))
     return sequences
 
 
@@ -174,7 +190,7 @@ def read_trackingnet(root: str | os.PathLike[str], subsets: list[str] | None = N
             boxes = read_boxes(file)
             frames = _frames(root / subset / "frames" / file.stem)
             visible = np.ones(len(boxes), dtype=bool)
-            sequences.append(make_sequence(file.stem, frames, boxes, visible, file))
+            sequences.append(make_sequence(file.stem, frames, boxes, visible, file, subset.upper() == "TEST"))
     return sequences
 
 

@@ -3,6 +3,7 @@ errors bad input gets."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,15 @@ def test_trackingnet_layout(tmp_path) -> None:
     (seq,) = read_trackingnet(tmp_path)
     assert [p.name for p in seq.frames[:3]] == ["0.jpg", "1.jpg", "2.jpg"] and seq.frames[10].name == "10.jpg"
     assert seq.boxes[10].tolist() == [38, 14, 12, 10]
+    # TEST gives the first box alone; a training subset may not
+    boxes = frames(tmp_path / "TEST" / "frames" / "xyz_1", 5, name=lambda i: f"{i}.jpg")
+    (tmp_path / "TEST" / "anno").mkdir()
+    (tmp_path / "TEST" / "anno" / "xyz_1.txt").write_text(lines(boxes[:1]))
+    (test,) = read_trackingnet(tmp_path, ["TEST"])
+    assert len(test.frames) == 5 and test.boxes.shape == (1, 4)
+    (tmp_path / "TRAIN_0" / "anno" / "abc_0.txt").write_text(lines(boxes[:1]))
+    with pytest.raises(ValueError, match=r"abc_0.txt has 1 boxes for 12 frames"):
+        read_trackingnet(tmp_path)
 
 
 def test_sampling_follows_the_official_interval_rule() -> None:
@@ -147,6 +157,17 @@ def test_missing_groundtruth_and_short_annotations(tmp_path) -> None:
     (seq / "groundtruth.txt").write_text("8,14,12,10\n11,14,12,10\n14,14,12,10\n")
     with pytest.raises(ValueError, match=r"groundtruth.txt has 3 boxes for 8 frames"):
         read_got10k(root, "train")
+    # the first box alone is a hidden-label test split's annotation, not a training sequence's
+    (seq / "groundtruth.txt").write_text("8,14,12,10\n")
+    with pytest.raises(ValueError, match=r"has 1 boxes for 8 frames: every frame needs a box \(only the test splits"):
+        read_got10k(root, "train")
+    test = root / "test" / "GOT-10k_Test_000001"
+    shutil.copytree(seq, test)
+    for labels in ("absence.label", "cover.label"):  # the test split has none
+        (test / labels).unlink()
+    (root / "test" / "list.txt").write_text("GOT-10k_Test_000001\n")
+    (only,) = read_got10k(root, "test")
+    assert len(only.frames) == 8 and only.boxes.shape == (1, 4)
     (seq / "groundtruth.txt").unlink()
     with pytest.raises(ValueError, match=r"GOT-10k_Train_000002/groundtruth.txt is missing"):
         read_got10k(root, "train")

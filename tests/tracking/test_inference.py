@@ -154,3 +154,27 @@ def test_evaluate_sequences_scores_the_visible_frames(tmp_path) -> None:
     sequence.boxes = sequence.boxes[:1]
     with pytest.raises(ValueError, match="only their first box"):
         evaluate_sequences(Tracker(model), [sequence])
+
+
+def test_the_window_penalty_follows_the_official_post_processing() -> None:
+    """trackit's box_with_score_map: ``(1 - p) · sigmoid(score) + p · outer(hann(H), hann(W))`` (symmetric Hann,
+    ``periodic=False``) picks the token; the confidence is the unpenalised score there."""
+    import math
+
+    from modalpeft.tracking.losses import hann_window, select_box
+
+    h, w = 5, 6
+
+    def hann(n: int) -> torch.Tensor:  # 0.5 (1 - cos(2 pi k / (n - 1))), zero at both ends
+        return 0.5 * (1 - torch.cos(2 * math.pi * torch.arange(n, dtype=torch.float32) / (n - 1)))
+
+    torch.testing.assert_close(hann_window((h, w)), torch.outer(hann(h), hann(w)))
+    score = torch.full((1, 1, h, w), -4.0)
+    score[0, 0, 0, 0], score[0, 0, 2, 3] = 3.0, 1.0  # the best raw score sits at a corner, where the window is 0
+    boxes = torch.arange(h * w * 4, dtype=torch.float32).reshape(1, h, w, 4)
+    box, confidence = select_box({"score_map": score, "boxes": boxes}, window_penalty=0.45)
+    torch.testing.assert_close(box[0], boxes[0, 2, 3])  # the window moves the pick to the centre's neighbour
+    torch.testing.assert_close(confidence, torch.sigmoid(torch.tensor([1.0])))
+    box, confidence = select_box({"score_map": score, "boxes": boxes}, window_penalty=0.0)
+    torch.testing.assert_close(box[0], boxes[0, 0, 0])
+    torch.testing.assert_close(confidence, torch.sigmoid(torch.tensor([3.0])))

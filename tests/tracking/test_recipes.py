@@ -182,6 +182,30 @@ def test_track_subcommand_writes_boxes_and_drawings(root, tmp_path, monkeypatch)
         assert image.size == (8 * 64, 48)
     with pytest.raises(SystemExit):
         track_main([*base, "--box", "8,14,12", "--output", str(tmp_path / "c.txt")])
+    # a video file in, an .mp4 copy with the boxes drawn out
+    import av
+
+    from modalpeft.tracking.inference import read_video
+
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in sorted(frames.glob("*.jpg")) or sorted(frames.glob("*.png")):
+            image = np.asarray(Image.open(frame).convert("RGB"))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    from_video = [*overrides, "--config", str(recipe), "--adapter", str(adapter), "--input", str(video)]
+    drawn = tmp_path / "drawn" / "boxes.mp4"
+    assert (
+        track_main([*from_video, "--box", "8,14,12,10", "--output", str(tmp_path / "v.txt"), "--draw", str(drawn)]) == 0
+    )
+    assert len((tmp_path / "v.txt").read_text().splitlines()) == 10
+    copy = list(read_video(drawn))
+    assert len(copy) == 10 and copy[0].shape == (3, 48, 64)
+    assert sorted(p.name for p in drawn.parent.iterdir()) == ["boxes.mp4"]  # written atomically, nothing else left
 
 
 def test_evaluate_subcommand_writes_official_results(root, tmp_path) -> None:
