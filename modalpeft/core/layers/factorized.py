@@ -36,6 +36,15 @@ class FactorizedVector(AdapterModule):
     (:func:`~modalpeft.core.layers.recompute.recompute_source`: a LayerNorm's or a GELU's input). Outputs and
     gradients equal autograd's through ``W + ΔW`` up to float rounding (tested).
 
+    Exact factorisations (``exact=True``: ``W = s · F₁ diag(z₀) F₂`` up to float rounding, i.e. ``W_res ≈ 0``, as a
+    full-rank SVFit has): in training, where it costs fewer multiply-adds, the layer runs the factored product alone,
+    ``y = s ((x F₂ᵀ) ⊙ z) F₁ᵀ + b``, without ``W``: ``tokens·r·(d_in + d_out)`` each way instead of the frozen
+    product's ``tokens·d_in·d_out`` plus the weight-sized materialisation and gradient, i.e. about 1.3x a frozen
+    Linear's forward and backward on a ViT's ``qkv`` at full rank instead of about 2x. It keeps ``x F₂ᵀ``
+    (``tokens x r``) for ``∂L/∂z = s Σ_t (g F₁) ⊙ (x F₂ᵀ)``. The output leaves out ``W_res`` (rounding: at most
+    1e-5 of the largest weight when the method marks the layer exact), so a training forward can differ from the
+    merged model's in the last float digits; evaluation and merging use ``W + ΔW``.
+
     The factors and ``z₀`` are non-persistent buffers: the method computes them from the base weight when it
     adapts (and again when an adapter is loaded onto the same base model), so a saved adapter holds ``z`` only.
 
@@ -45,6 +54,7 @@ class FactorizedVector(AdapterModule):
         start: ``z₀``, ``(r,)``.
         scaling: ``s``.
         init_weights: ``True``/``"identity"``: ``z = z₀`` (both papers' init); ``False``: ``z₀`` plus noise.
+        exact: the factorisation reproduces the whole weight (see above; :func:`is_exact` decides it).
 
     Shapes:
         - input: ``(*, d_in)``
@@ -55,12 +65,20 @@ class FactorizedVector(AdapterModule):
     mergeable = True
 
     def __init__(
-        self, left: Tensor, right: Tensor, start: Tensor, *, scaling: float = 1.0, init_weights: InitMode = True
+        self,
+        left: Tensor,
+        right: Tensor,
+        start: Tensor,
+        *,
+        scaling: float = 1.0,
+        init_weights: InitMode = True,
+        exact: bool = False,
     ) -> None:
         super().__init__()
         rank = start.shape[0]
         assert left.shape[1] == rank and right.shape[0] == rank and start.ndim == 1, (left.shape, right.shape)
         self.scaling = scaling
+        self.exact = exact
         self.register_buffer("left", left.detach().clone(), persistent=False)
         self.register_buffer("right", right.detach().clone(), persistent=False)
         self.register_buffer("start", start.detach().clone(), persistent=False)
@@ -79,6 +97,16 @@ class FactorizedVector(AdapterModule):
 
     def replace_base(self, base: nn.Module, x: Tensor) -> Tensor:
         """``x (W + ΔW)ᵀ + b`` with the lean backward (class docstring); on ``x`` flattened to ``(tokens, d_in)``."""
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if (
+            self.exact
+            and torch.is_grad_enabled()
+            and self.z.requires_grad
+            and not base.weight.requires_grad
+            and _factored_alone_is_cheaper(tokens, *base.weight.shape, self.z.shape[0])
+        ):
+            out = _FactorizedOnly.apply(x.reshape(-1, x.shape[-1]), base.bias, self.z, self)
+            return out.view(*x.shape[:-1], out.shape[-1])
         tensors, recompute = recompute_source(x) or ((x,), None)
         out = _FactorizedLinear.apply(
             x.reshape(-1, x.shape[-1]), base.weight, base.bias, self.z, self, recompute, *tensors
@@ -136,6 +164,55 @@ class _FactorizedLinear(torch.autograd.Function):
             grad_z = (g_left * (x @ right.t())).sum(0) if factored else ((left.t() @ (grad.t() @ x)) * right).sum(1)
             grad_z = (grad_z * layer.scaling).to(dz.dtype)
         return grad_x, grad_weight, grad_bias, grad_z, None, None, *([None] * ctx.n)
+
+
+class _FactorizedOnly(torch.autograd.Function):
+    """``s ((x F₂ᵀ) ⊙ z) F₁ᵀ + b`` for an exact factorisation (``W_res ≈ 0``); keeps ``x F₂ᵀ``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, bias: Tensor | None, z: Tensor, layer: FactorizedVector) -> Tensor:
+        left, right = layer.left.to(x.dtype), layer.right.to(x.dtype)
+        projected = x @ right.t()  # (T, r)
+        out = (projected * (z * layer.scaling).to(x.dtype)) @ left.t()
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        ctx.layer = layer
+        ctx.save_for_backward(projected, z)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        projected, z = ctx.saved_tensors
+        layer = ctx.layer
+        g_left = grad @ layer.left.to(grad.dtype)  # (T, r)
+        grad_x = grad_bias = grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g_left * (z * layer.scaling).to(grad.dtype)) @ layer.right.to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.sum(0)
+        if ctx.needs_input_grad[2]:
+            grad_z = ((g_left * projected.to(grad.dtype)).sum(0) * layer.scaling).to(z.dtype)
+        return grad_x, grad_bias, grad_z, None
+
+
+def _factored_alone_is_cheaper(tokens: int, d_out: int, d_in: int, rank: int) -> bool:
+    """Multiply-adds over a frozen Linear's forward and backward: the factored product alone (both ways
+    ``tokens·r·(d_in + d_out)`` against the frozen ``tokens·d_in·d_out``) against :class:`_FactorizedLinear` (the
+    materialised ``ΔW``, then the cheaper of its two backward forms)."""
+    alone = 2 * tokens * (rank * (d_in + d_out) - d_in * d_out)
+    factored = tokens * rank * (d_out + 2 * d_in)
+    weight = tokens * d_out * d_in + 2 * rank * d_out * d_in
+    return alone < rank * d_out * d_in + min(factored, weight)
+
+
+def is_exact(weight: Tensor, left: Tensor, right: Tensor, start: Tensor, scaling: float, tol: float = 1e-5) -> bool:
+    """Whether ``s F₁ diag(z₀) F₂`` reproduces ``weight`` (largest difference at most ``tol`` of its largest
+    entry): the factorisation keeps the whole weight, so the frozen rest ``W_res`` is rounding."""
+    if weight.is_meta:
+        return False
+    w = weight.detach().float()
+    rebuilt = (left.float() * (start.float() * scaling)) @ right.float()
+    return bool((w - rebuilt).abs().max() <= tol * w.abs().max().clamp_min(1e-30))
 
 
 def _adapted_weight(weight: Tensor, layer: FactorizedVector, dz: Tensor) -> Tensor:

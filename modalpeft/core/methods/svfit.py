@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig, _help
 from ..inject import attach, find_targets
 from ..layers import FactorizedVector
-from ..layers.factorized import svd_factors
+from ..layers.factorized import is_exact, svd_factors
 from ..registry import register_method
 
 
@@ -67,9 +67,12 @@ def attach_factorized(
                 f"{config.method}: rank={rank} exceeds the rank of {name!r} (weight {tuple(linear.weight.shape)}, "
                 f"rank at most min(d_out, d_in) = {full}); pass rank <= {full}, or rank=None for the full rank."
             )
-        plans.append((name, *factors(linear.weight, rank, name), rank))
-    for name, left, right, start, rank in plans:
-        layer = FactorizedVector(left, right, start, scaling=scaling(rank), init_weights=config.init_weights)
+        plans.append((name, linear.weight, *factors(linear.weight, rank, name), rank))
+    for name, weight, left, right, start, rank in plans:
+        exact = rank == min(weight.shape) and is_exact(weight, left, right, start, scaling(rank))
+        layer = FactorizedVector(
+            left, right, start, scaling=scaling(rank), init_weights=config.init_weights, exact=exact
+        )
         attach(model, name, adapter_name, layer)
 
 

@@ -201,3 +201,50 @@ def test_factorized_product_keeps_no_copy_of_a_normed_input():
 
     assert own_saves(False) == [t.numel(), 48 * 16]  # autograd keeps x for the weight's gradient, and W + ΔW
     assert own_saves(True) == []
+
+
+@pytest.mark.parametrize("producer", ["leaf", "layer_norm"])
+@pytest.mark.parametrize(("d_out", "d_in", "tokens"), [(48, 16, 40), (16, 16, 6), (16, 24, 64)])
+def test_an_exact_factorisation_trains_through_the_factored_product_alone(producer, d_out, d_in, tokens):
+    """A full-rank SVD (``W_res`` is rounding): training runs ``s ((x F₂ᵀ) ⊙ z) F₁ᵀ + b`` without ``W`` and keeps
+    only ``x F₂ᵀ``; outputs and gradients equal autograd's through ``W + ΔW`` within float rounding."""
+    from modalpeft.core.layers import FactorizedVector
+    from modalpeft.core.layers.factorized import is_exact
+
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out).requires_grad_(False)
+    rank = min(d_in, d_out)
+    u, s, vh = torch.linalg.svd(base.weight.detach(), full_matrices=False)
+    assert is_exact(base.weight, u, vh, s, 1.0) and not is_exact(base.weight, u[:, :-1], vh[:-1], s[:-1], 1.0)
+    layer = FactorizedVector(u, vh, s, init_weights=False, exact=True)
+    norm = nn.LayerNorm(d_in)
+    make = {"leaf": lambda t: t, "layer_norm": norm}[producer]
+    t = torch.randn(2, tokens // 2, d_in, requires_grad=True)
+    grad = torch.randn(2, tokens // 2, d_out)
+    results, saves = [], []
+    for lean in (True, False):
+        for p in (t, layer.z):
+            p.grad = None
+        x = make(t)
+        saves.append([])
+        with torch.autograd.graph.saved_tensors_hooks(lambda a: saves[-1].append(a.shape) or a, lambda a: a):
+            y = layer.replace_base(base, x) if lean else _reference(layer, base, x)
+        (y * grad).sum().backward()
+        results.append((y.detach(), t.grad.clone(), layer.z.grad.clone()))
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert torch.Size([tokens, rank]) in saves[0] and torch.Size([d_out, d_in]) not in saves[0]
+    # evaluation (no autograd) uses W + ΔW: the unchanged model's output exactly at z = z₀
+    layer.reset_adapter(True)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.replace_base(base, t), base(t), rtol=0, atol=0)
+
+
+def test_only_full_rank_svfit_is_marked_exact() -> None:
+    def exact(config) -> list[bool]:
+        model = mp.adapt(mlp(), config)
+        return [m.exact for m in model.modules() if type(m).__name__ == "FactorizedVector"]
+
+    assert all(exact(mp.SVFitConfig()))
+    assert not any(exact(mp.SVFitConfig(rank=2)))
+    assert not any(exact(mp.LoLDUConfig()))  # s = alpha / r: W_res = (1 - s) W
