@@ -53,6 +53,7 @@ def code_rates(page: str) -> dict[str, float]:
     [
         "audio_lr_grid.md",
         "diffusion_lr_grid.md",
+        "diffusion_400_steps_lr_grid.md",
         "text_lr_grid.md",
         "text_weight_space_lr_grid.md",
         "text_weight_space_180_steps_lr_grid.md",

@@ -155,6 +155,13 @@ LRS_BY_STEPS: dict[int, dict[str, float]] = {
         "LoKr (peft)": 3e-4,
         "full attention": 3e-5,
     },
+    400: {
+        "DiffuseKronA (official)": 3e-4,
+        "DiffuseKronA (kron)": 3e-4,
+        "LoRA r=4 (peft)": 3e-5,
+        "LoKr (peft)": 1e-4,
+        "full attention": 3e-5,
+    },
 }
 """The rates of a run of each length that has its own validation grid (``--lr-grid --steps N`` writes
 ``diffusion_<N>_steps_lr_grid.md``); a run of another length takes the demo's."""
