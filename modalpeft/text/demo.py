@@ -181,7 +181,7 @@ weight-space suite's (``docs/results/text_weight_space_lr_grid.md``; NeuroAda's 
 70.1 on validation at 0.1); DePT's and LoFiT's were not searched."""
 
 LRS_BY_STEPS: dict[int, dict[str, float]] = {
-    180: {"svfit": 0.1, "loldu": 0.1, "neuroada": 0.03, "paca": 1e-3, "increlora": 3e-3},
+    180: {"svfit": 0.1, "loldu": 1.0, "neuroada": 0.03, "paca": 1e-3, "increlora": 3e-3},
 }
 """Rates for runs of another length than the demo's, over :data:`LRS`: the picks of that length's validation grid
 (``modalpeft demo --modality text --suite weight-space --lr-grid --steps N``,
