@@ -1,13 +1,13 @@
 """Rewrite the cost sections of the committed results pages from the committed benchmark tables.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.pages            # docs/results/vision.md and pointcloud.md
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.pages            # vision.md, pointcloud.md, tracking*.md
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.pages --check    # exit 1 when a page is out of date
 
-``docs/results/vision.md`` and ``pointcloud.md`` end with the ViT-B/16 and Point-MAE benchmark tables
-(``benchmarks/results/*.md``), written there by the demos when they run. After a new benchmark run
+``docs/results/vision.md``, ``pointcloud.md`` and the tracking pages end with the ViT-B/16, Point-MAE and SPMTrack-B
+benchmark tables (``benchmarks/results/*.md``), written there by the demos when they run. After a new benchmark run
 (``python -m benchmarks.run --results-dir benchmarks/results``, ``python -m benchmarks.pointcloud --results-dir
-benchmarks/results``) this rewrites just that last section, with the demos' own code
-(``modalpeft.vision.demo.cost_section``, ``modalpeft.pointcloud.demo.cost_section``), so the accuracy sections above
+benchmarks/results``, ``python -m benchmarks.tracking --batch 2 --results-dir benchmarks/results``) this rewrites just
+that last section, with the demos' own code (each demo's ``cost_section``), so the accuracy sections above
 it stay the figures of the demo run that made them.
 """
 
@@ -26,11 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def sections() -> dict[str, tuple[str, Callable[[], list[str]]]]:
     """``page name -> (heading, the section's lines)``."""
     from modalpeft.pointcloud import demo as pointcloud
+    from modalpeft.tracking import demo as tracking
     from modalpeft.vision import demo as vision
 
     return {
         "vision.md": (vision.COST_HEADING, vision.cost_section),
         "pointcloud.md": (pointcloud.COST_HEADING, pointcloud.cost_section),
+        "tracking.md": (tracking.COST_HEADING, tracking.cost_section),
+        "tracking_240_steps.md": (tracking.COST_HEADING, tracking.cost_section),
     }
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "lr_grid_note",
     "lr_grid_picks",
     "lr_grid_table",
+    "judged_length_note",
     "metric_vs_params_png",
     "mwa_table",
     "quiet_lightning",
@@ -156,6 +157,25 @@ def length_stem(stem: str, steps: int, demo_steps: int, quick: bool = False) -> 
     """A results page's name stem for a run of ``steps``: ``stem`` for the demo's length (and ``--quick`` checks),
     ``<stem>_<steps>_steps`` for another length (a schedule study, written beside the demo's page, not over it)."""
     return stem if quick or steps == demo_steps else f"{stem}_{steps}_steps"
+
+
+def judged_length_note(modality: str, stem: str, steps: int, demo_steps: int, judged_steps: int, why: str) -> str:
+    """The sentence under a demo page's target line that says at which run length the issue's target is judged.
+
+    A demo's default length fits its section in ``make demo``'s time; where that is too short for the methods to
+    settle, the target is judged on the same benchmark at ``judged_steps`` (``modalpeft demo --modality <modality>
+    --steps <judged_steps>``, whose page is ``<stem>_<judged_steps>_steps.md``); ``why`` says, from what was
+    measured, why the default length does not settle it. ``""`` for a run of ``judged_steps`` itself.
+    """
+    if steps == judged_steps:
+        return ""
+    page = length_stem(stem, judged_steps, demo_steps)
+    where = "this demo's default length" if steps == demo_steps else f"{steps} steps"
+    return (
+        f"The target is judged on the same benchmark at {judged_steps} steps, not at {where}: "
+        f"`modalpeft demo --modality {modality} --steps {judged_steps} --results-dir docs/results` writes "
+        f"[`{page}.md`]({page}.md). {why}"
+    )
 
 
 def length_rates(by_steps: Mapping[int, Mapping[str, Any]], steps: int, demo_steps: int) -> dict[str, Any]:

@@ -16,7 +16,8 @@ def test_the_committed_pages_show_the_committed_benchmark_tables(tmp_path, capsy
     (or a page edited by hand below its cost heading) fails here."""
     assert pages.main(["--check"]) == 0, capsys.readouterr().out
     (tmp_path / "vision.md").write_text("# Vision results\n\nthe accuracy part\n")
-    (tmp_path / "pointcloud.md").write_text((pages.ROOT / "docs" / "results" / "pointcloud.md").read_text())
+    for name in ("pointcloud.md", "tracking.md", "tracking_240_steps.md"):
+        (tmp_path / name).write_text((pages.ROOT / "docs" / "results" / name).read_text())
     assert pages.main(["--check", "--results-dir", str(tmp_path)]) == 1
     assert pages.main(["--results-dir", str(tmp_path)]) == 0
     text = (tmp_path / "vision.md").read_text()

@@ -79,17 +79,16 @@ Cost. The local attention's LayerNorm and qkv projection act token by token, so 
 the gather into ``A·K`` groups (:meth:`LocalAttention.grouped`; the official runs them on the gathered groups): the
 same values from 16x fewer rows on Point-MAE, and backward keeps no ``(B·A, K, C)`` copy for them (tested against the
 official order, gradients included). What stays is the algorithm's own price: the retrieval query is a second,
-gradient-free forward of the whole backbone per batch (the official runs a separate frozen Point-MAE), and every
+gradient-free forward of the backbone per batch (on half its patches, as the official frozen copy), and every
 block's gathered groups ``(B·A, K, C)`` for the max over neighbours (built and dropped in the forward; backward keeps
-the max's indices). On the full-size Point-MAE (batch 8, CPU; ``python -m benchmarks.pointcloud``, its
-``profile_point_peft``) a step takes 1.10x full fine-tuning's at 0.51x its peak memory in the latest run (1.26x and
-1.41x in two earlier ones, 1.45x before LN and qkv moved before the gather): the frozen pass is 22% of it, the
-geometry adapters' forward 16-18%, the backward through every block 30-34%. The floor (backward through every
-block, which any method that trains inside the network pays) plus the frozen pass alone take 0.77x full
-fine-tuning's step, so the algorithm cannot reach the 0.8x that issue 13 asks with its own layers on top. It saves
-208 MiB for backward against the frozen model's 93 and full fine-tuning's 263, 96 of them in the geometry adapters
-(about 8 MiB a block, each piece needed: the qkv of the groups, the max's indices, the norms' inputs). The official
-frozen copy groups the cloud into half as many patches, which would halve the frozen pass (not done: see above).
+the max's indices). On the full-size Point-MAE (batch 8, CPU, a quiet machine; ``python -m benchmarks.pointcloud``,
+its ``profile_point_peft``) a step takes 1.05x full fine-tuning's (1.10-1.45x in earlier runs) at 0.53x its peak
+memory: the frozen pass is 17% of it (22% when it ran on every patch), the geometry adapters' forward 16%, the
+backward through every block 37%. The floor (backward through every block, which any method that trains inside
+the network pays) plus the frozen pass take 0.68x full fine-tuning's step (0.77-0.86x before the official
+grouping); the 0.3x above that is Point-PEFT's own layers. It saves 208 MiB for backward against the frozen model's
+93 and full fine-tuning's 263, 96 of them in the geometry adapters (about 8 MiB a block, each piece needed: the qkv
+of the groups, the max's indices, the norms' inputs).
 """
 
 from __future__ import annotations
