@@ -153,9 +153,8 @@ LRS_BY_STEPS: dict[int, dict[str, tuple[float, ...]]] = {
 JUDGED_STEPS = 240
 """The run length at which issue 15's target is judged (``modalpeft demo --modality tracking --steps 240``,
 ``docs/results/tracking_240_steps.md``, rates from that length's grid). The demo's 80 steps fit its section in
-``make demo``; 240 take three times as long (567 s on one core). Why 80 do not settle it, measured: TMoE's official
-init (A and every B trunc-normal 0.02) moves its weights about 2.5x less per step than peft LoRA's kaiming A at the
-same rate, and its gates stay near uniform over so short a run."""
+``make demo``; 240 take three times as long (567 s on one core). Why 80 do not settle it: :data:`JUDGED_WHY`, the
+sentence the default page prints."""
 JUDGED_WHY = (
     "At 80 steps TMoE has not caught up: its official init (A and every B trunc-normal 0.02) moves its weights about "
     "2.5x less per step than peft LoRA's at the same rate, and its gates stay near uniform over so short a run."
