@@ -143,7 +143,8 @@ class _FactorizedLinear(torch.autograd.Function):
         tokens, (d_out, d_in), rank = grad.shape[0], weight.shape, dz.shape[0]
         # extra multiply-adds over the frozen Linear's backward: (g F₁), (g F₁ ⊙ Δz) F₂ and x F₂ᵀ, against
         # W' again, gᵀx and F₁ᵀ (gᵀx)
-        factored = tokens * rank * (d_out + 2 * d_in) <= tokens * d_out * d_in + 2 * rank * d_out * d_in
+        factored_cost, weight_cost = _backward_costs(tokens, d_out, d_in, rank)
+        factored = factored_cost <= weight_cost
         grad_x = grad_weight = grad_bias = grad_z = None
         g_left = grad @ left if factored else None  # (T, r)
         if ctx.needs_input_grad[0]:
@@ -200,9 +201,13 @@ def _factored_alone_is_cheaper(tokens: int, d_out: int, d_in: int, rank: int) ->
     ``tokens·r·(d_in + d_out)`` against the frozen ``tokens·d_in·d_out``) against :class:`_FactorizedLinear` (the
     materialised ``ΔW``, then the cheaper of its two backward forms)."""
     alone = 2 * tokens * (rank * (d_in + d_out) - d_in * d_out)
-    factored = tokens * rank * (d_out + 2 * d_in)
-    weight = tokens * d_out * d_in + 2 * rank * d_out * d_in
-    return alone < rank * d_out * d_in + min(factored, weight)
+    return alone < rank * d_out * d_in + min(_backward_costs(tokens, d_out, d_in, rank))
+
+
+def _backward_costs(tokens: int, d_out: int, d_in: int, rank: int) -> tuple[int, int]:
+    """Extra multiply-adds of :class:`_FactorizedLinear`'s backward over the frozen Linear's: the factored form
+    (``g F₁``, ``(g F₁ ⊙ Δz) F₂``, ``x F₂ᵀ``) and the weight-gradient form (``gᵀx``, ``F₁ᵀ (gᵀx)``, ``W'`` again)."""
+    return tokens * rank * (d_out + 2 * d_in), tokens * d_out * d_in + 2 * rank * d_out * d_in
 
 
 def is_exact(weight: Tensor, left: Tensor, right: Tensor, start: Tensor, scaling: float, tol: float = 1e-5) -> bool:
