@@ -55,6 +55,7 @@ def code_rates(page: str) -> dict[str, float]:
         "diffusion_lr_grid.md",
         "diffusion_400_steps_lr_grid.md",
         "text_lr_grid.md",
+        "text_180_steps_lr_grid.md",
         "text_weight_space_lr_grid.md",
         "text_weight_space_180_steps_lr_grid.md",
         "tracking_lr_grid.md",

@@ -159,21 +159,25 @@ def length_stem(stem: str, steps: int, demo_steps: int, quick: bool = False) -> 
     return stem if quick or steps == demo_steps else f"{stem}_{steps}_steps"
 
 
-def judged_length_note(modality: str, stem: str, steps: int, demo_steps: int, judged_steps: int, why: str) -> str:
+def judged_length_note(
+    modality: str, stem: str, steps: int, demo_steps: int, judged_steps: int, why: str, options: str = ""
+) -> str:
     """The sentence under a demo page's target line that says at which run length the issue's target is judged.
 
     A demo's default length fits its section in ``make demo``'s time; where that is too short for the methods to
     settle, the target is judged on the same benchmark at ``judged_steps`` (``modalpeft demo --modality <modality>
-    --steps <judged_steps>``, whose page is ``<stem>_<judged_steps>_steps.md``); ``why`` says, from what was
-    measured, why the default length does not settle it. ``""`` for a run of ``judged_steps`` itself.
+    <options> --steps <judged_steps>``, whose page is ``<stem>_<judged_steps>_steps.md``; ``options``: the page's
+    other flags, e.g. ``"--suite weight-space"``); ``why`` says, from what was measured, why the default length does
+    not settle it. ``""`` for a run of ``judged_steps`` itself.
     """
     if steps == judged_steps:
         return ""
     page = length_stem(stem, judged_steps, demo_steps)
     where = "this demo's default length" if steps == demo_steps else f"{steps} steps"
+    flags = f" {options}" if options else ""
     return (
         f"The target is judged on the same benchmark at {judged_steps} steps, not at {where}: "
-        f"`modalpeft demo --modality {modality} --steps {judged_steps} --results-dir docs/results` writes "
+        f"`modalpeft demo --modality {modality}{flags} --steps {judged_steps} --results-dir docs/results` writes "
         f"[`{page}.md`]({page}.md). {why}"
     )
 

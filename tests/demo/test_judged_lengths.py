@@ -20,14 +20,29 @@ def test_the_note_names_the_command_and_the_page_and_is_empty_at_the_judged_leng
     assert judged_length_note("tracking", "tracking", 240, 80, 240, "Why.") == ""
 
 
-@pytest.mark.parametrize("modality", ["tracking"])
-def test_the_judged_length_has_its_own_grid_and_a_committed_page(modality: str) -> None:
+def test_the_note_carries_the_pages_other_flags() -> None:
+    note = judged_length_note("text", "text_weight_space", 36, 36, 180, "Why.", "--suite weight-space")
+    assert "`modalpeft demo --modality text --suite weight-space --steps 180 --results-dir docs/results`" in note
+    assert "[`text_weight_space_180_steps.md`](text_weight_space_180_steps.md)" in note
+
+
+@pytest.mark.parametrize(
+    ("modality", "stem", "contenders"),
+    [
+        ("tracking", "tracking", None),
+        ("text", "text", "adapters"),
+        ("text", "text_weight_space", "weight-space"),
+    ],
+)
+def test_the_judged_length_has_its_own_grid_and_a_committed_page(modality: str, stem: str, contenders: str) -> None:
     import importlib
 
     demo = importlib.import_module(f"modalpeft.{modality}.demo")
     steps = demo.JUDGED_STEPS
     assert steps != demo.DEMO_STEPS
     assert steps in demo.LRS_BY_STEPS, f"{modality}: the target is judged at {steps} steps, where no grid picked rates"
-    assert (RESULTS / f"{modality}_{steps}_steps.md").is_file()
-    assert (RESULTS / f"{modality}_{steps}_steps_lr_grid.md").is_file()
-    assert f"--steps {steps}" in (RESULTS / f"{modality}.md").read_text(), "the demo's page does not point to it"
+    if contenders is not None:  # the text suites: each has its own grid at that length
+        assert contenders in demo.GRIDS_BY_STEPS[steps], f"{stem}: no validation grid at {steps} steps"
+    assert (RESULTS / f"{stem}_{steps}_steps.md").is_file()
+    assert (RESULTS / f"{stem}_{steps}_steps_lr_grid.md").is_file()
+    assert f"--steps {steps}" in (RESULTS / f"{stem}.md").read_text(), "the demo's page does not point to it"

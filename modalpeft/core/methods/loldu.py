@@ -14,8 +14,9 @@ which SVFit shares; ``P L_r`` is kept as one ``(d_out, r)`` matrix instead of th
 ``P``. A pivot ``|D_i| ≈ 0`` for ``i < r`` (a rank-deficient weight) is an error, not a division by zero.
 
 Placement: ``target_modules=None`` adapts every ``nn.Linear`` outside ``modules_to_save`` and
-``nn.MultiheadAttention`` (the official ``add_loldu_by_name`` takes names; its README example adapts the attention
-projections at rank 15, its default config is full rank, 768 for 768-wide models).
+``nn.MultiheadAttention``, as the official ``add_loldu(model)`` does (its README example and ``demo.ipynb`` wrap every
+``nn.Linear`` at rank 15; its default config is full rank, 768 for 768-wide models; ``add_loldu_by_name`` narrows it
+to names).
 
 Trainable count: ``r`` per targeted Linear (``rank=None``: ``r = min(d_in, d_out)``).
 """
