@@ -117,6 +117,29 @@ def test_targets_say_which_are_met() -> None:
     assert demo.targets(rows)[0].endswith("(at least +5): **NOT met**")
 
 
+def test_a_page_says_where_it_is_judged_and_which_rows_were_rerun() -> None:
+    """A 36-step page points to the 180-step page where its issue's target is judged (with its suite's flag); a row
+    rerun alone after a change to its contender is named; a run of the judged length's own rates is not listed as an
+    override in the page's command."""
+    settings = demo.TextSettings(suite="weight-space", tasks=("a", "b"))
+    rows = [row("linear probe", 10, 0.70), row("full fine-tuning", 10_000, 0.80), row("loldu", 20, 0.79)]
+    env = {"python": "3", "packages": {}, "machine": "x", "cpu": "c", "cpu_kernels": "AVX2", "torch_threads": 1,
+           "environment": {}, "extras": {}}  # fmt: skip
+    page = demo.markdown(settings, rows, env, rerun=("loldu",))
+    assert "Rerun alone after a change to them, in place of this run's rows: loldu" in page
+    assert (
+        "--suite weight-space --steps 180 --results-dir docs/results` writes [`text_weight_space_180_steps.md`]" in page
+    )
+    longer = demo.TextSettings(suite="weight-space", steps=demo.JUDGED_STEPS, tasks=("a", "b"))
+    page = demo.markdown(longer, rows, env)
+    assert "The target is judged" not in page and "Rerun alone" not in page
+    assert (
+        "Command: `modalpeft demo --modality text --suite weight-space --steps 180 with {'tasks': ('a', 'b')}`" in page
+    )
+    adapters = demo.markdown(demo.TextSettings(tasks=("a", "b")), rows, env)
+    assert "[`text_180_steps.md`](text_180_steps.md)" in adapters and all(line in adapters for line in demo.SHORTFALLS)
+
+
 def test_missing_data_is_reported_with_the_install_command(tmp_path) -> None:
     console = Console(record=True, width=200)
     assert demo.run(quick=True, out_dir=tmp_path, console=console, model="unused", wordnet=str(tmp_path / "none"))
