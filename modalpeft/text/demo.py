@@ -358,6 +358,11 @@ class TextSettings:
         return length_stem(self.page_stem, self.steps, DEMO_STEPS, self.quick_run)
 
     @property
+    def suite_flag(self) -> str:
+        """The suite's flag on a command line: ``""`` for the default suite, else ``"--suite <suite>"``."""
+        return "" if self.suite == "adapters" else f"--suite {self.suite}"
+
+    @property
     def page_stem(self) -> str:
         """The suite's page stem at the demo's length: ``text``, ``text_weight_space`` or ``text_mwa``."""
         return "text" if self.suite == "adapters" else "text_" + self.suite.replace("-", "_")
@@ -685,7 +690,7 @@ def rates_line(settings: TextSettings) -> str:
 
 def grid_command(settings: TextSettings) -> str:
     """The command that runs ``settings``' learning-rate grid and writes its page to ``docs/results``."""
-    suite = "" if settings.suite == "adapters" else f" --suite {settings.suite}"
+    suite = f" {settings.suite_flag}" if settings.suite_flag else ""
     steps = "" if settings.quick_run or settings.steps == DEMO_STEPS else f" --steps {settings.steps}"
     return f"modalpeft demo --modality text{suite}{steps} --lr-grid --results-dir docs/results"
 
@@ -820,16 +825,21 @@ def markdown(
 
     default = used(TextSettings(suite=settings.suite, steps=settings.steps))  # ``--steps N`` sets its own rates
     changed = {k: v for k, v in used(settings).items() if default[k] != v}
-    suite = "" if settings.suite == "adapters" else f" --suite {settings.suite}"
+    suite = f" {settings.suite_flag}" if settings.suite_flag else ""
     steps = f" --steps {settings.steps}" if settings.steps != DEMO_STEPS else ""
     command = f"modalpeft demo --modality text{suite}{steps}" + (f" with {changed}" if changed else "")
     checks = targets(rows, TARGETED[settings.suite])
     issue = 18 if settings.suite == "adapters" else 19
-    options = "" if settings.suite == "adapters" else f"--suite {settings.suite}"
     judged = (
         judged_length_note(
-            "text", settings.page_stem, settings.steps, DEMO_STEPS, JUDGED_STEPS, JUDGED_WHY[settings.suite], options
-        )  # fmt: skip
+            "text",
+            settings.page_stem,
+            settings.steps,
+            DEMO_STEPS,
+            JUDGED_STEPS,
+            JUDGED_WHY[settings.suite],
+            settings.suite_flag,
+        )
         if settings.suite in JUDGED_WHY and not settings.quick_run
         else ""
     )
