@@ -203,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also write the markdown reports there (maintainers: docs/results regenerates the committed pages)",
     )
-    p.add_argument("--seeds", type=int, help="seeds per method and task (vision default: 1; docs/results/vision.md: 3)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        help="seeds per method and task (vision default: 1; docs/results/vision.md: 3); text: the page averages "
+        "over them (default: 1; the 180-step pages: 3)",
+    )
     p.add_argument("--steps", type=int, help="training steps per run (vision default: 300, point clouds: 150)")
     p.add_argument("--batch-size", type=int, help="batch size (vision default: 32)")
     p.add_argument("--threads", type=int, help="CPU threads for torch per process (default: 1)")

@@ -6,6 +6,8 @@ data is reported, not fatal."""
 from __future__ import annotations
 
 import json
+import statistics
+from dataclasses import asdict, replace
 
 import pytest
 from rich.console import Console
@@ -128,7 +130,8 @@ def test_a_page_says_where_it_is_judged_and_which_rows_were_rerun() -> None:
     page = demo.markdown(settings, rows, env, rerun=("loldu",))
     assert "Rerun alone after a change to them, in place of this run's rows: loldu" in page
     assert (
-        "--suite weight-space --steps 180 --results-dir docs/results` writes [`text_weight_space_180_steps.md`]" in page
+        "--suite weight-space --seeds 3 --steps 180 --results-dir docs/results` writes "
+        "[`text_weight_space_180_steps.md`]" in page
     )
     longer = demo.TextSettings(suite="weight-space", steps=demo.JUDGED_STEPS, tasks=("a", "b"))
     page = demo.markdown(longer, rows, env)
@@ -138,6 +141,73 @@ def test_a_page_says_where_it_is_judged_and_which_rows_were_rerun() -> None:
     )
     adapters = demo.markdown(demo.TextSettings(tasks=("a", "b")), rows, env)
     assert "[`text_180_steps.md`](text_180_steps.md)" in adapters and all(line in adapters for line in demo.SHORTFALLS)
+
+
+def test_rows_average_over_seeds_and_the_targets_are_judged_on_the_means() -> None:
+    """A row over seeds: accuracies per task and step time averaged, its mean at each seed kept (the spread is their
+    standard deviation); reload and merge must hold at every seed; the targets are judged on the means, each seed's
+    gap to full fine-tuning beside them."""
+    seeds = {
+        "linear probe": (0.70, 0.72, 0.68),
+        "full fine-tuning": (0.82, 0.81, 0.83),
+        "svfit": (0.805, 0.78, 0.80),  # -1.5, -3.0, -3.0: -2.5 on the mean
+    }
+    rows = [demo.average([row(name, 10, m) for m in means]) for name, means in seeds.items()]
+    svfit = rows[2]
+    assert svfit.accuracy == pytest.approx({"a": 0.795, "b": 0.795}) and svfit.seed_means == [0.805, 0.78, 0.80]
+    assert svfit.spread == pytest.approx(statistics.stdev([0.805, 0.78, 0.80]))
+    assert svfit.reload and svfit.merge is None and demo.average([row("x", 1, 0.5)]).spread == 0.0
+    line = demo.targets(rows, ("svfit",))[1]
+    assert line.startswith("svfit: +9.5 over the probe, -2.5 from full fine-tuning (by seed: -1.5, -3.0, -3.0)")
+    assert line.endswith("**NOT met**")
+    merged = [replace(row("sora", 10, 0.8), merge=True), replace(row("sora", 10, 0.8), merge=False)]
+    assert demo.average(merged).merge is False and demo.average(merged[:1]).merge is True
+    pruned = [
+        row("sora", 10, 0.8, pruned_trainable=n, pruned_accuracy={"a": a, "b": a}) for n, a in ((6, 0.7), (9, 0.8))
+    ]
+    assert (demo.average(pruned).pruned_trainable, demo.average(pruned).pruned_accuracy) == (8, {"a": 0.75, "b": 0.75})
+    with pytest.raises(ValueError, match=r"\('svfit', 10\) against \[\('svfit', 12\)\]"):
+        demo.average([row("svfit", 10, 0.8), row("svfit", 12, 0.8)])
+
+
+def test_seeds_run_once_each_and_a_finished_seed_is_read_not_rerun(tmp_path, monkeypatch) -> None:
+    """``--seeds 3``: each seed runs into ``<out>/seed-<s>`` with its own seed; run again, the finished seeds are read
+    (an interrupted run goes on where it stopped); with other settings they run again. The page averages them."""
+    ran = []
+
+    def fake_run_text(settings: demo.TextSettings, log=print) -> list[demo.Result]:
+        ran.append(settings.seed)
+        assert settings.seeds == 1 and settings.out == str(tmp_path / f"seed-{settings.seed}")
+        rows = [row(name, 10, 0.6 + 0.1 * i + 0.01 * settings.seed) for i, name in enumerate(settings.methods)]
+        demo.atomic_write({"results.json": {"settings": asdict(settings), "rows": [asdict(r) for r in rows]}},
+                          settings.out)  # fmt: skip
+        return rows
+
+    monkeypatch.setattr(demo, "run_text", fake_run_text)
+    methods = ("linear probe", "full fine-tuning", "svfit")
+    settings = demo.TextSettings(
+        suite="weight-space", steps=180, seeds=3, methods=methods, tasks=("a", "b"), out=str(tmp_path)
+    )
+    rows = demo.run_seeds(settings, log=lambda line: None)
+    assert ran == [0, 1, 2] and rows[1].seed_means == pytest.approx([0.7, 0.71, 0.72])
+    page = (tmp_path / "text_weight_space_180_steps.md").read_text()
+    assert (
+        "Command: `modalpeft demo --modality text --suite weight-space --seeds 3 --steps 180 with "
+        "{'tasks': ('a', 'b'), 'methods'" in page
+    )
+    assert "| mean | ± seeds |" in page and "seeds 0 to 2" in page and "on the means over 3 seeds" in page
+    assert "found finished" not in page
+    (tmp_path / "seed-2" / "results.json").unlink()  # interrupted in seed 2
+    logged = []
+    assert demo.run_seeds(settings, log=logged.append) == rows and ran == [0, 1, 2, 2]
+    assert "seed 0: " in logged[0] and "reading it, not rerunning it" in logged[0]
+    assert "Seeds 0, 1: their runs were found finished" in (tmp_path / "text_weight_space_180_steps.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["reused"] == [0, 1]
+    assert demo.render_results(tmp_path) == "text_weight_space_180_steps.md"  # again from results.json, same page
+    demo.run_seeds(replace(settings, lrs={**settings.lrs, "svfit": 1.0}), log=lambda line: None)
+    assert ran == [0, 1, 2, 2, 0, 1, 2]  # other rates: every seed again
+    with pytest.raises(ValueError, match="seeds=0 is below 1"):
+        demo.TextSettings(seeds=0)
 
 
 def test_missing_data_is_reported_with_the_install_command(tmp_path) -> None:
