@@ -69,8 +69,10 @@ def vit_settings(embed_dim: int, input_size: tuple[int, int, int]) -> dict[str, 
     - krona: the attention projections (``qkv``, ``proj``), as the krona module recommends, with
       ``a1 = a2`` the most-square factor of the width (24 for 768): it divides the output widths (``3d`` of
       ``qkv``, ``d`` of ``proj``) and the input width ``d``.
-    - vpt: VPT-deep with 10 prompts per block; ssf: the official placement (its defaults); ``ssf_recompute`` (added
-      by :func:`candidates`): the same, recomputing the outputs of ``attn.proj`` and ``mlp.fc2`` in backward.
+    - vpt: VPT-deep with 10 prompts per block; ssf: the official placement (its defaults, which read the outputs of
+      ``attn.proj`` and ``mlp.fc2`` back from the residual stream in backward); added by :func:`candidates`, the
+      same placement recomputing those outputs from the Linears' inputs (``ssf_recompute``) or keeping them
+      (``ssf_keep``, ``from_residual=False``).
     - spt: the paper's 0.4M budget on ViT-B (scaled with ``embed_dim²`` for other widths), LoRA structure,
       sensitivity from one synthetic batch of 8 (scoring is part of adapting, not of a training step).
     - svfit, loldu, neuroada, paca: the attention projections (``qkv``, ``attn.proj``) as krona; SVFit at full rank,
@@ -129,8 +131,9 @@ def candidates(embed_dim: int, input_size: tuple[int, int, int]) -> list[Candida
         if method not in settings:
             print(f"note: {method!r} has no entry in vit_settings(); benchmarking its default config", file=sys.stderr)
         out.append(Candidate(method, mp.create_config(method, **settings.get(method, {}))))
-    if any(c.name == "ssf" for c in out):  # SSF's other trade: the outputs that end each residual branch recomputed
+    if any(c.name == "ssf" for c in out):  # SSF's other ways with the outputs that end each residual branch
         out.append(Candidate("ssf_recompute", mp.create_config("ssf", recompute_modules=["attn.proj", "mlp.fc2"])))
+        out.append(Candidate("ssf_keep", mp.create_config("ssf", from_residual=False)))
     return out
 
 

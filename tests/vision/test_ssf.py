@@ -276,7 +276,7 @@ def test_recompute_modules_keeps_the_gradients_and_fewer_activations_on_a_vit(tm
     from benchmarks.harness import saved_activation_bytes
 
     recompute = ["attn.proj", "mlp.fc2"]
-    plain = mp.adapt(MODELS["vit"](), SSFConfig(init_weights=False), modules_to_save=["head"])
+    plain = mp.adapt(MODELS["vit"](), SSFConfig(init_weights=False, from_residual=False), modules_to_save=["head"])
     lean = mp.adapt(
         MODELS["vit"](), SSFConfig(init_weights=False, recompute_modules=recompute), modules_to_save=["head"]
     )
@@ -314,3 +314,79 @@ def test_recompute_modules_keeps_the_gradients_and_fewer_activations_on_a_vit(tm
 def test_recompute_modules_names_only_adapted_linears(recompute: list[str], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         mp.adapt(MODELS["vit"](), SSFConfig(recompute_modules=recompute))
+
+
+def _vit_pair(**config) -> tuple[nn.Module, nn.Module]:
+    """The same SSF on the small ViT, keeping the branch ends' outputs (``from_residual=False``) and not."""
+    kept = mp.adapt(MODELS["vit"](), SSFConfig(init_weights=False, from_residual=False), modules_to_save=["head"])
+    lean = mp.adapt(MODELS["vit"](), SSFConfig(init_weights=False, **config), modules_to_save=["head"])
+    lean.load_state_dict(kept.state_dict())
+    return kept.train(), lean.train()
+
+
+def test_the_residual_branch_ends_read_their_output_back_from_the_residual_stream(tmp_path) -> None:
+    """By default the scale-shifts after ``attn.proj`` and ``mlp.fc2`` keep nothing: ``γ``'s gradient reads
+    ``out = (after - before - β) / γ`` from the residual stream the norms keep. Same outputs bit for bit, the
+    gradients within 1e-5 relative of the output-keeping path, as few activations as ``recompute_modules`` and no
+    extra product; nothing of the stream is held after backward; save, load and merge unchanged."""
+    from benchmarks.harness import saved_activation_bytes
+    from modalpeft.core.layers import ResidualScaleShift
+
+    kept, lean = _vit_pair()
+    ends = {n for n, m in scale_shifts(lean).items() if isinstance(m, ResidualScaleShift)}
+    assert ends == {f"blocks.{i}.{n}" for i in range(2) for n in ("attn.proj", "mlp.fc2")}
+    x, target = images(), torch.tensor([1, 3])
+    ce = nn.functional.cross_entropy
+    kept_bytes, lean_bytes = (saved_activation_bytes(m, x, target, ce) for m in (kept, lean))
+    _, recomputing = _vit_pair(from_residual=False, recompute_modules=["attn.proj", "mlp.fc2"])
+    assert lean_bytes == saved_activation_bytes(recomputing, x, target, ce)
+    assert kept_bytes - lean_bytes == 4 * 2 * 17 * 32 * 4  # the four (batch, tokens, width) outputs
+
+    out_kept, out_lean = kept(x), lean(x)
+    assert torch.equal(out_lean, out_kept)
+    nodes = {type(m.tap.current).__name__ for m in scale_shifts(lean).values() if isinstance(m, ResidualScaleShift)}
+    assert nodes == {"NoneType"}  # the block let go of its steps; only the graph holds them
+    ce(out_kept, target).backward()
+    ce(out_lean, target).backward()
+    grads = dict(kept.named_parameters())
+    for name, p in lean.named_parameters():
+        if p.requires_grad:
+            assert_close_relative(p.grad, grads[name].grad)
+    lean.eval()
+    with torch.no_grad():
+        expected = kept.eval()(x)
+        torch.testing.assert_close(lean(x), expected, rtol=0, atol=0)
+    lean.save_adapter(tmp_path / "ssf")
+    loaded = mp.load_adapter(MODELS["vit"](), tmp_path / "ssf")
+    assert loaded.peft_config["default"].from_residual is True
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    copied = copy.deepcopy(lean).train()  # the block hooks follow the copy's own adapters
+    ce(copied(x), target).backward()
+    for name, p in copied.named_parameters():
+        if p.requires_grad:
+            assert_close_relative(p.grad, grads[name].grad)
+    assert_close_relative(lean.merge_and_unload()(x), expected)
+
+
+def test_the_residual_path_is_only_taken_where_the_sum_is_plain() -> None:
+    """A block with drop path or layer scale keeps the outputs (the residual sum is not ``before + y``); a block
+    whose forward changes after adaptation is a clear error, not a wrong gradient."""
+    from modalpeft.core.layers import ResidualScaleShift
+
+    def vit(**kwargs) -> nn.Module:
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                                  depth=2, num_heads=2, num_classes=5, **kwargs)  # fmt: skip
+        return mp.adapt(model, SSFConfig(init_weights=False), modules_to_save=["head"])
+
+    def residual(model: nn.Module) -> set[str]:
+        return {n.split(".")[1] for n, m in scale_shifts(model).items() if isinstance(m, ResidualScaleShift)}
+
+    assert residual(vit(drop_path_rate=0.1)) == {"0"}  # the rates rise from 0: block 1 alone has a drop path
+    assert residual(vit(init_values=1e-5)) == set()  # a layer scale in every block
+    model = vit().train()
+    model.base_model.blocks[0].ls1 = timm.layers.LayerScale(32, init_values=0.5)
+    with pytest.raises(RuntimeError, match="is not the residual sum `before \\+ y`"):
+        model(images())
+    with torch.no_grad():  # nothing is kept without gradients: no check, no error
+        model(images())

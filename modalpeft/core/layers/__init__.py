@@ -11,7 +11,14 @@ from .low_rank import LowRankDelta
 from .partial import PartialColumns
 from .phm import PHMLinear
 from .prompt import PromptTokens
-from .scale_shift import FoldedScaleShift, RecomputingScaleShift, ScaleShift, scale_shift_for
+from .scale_shift import (
+    FoldedScaleShift,
+    PreNormResidualTaps,
+    RecomputingScaleShift,
+    ResidualScaleShift,
+    ScaleShift,
+    scale_shift_for,
+)
 from .selectors import ParamDelta
 from .sequence import AttentionStage, DilatedConvStage, SequenceStage
 from .sparse import SparseDelta
@@ -32,7 +39,9 @@ __all__ = [
     "PartialColumns",
     "ParamDelta",
     "PromptTokens",
+    "PreNormResidualTaps",
     "RecomputingScaleShift",
+    "ResidualScaleShift",
     "ScaleShift",
     "SequenceStage",
     "SparseDelta",

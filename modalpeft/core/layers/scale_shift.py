@@ -45,12 +45,14 @@ class ScaleShift(AdapterModule):
       modules when the host's output is modified in place afterwards (``nn.ReLU(inplace=True)`` right after a
       Linear), which a kept output cannot allow (backward then raises an error that says so).
 
-    What stays above the floor on ViT-B/16 (1.20x its activation bytes, ``benchmarks/results``): the outputs of
-    ``attn.proj`` and ``mlp.fc2`` (and of the patch embedding), which ``γ``'s gradient ``Σ_t g_t ⊙ out_t`` reads and
-    which no frozen operation keeps (they only join the residual sum). Nothing cheaper than the Linear's product
-    gives that sum (``Σ_t g_t ⊙ (W h_t)`` is ``rowsum(W ⊙ Gᵀ H)``, a product of the same size), so keeping them
-    costs memory and not keeping them costs time: :class:`RecomputingScaleShift` (SSF's ``recompute_modules``) is
-    the other choice, for the layers a user names.
+    The outputs of the Linears that end a residual branch (a ViT block's ``attn.proj`` and ``mlp.fc2``, and the
+    patch embedding) are kept by no frozen operation: they only join the residual sum. Keeping them put SSF at 1.20x
+    the floor's activation bytes on ViT-B/16. Their ``γ``'s gradient ``Σ_t g_t ⊙ out_t`` needs them, and nothing
+    cheaper than the Linear's product rebuilds them from the Linear's input (:class:`RecomputingScaleShift`, SSF's
+    ``recompute_modules``, pays that product); but the residual sum itself gives them back: ``after = before + y``,
+    and both ends are kept by the norms that read them, so :class:`ResidualScaleShift` reads
+    ``out = (after - before - β) / γ`` in backward at the cost of three elementwise operations (SSF's default in
+    timm ViT blocks, :class:`PreNormResidualTaps`).
 
     Args:
         dim: number of channels ``C``.
@@ -106,8 +108,12 @@ class ScaleShift(AdapterModule):
         scale, shift = self.scale.to(out.dtype).view(shape), self.shift.to(out.dtype).view(shape)
         lean = self.recompute_from_output and torch.is_grad_enabled() and self.scale.requires_grad
         if lean and bool((self.scale != 0).all()):
-            return _ScaleShiftKeepsOutput.apply(out, scale, shift)
+            return self._lean(out, scale, shift)
         return out * scale + shift
+
+    def _lean(self, out: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        """``out ⊙ γ + β`` (``γ, β`` broadcast views, ``γ`` without zeros) keeping as little as this layer can."""
+        return _ScaleShiftKeepsOutput.apply(out, scale, shift)
 
     @staticmethod
     def can_fold(module: nn.Module) -> bool:
@@ -237,6 +243,159 @@ class _LinearScaleShift(torch.autograd.Function):
             grad_scale = (grad * out).sum(axes)
         grad_shift = grad.sum(axes) if ctx.needs_input_grad[4] else None
         return grad_x, None, None, grad_scale, grad_shift, None, *([None] * ctx.n)
+
+
+class ResidualStep:
+    """One residual step ``after = before + y`` whose branch ends in a :class:`ResidualScaleShift`'s output ``y``:
+    the two ends of the stream, filled by :class:`PreNormResidualTaps` during the forward pass (they are the inputs
+    of the norms around the step, which those norms keep for their own backward), and the graph node of ``y``."""
+
+    __slots__ = ("after", "before", "node")
+
+    def __init__(self, before: Tensor | None = None) -> None:
+        self.before, self.after, self.node = before, None, None
+
+
+class ResidualScaleShift(ScaleShift):
+    """A :class:`ScaleShift` after the Linear that ends a residual branch of a pre-norm block (a ViT block's
+    ``attn.proj`` and ``mlp.fc2``): ``after = before + γ ⊙ out + β``. It keeps nothing of ``out`` or of its output
+    for backward: ``γ``'s gradient ``Σ_t g_t ⊙ out_t`` reads ``out = (after - before - β) / γ`` from the two ends
+    of the residual step, which the norms that read them keep anyway (``before``: the block's input, kept by
+    ``norm1``; ``after``: ``norm2``'s input or the block's output, kept by the next norm). This is the lean path
+    the plain :class:`ScaleShift` cannot take there (no operation keeps that output), at three elementwise
+    operations in backward instead of the Linear's product that :class:`RecomputingScaleShift` redoes.
+
+    Bound to its block by :class:`PreNormResidualTaps` (``tap``), which checks at every forward pass that the
+    block's sum is ``before + y`` and raises an error if it is not. Outside such a block, without gradients, with a
+    ``γ`` exactly 0, or with ``recompute_from_output = False`` it is the plain :class:`ScaleShift`. Output bit for
+    bit the plain path's; ``γ``'s gradient differs from the plain path's by the rounding of ``after - before``
+    (at most half an ulp of ``after`` per entry; within 1e-5 relative on ViT-B/16, tested). Same parameters, file
+    and merge as :class:`ScaleShift`.
+    """
+
+    def __init__(self, dim: int, **kwargs: Any) -> None:
+        super().__init__(dim, **kwargs)
+        self.tap: ResidualTap | None = None
+
+    def _lean(self, out: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        step = self.tap.current if self.tap is not None else None
+        if step is None or step.before is None:  # not inside its block's forward: keep the output
+            return super()._lean(out, scale, shift)
+        y = _ScaleShiftFromResidual.apply(out, scale, shift, step)
+        step.node = y.grad_fn
+        return y
+
+
+class ResidualTap:
+    """Where a :class:`ResidualScaleShift` finds the residual step of the current forward pass (``current``)."""
+
+    __slots__ = ("current",)
+
+    def __init__(self) -> None:
+        self.current: ResidualStep | None = None
+
+
+class _ScaleShiftFromResidual(torch.autograd.Function):
+    """``y = out ⊙ γ + β``, keeping nothing per token: backward reads ``out = (after - before - β) / γ`` from the
+    residual step's two ends (``step``), which the norms around it keep."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, scale: Tensor, shift: Tensor, step: ResidualStep) -> Tensor:
+        y = out * scale + shift  # as the plain path computes it, bit for bit
+        ctx.step = step
+        ctx.save_for_backward(scale, shift)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        scale, shift = ctx.saved_tensors
+        step, ctx.step = ctx.step, None
+        axes = [i for i in range(grad.ndim) if scale.shape[i] == 1]
+        grad_out = grad * scale if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            if step.after is None or step.before is None:
+                raise RuntimeError(
+                    "a ResidualScaleShift (SSF) found no residual sum after its output in this forward pass, so it "
+                    "cannot rebuild that output for γ's gradient; the block it was bound to did not run its "
+                    "residual step (set `module.recompute_from_output = False` on it to keep the output instead)"
+                )
+            out = (step.after - step.before - shift) / scale
+            grad_scale = (grad * out).sum(axes, keepdim=True)
+        grad_shift = grad.sum(axes, keepdim=True) if ctx.needs_input_grad[2] else None
+        step.before = step.after = None  # this step's ends are not needed any more
+        return grad_out, grad_scale, grad_shift, None
+
+
+def _check_residual_sum(total: Tensor, step: ResidualStep, where: str) -> None:
+    """Raise unless ``total`` is ``step.before + y`` (an addition node fed by ``y``'s node and ``before``'s)."""
+    node = total.grad_fn
+    before = step.before.grad_fn if step.before is not None else None
+    inputs = [fn for fn, _ in node.next_functions] if type(node).__name__ == "AddBackward0" else []
+    alpha = getattr(node, "_saved_alpha", 1) if inputs else None
+    if len(inputs) != 2 or alpha != 1 or step.node not in inputs or (before is not None and before not in inputs):
+        raise RuntimeError(
+            f"{where} is not the residual sum `before + y` that the ResidualScaleShift (SSF) bound to this block "
+            "rebuilds its output from (its graph node is "
+            f"{type(node).__name__ if node is not None else None}); the block's forward is not the pre-norm form "
+            "`x = x + f(norm1(x)); x = x + g(norm2(x))` (a layer scale or drop path in training?): set "
+            "`recompute_from_output = False` on its ScaleShift modules, or adapt it with SSFConfig(from_residual="
+            "False)"
+        )
+
+
+class PreNormResidualTaps:
+    """Binds the :class:`ResidualScaleShift` modules that end the two residual branches of a pre-norm block
+    (``x_mid = x + f(norm1(x))``, ``x_out = x_mid + g(norm2(x_mid))``, timm's ViT ``Block``) to the block's
+    residual stream, through three forward hooks: the block's input (``before`` of the first step), ``norm2``'s
+    input (``after`` of the first, ``before`` of the second) and the block's output (``after`` of the second). The
+    hooks hold these tensors only from the forward pass to the backward of the step (the norms keep them over that
+    time anyway) and do nothing when the adapters do not run (another adapter active, merged, disabled, no
+    gradients). Built by :meth:`bind`; ``first``/``second`` may be ``None`` (that branch has no such adapter)."""
+
+    def __init__(self, first: ResidualScaleShift | None, second: ResidualScaleShift | None) -> None:
+        self.first, self.second = first, second
+        for adapter in (first, second):
+            if adapter is not None:
+                adapter.tap = ResidualTap()
+
+    @classmethod
+    def bind(
+        cls, block: nn.Module, mid: nn.Module, first: ResidualScaleShift | None, second: ResidualScaleShift | None
+    ) -> PreNormResidualTaps:
+        """Hook ``block`` and ``mid`` (its second norm, whose input is ``x_mid``)."""
+        taps = cls(first, second)
+        block.register_forward_pre_hook(taps.block_input)
+        mid.register_forward_pre_hook(taps.mid_input)
+        block.register_forward_hook(taps.block_output)
+        return taps
+
+    def _open(self, adapter: ResidualScaleShift | None, before: Tensor) -> None:
+        if adapter is not None and adapter.tap is not None:
+            adapter.tap.current = ResidualStep(before) if torch.is_grad_enabled() else None
+
+    def _close(self, adapter: ResidualScaleShift | None, after: Tensor, where: str) -> None:
+        step = adapter.tap.current if adapter is not None and adapter.tap is not None else None
+        if step is None or step.node is None:  # the adapter did not take the lean path in this pass
+            return
+        _check_residual_sum(after, step, where)
+        step.after = after
+
+    def block_input(self, module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor):
+            self._open(self.first, args[0])
+
+    def mid_input(self, module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor):
+            self._close(self.first, args[0], "the input of the block's second norm")
+            self._open(self.second, args[0])
+
+    def block_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, Tensor):
+            self._close(self.second, output, "the block's output")
+        for adapter in (self.first, self.second):  # the steps live on in their graph nodes only
+            if adapter is not None and adapter.tap is not None:
+                adapter.tap.current = None
 
 
 def scale_shift_for(

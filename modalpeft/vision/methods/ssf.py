@@ -34,9 +34,15 @@ SSF after the merging norm, as this rule does (the bias-free ``reduction`` after
 Training cost: after a norm the scale-shift folds into the norm's affine during training, and after a Linear or
 convolution it keeps its output instead of its input (:class:`~modalpeft.core.layers.ScaleShift`'s docstring), so
 SSF keeps about as many activations as the frozen model's backward needs anyway (ViT-B/16, batch 8: 2.10x the floor
-before, see ``docs/results/vision.md`` for the figure now) but the outputs of the Linears that end a residual branch;
-``recompute_modules=["attn.proj", "mlp.fc2"]`` keeps those too out of memory, for one more product of each per step
-(:class:`~modalpeft.core.layers.RecomputingScaleShift`; the candidate ``ssf_recompute`` in ``benchmarks/results``).
+before, see ``docs/results/vision.md`` for the figure now). The outputs of the Linears that end a residual branch
+(``attn.proj``, ``mlp.fc2``) are kept by nothing else; in timm ViT blocks whose residual steps are plain sums (no
+layer scale, no drop path in that block) their scale-shifts read them back from the residual stream in backward,
+``out = (after - before - β) / γ`` with both ends kept by the norms (``from_residual=True``, the default;
+:class:`~modalpeft.core.layers.ResidualScaleShift`): no activation and three elementwise operations. Elsewhere they
+keep them, or, with ``recompute_modules=["attn.proj", "mlp.fc2"]``, recompute them from the Linear's input at one
+more product each per step (:class:`~modalpeft.core.layers.RecomputingScaleShift`; the candidate ``ssf_recompute``
+in ``benchmarks/results``). Gradients within 1e-5 relative of the output-keeping path (ViT-B/16, random weights,
+batch 2: 3.4e-7 at most).
 """
 
 from __future__ import annotations
@@ -48,12 +54,13 @@ from timm.layers import Conv2dSame, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2
 from timm.layers import Linear as TimmLinear
 from timm.layers.conv2d_same import Conv2dSameExport
 from timm.layers.norm import LayerNormExp2d
+from timm.models.vision_transformer import Attention, Block, Mlp
 from torch import Tensor, nn
 
 from ...core.config import AdapterConfig, _help
 from ...core.inject import attach, find_targets, name_matches
 from ...core.layers import ScaleShift, scale_shift_for
-from ...core.layers.scale_shift import FOLDABLE_TYPES
+from ...core.layers.scale_shift import FOLDABLE_TYPES, PreNormResidualTaps, ResidualScaleShift
 from ...core.registry import register_method
 
 _TYPES = FOLDABLE_TYPES
@@ -78,6 +85,14 @@ class SSFConfig(AdapterConfig):
             "suffixes as target_modules, or a regex): the last Linears of residual branches, whose outputs nothing "
             "else keeps (ViT: ['attn.proj', 'mlp.fc2']); fewer activations for one more product of each per step. "
             "Training cost only: the adapter, its file and its merge are the same."
+        ),
+    )
+    from_residual: bool = field(
+        default=True,
+        metadata=_help(
+            "In timm ViT blocks (x = x + attn(norm1(x)); x = x + mlp(norm2(x)), no layer scale or drop path), the "
+            "scale-shifts after attn.proj and mlp.fc2 keep nothing for backward and read their output back from the "
+            "residual stream the norms keep (ResidualScaleShift); False keeps those outputs. Training cost only."
         ),
     )
 
@@ -128,6 +143,39 @@ def placement(module: nn.Module) -> tuple[int, int] | str:
     return module.out_channels, 1
 
 
+def _residual_branch_ends(model: nn.Module) -> dict[str, str]:
+    """The ``attn.proj`` and ``mlp.fc2`` of every timm ViT ``Block`` whose residual steps are plain sums of the
+    branch's last Linear output (timm's own forwards, no layer scale, no drop path, dropouts of rate 0 or none
+    after the Linear): ``{linear name: block name}``. A :class:`ResidualScaleShift` after them reads their
+    output back from the residual stream (``SSFConfig.from_residual``)."""
+
+    def plain(module: nn.Module) -> bool:
+        return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0)
+
+    ends = {}
+    for name, block in model.named_modules():
+        if type(block).forward is not Block.forward:
+            continue
+        attn, mlp = block.attn, block.mlp
+        if not all(plain(m) for m in (block.ls1, block.ls2, block.drop_path1, block.drop_path2)):
+            continue
+        prefix = f"{name}." if name else ""
+        if type(attn).forward is Attention.forward and plain(attn.proj_drop):
+            ends[f"{prefix}attn.proj"] = name
+        if type(mlp).forward is Mlp.forward and plain(mlp.drop2):
+            ends[f"{prefix}mlp.fc2"] = name
+    return ends
+
+
+def _residual_blocks(ends: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """``{block name: (its attn.proj name, its mlp.fc2 name)}`` from :func:`_residual_branch_ends`."""
+    blocks: dict[str, tuple[str, str]] = {}
+    for linear, block in ends.items():
+        proj, fc2 = blocks.get(block, ("", ""))
+        blocks[block] = (linear, fc2) if linear.endswith("attn.proj") else (proj, linear)
+    return blocks
+
+
 def _classifier(model: nn.Module) -> nn.Module | None:
     get_classifier = getattr(model, "get_classifier", None)
     head = get_classifier() if callable(get_classifier) else None
@@ -164,8 +212,21 @@ def apply_ssf(
             f"ssf: recompute_modules={config.recompute_modules!r} matches none of the adapted layers; name adapted "
             "Linears (ViT: ['attn.proj', 'mlp.fc2']) or leave it None"
         )
+    ends = _residual_branch_ends(model) if config.from_residual else {}
+    placed: dict[str, ScaleShift] = {}
     for name, module, dim, channel_dim in plans:
-        adapter = scale_shift_for(
-            module, dim, channel_dim=channel_dim, init_weights=config.init_weights, recompute=name in recompute
-        )
+        if name in ends and name not in recompute and channel_dim == -1:
+            adapter: ScaleShift = ResidualScaleShift(dim, channel_dim=channel_dim, init_weights=config.init_weights)
+        else:
+            adapter = scale_shift_for(
+                module, dim, channel_dim=channel_dim, init_weights=config.init_weights, recompute=name in recompute
+            )
         attach(model, name, adapter_name, adapter)
+        placed[name] = adapter
+    for block_name, (proj, fc2) in _residual_blocks(ends).items():
+        first, second = placed.get(proj), placed.get(fc2)
+        first = first if isinstance(first, ResidualScaleShift) else None
+        second = second if isinstance(second, ResidualScaleShift) else None
+        if first is not None or second is not None:
+            block = model.get_submodule(block_name)
+            PreNormResidualTaps.bind(block, block.norm2, first, second)

@@ -336,3 +336,64 @@ def test_only_a_linear_takes_a_recomputing_scale_shift():
     with pytest.raises(ValueError, match="after an nn.Linear, not a Conv2d"):
         layers.scale_shift_for(nn.Conv2d(2, 4, 3), 4, channel_dim=1, recompute=True)
     assert type(layers.scale_shift_for(nn.LayerNorm(4), 4, recompute=True)) is layers.FoldedScaleShift
+
+
+# -- ResidualScaleShift: the output of a residual branch's last Linear read back from the residual stream --
+class _PreNormBlock(nn.Module):
+    """``x = x + proj(gelu(norm1(x))); x = x + fc2(gelu(norm2(x)))``: two residual branches, each ending in a Linear."""
+
+    def __init__(self, dim: int = 6) -> None:
+        super().__init__()
+        self.norm1, self.proj = nn.LayerNorm(dim), nn.Linear(dim, dim)
+        self.norm2, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.proj(nn.functional.gelu(self.norm1(x)))
+        return x + self.fc2(nn.functional.gelu(self.norm2(x)))
+
+
+def _block_with(cls: type[ScaleShift]) -> tuple[_PreNormBlock, list[ScaleShift]]:
+    torch.manual_seed(0)
+    block = _PreNormBlock().requires_grad_(False)
+    adapters = []
+    for name in ("proj", "fc2"):
+        adapter = cls(6, init_weights=False)
+        setattr(block, name, _hosted(getattr(block, name), adapter))
+        adapters.append(adapter)
+    return block, adapters
+
+
+def test_residual_scale_shift_reads_the_output_back_from_the_residual_stream():
+    """Bound to a pre-norm block, the scale-shifts that end its branches keep nothing of their outputs: ``γ``'s
+    gradient reads ``out = (after - before - β) / γ`` from the stream the norms keep (the same bytes as the frozen
+    block's); outputs bit for bit and gradients within float rounding of the output-keeping path."""
+    plain, plain_adapters = _block_with(ScaleShift)
+    block, adapters = _block_with(layers.ResidualScaleShift)
+    for a, b in zip(adapters, plain_adapters, strict=True):
+        a.load_state_dict(b.state_dict())
+    layers.PreNormResidualTaps.bind(block, block.norm2, *adapters)
+    frozen = _PreNormBlock().requires_grad_(False)
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 5, 6)
+
+    expected, kept_plain = _saved_bytes(lambda: plain(x_ref), plain)
+    out, kept = _saved_bytes(lambda: block(x), block)
+    _, kept_frozen = _saved_bytes(lambda: frozen(x.detach().requires_grad_()), frozen)
+    assert torch.equal(out, expected)
+    assert kept == kept_frozen and kept_plain == kept + 2 * out.numel() * 4  # the two branch outputs
+    out.backward(g)
+    expected.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for a, b in zip(adapters, plain_adapters, strict=True):
+        torch.testing.assert_close(a.scale.grad, b.scale.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.shift.grad, b.shift.grad, rtol=1e-5, atol=1e-6)
+    assert all(a.tap.current is None for a in adapters)  # the block holds nothing after its forward
+
+
+def test_residual_scale_shift_outside_its_block_keeps_its_output():
+    block, (first, _) = _block_with(layers.ResidualScaleShift)  # never bound: no residual step to read
+    out = block(torch.randn(2, 5, 6))
+    assert type(out.grad_fn.next_functions[1][0]).__name__ == "_ScaleShiftKeepsOutputBackward"
+    out.sum().backward()
+    assert first.scale.grad is not None
