@@ -369,21 +369,33 @@ def test_the_residual_branch_ends_read_their_output_back_from_the_residual_strea
 
 
 def test_the_residual_path_is_only_taken_where_the_sum_is_plain() -> None:
-    """A block with drop path or layer scale keeps the outputs (the residual sum is not ``before + y``); a block
-    whose forward changes after adaptation is a clear error, not a wrong gradient."""
+    """A block with a layer scale keeps the outputs (the residual sum is not ``before + y``); with timm's drop path
+    the per-sample factor is read from the graph (the same gradients); a block whose forward changes after
+    adaptation is a clear error, not a wrong gradient."""
     from modalpeft.core.layers import ResidualScaleShift
 
-    def vit(**kwargs) -> nn.Module:
+    def vit(from_residual: bool = True, **kwargs) -> nn.Module:
         torch.manual_seed(0)
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
                                   depth=2, num_heads=2, num_classes=5, **kwargs)  # fmt: skip
-        return mp.adapt(model, SSFConfig(init_weights=False), modules_to_save=["head"])
+        config = SSFConfig(init_weights=False, from_residual=from_residual)
+        return mp.adapt(model, config, modules_to_save=["head"])
 
     def residual(model: nn.Module) -> set[str]:
         return {n.split(".")[1] for n, m in scale_shifts(model).items() if isinstance(m, ResidualScaleShift)}
 
-    assert residual(vit(drop_path_rate=0.1)) == {"0"}  # the rates rise from 0: block 1 alone has a drop path
     assert residual(vit(init_values=1e-5)) == set()  # a layer scale in every block
+    kept, lean = (vit(drop_path_rate=0.5, from_residual=not keep).train() for keep in (True, False))
+    lean.load_state_dict(kept.state_dict())
+    assert residual(lean) == {"0", "1"}  # timm's drop path: y times a per-sample 0 or 1 / keep
+    assert isinstance(lean.base_model.blocks[1].drop_path1, timm.layers.DropPath)
+    for model in (kept, lean):
+        torch.manual_seed(3)  # the same samples dropped
+        nn.functional.cross_entropy(model(images()), torch.tensor([1, 3])).backward()
+    grads = dict(kept.named_parameters())
+    for name, p in lean.named_parameters():
+        if p.requires_grad:
+            assert_close_relative(p.grad, grads[name].grad)
     model = vit().train()
     model.base_model.blocks[0].ls1 = timm.layers.LayerScale(32, init_values=0.5)
     with pytest.raises(RuntimeError, match="is not the residual sum `before \\+ y`"):

@@ -250,18 +250,23 @@ class ResidualStep:
     the two ends of the stream, filled by :class:`PreNormResidualTaps` during the forward pass (they are the inputs
     of the norms around the step, which those norms keep for their own backward), and the graph node of ``y``."""
 
-    __slots__ = ("after", "before", "node")
+    __slots__ = ("after", "before", "keep", "node")
 
     def __init__(self, before: Tensor | None = None) -> None:
         self.before, self.after, self.node = before, None, None
+        self.keep: Tensor | None = None
+        """A drop path's per-sample factor ``r`` between ``y`` and the sum (``after = before + r ⊙ y``; 0 for a
+        dropped sample, whose gradient is 0), read from the multiplication that keeps it; ``None``: no drop path."""
 
 
 class ResidualScaleShift(ScaleShift):
     """A :class:`ScaleShift` after the Linear that ends a residual branch of a pre-norm block (a ViT block's
     ``attn.proj`` and ``mlp.fc2``): ``after = before + γ ⊙ out + β``. It keeps nothing of ``out`` or of its output
-    for backward: ``γ``'s gradient ``Σ_t g_t ⊙ out_t`` reads ``out = (after - before - β) / γ`` from the two ends
-    of the residual step, which the norms that read them keep anyway (``before``: the block's input, kept by
-    ``norm1``; ``after``: ``norm2``'s input or the block's output, kept by the next norm). This is the lean path
+    for backward: ``γ``'s gradient ``Σ_t g_t ⊙ out_t`` reads ``out = (after - before - β) / γ`` from the two ends of
+    the residual step, which the norms that read them keep anyway (``before``: the block's input, kept by
+    ``norm1``; ``after``: ``norm2``'s input or the block's output, kept by the next norm). After timm's drop path,
+    ``after = before + r ⊙ y`` with a per-sample ``r`` (0 or ``1 / keep``) that the multiplication keeps and the
+    graph gives back: ``y = (after - before) / r`` where ``r ≠ 0`` (a dropped sample's gradient is 0). The lean path
     the plain :class:`ScaleShift` cannot take there (no operation keeps that output), at three elementwise
     operations in backward instead of the Linear's product that :class:`RecomputingScaleShift` redoes.
 
@@ -320,7 +325,10 @@ class _ScaleShiftFromResidual(torch.autograd.Function):
                     "cannot rebuild that output for γ's gradient; the block it was bound to did not run its "
                     "residual step (set `module.recompute_from_output = False` on it to keep the output instead)"
                 )
-            out = (step.after - step.before - shift) / scale
+            added = step.after - step.before
+            if step.keep is not None:  # y for the kept samples; a dropped sample's gradient is 0 whatever y is
+                added = torch.where(step.keep != 0, added / step.keep, 0.0)
+            out = (added - shift) / scale
             grad_scale = (grad * out).sum(axes, keepdim=True)
         grad_shift = grad.sum(axes, keepdim=True) if ctx.needs_input_grad[2] else None
         step.before = step.after = None  # this step's ends are not needed any more
@@ -328,17 +336,25 @@ class _ScaleShiftFromResidual(torch.autograd.Function):
 
 
 def _check_residual_sum(total: Tensor, step: ResidualStep, where: str) -> None:
-    """Raise unless ``total`` is ``step.before + y`` (an addition node fed by ``y``'s node and ``before``'s)."""
+    """Raise unless ``total`` is ``step.before + y`` or ``step.before + r ⊙ y`` with a per-sample ``r`` (timm's drop
+    path: then ``step.keep = r``), read from the graph: an addition node fed by ``before``'s node and ``y``'s (or a
+    multiplication of ``y`` by a tensor of shape ``(B, 1, ..., 1)``)."""
     node = total.grad_fn
     before = step.before.grad_fn if step.before is not None else None
     inputs = [fn for fn, _ in node.next_functions] if type(node).__name__ == "AddBackward0" else []
     alpha = getattr(node, "_saved_alpha", 1) if inputs else None
+    for fn in inputs if step.node not in inputs else ():
+        if type(fn).__name__ == "MulBackward0" and fn.next_functions[0][0] is step.node:
+            keep = fn._saved_other
+            if keep.ndim == total.ndim and keep.shape[0] == total.shape[0] and keep[0].numel() == 1:
+                step.keep = keep
+                inputs = [step.node if f is fn else f for f in inputs]
     if len(inputs) != 2 or alpha != 1 or step.node not in inputs or (before is not None and before not in inputs):
         raise RuntimeError(
             f"{where} is not the residual sum `before + y` that the ResidualScaleShift (SSF) bound to this block "
             "rebuilds its output from (its graph node is "
             f"{type(node).__name__ if node is not None else None}); the block's forward is not the pre-norm form "
-            "`x = x + f(norm1(x)); x = x + g(norm2(x))` (a layer scale or drop path in training?): set "
+            "`x = x + f(norm1(x)); x = x + g(norm2(x))` (a layer scale?): set "
             "`recompute_from_output = False` on its ScaleShift modules, or adapt it with SSFConfig(from_residual="
             "False)"
         )

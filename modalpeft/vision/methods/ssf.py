@@ -35,8 +35,8 @@ Training cost: after a norm the scale-shift folds into the norm's affine during 
 convolution it keeps its output instead of its input (:class:`~modalpeft.core.layers.ScaleShift`'s docstring), so
 SSF keeps about as many activations as the frozen model's backward needs anyway (ViT-B/16, batch 8: 2.10x the floor
 before, see ``docs/results/vision.md`` for the figure now). The outputs of the Linears that end a residual branch
-(``attn.proj``, ``mlp.fc2``) are kept by nothing else; in timm ViT blocks whose residual steps are plain sums (no
-layer scale, no drop path in that block) their scale-shifts read them back from the residual stream in backward,
+(``attn.proj``, ``mlp.fc2``) are kept by nothing else; in timm ViT blocks whose residual steps are plain sums
+(drop path allowed, no layer scale) their scale-shifts read them back from the residual stream in backward,
 ``out = (after - before - β) / γ`` with both ends kept by the norms (``from_residual=True``, the default;
 :class:`~modalpeft.core.layers.ResidualScaleShift`): no activation and three elementwise operations. Elsewhere they
 keep them, or, with ``recompute_modules=["attn.proj", "mlp.fc2"]``, recompute them from the Linear's input at one
@@ -50,7 +50,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from timm.layers import Conv2dSame, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, LayerNorm2dFp32, LayerNormFp32
+from timm.layers import (
+    Conv2dSame,
+    DropPath,
+    GroupNorm,
+    GroupNorm1,
+    LayerNorm,
+    LayerNorm2d,
+    LayerNorm2dFp32,
+    LayerNormFp32,
+)
 from timm.layers import Linear as TimmLinear
 from timm.layers.conv2d_same import Conv2dSameExport
 from timm.layers.norm import LayerNormExp2d
@@ -90,7 +99,8 @@ class SSFConfig(AdapterConfig):
     from_residual: bool = field(
         default=True,
         metadata=_help(
-            "In timm ViT blocks (x = x + attn(norm1(x)); x = x + mlp(norm2(x)), no layer scale or drop path), the "
+            "In timm ViT blocks (x = x + drop_path(attn(norm1(x))); x = x + drop_path(mlp(norm2(x))), no layer scale), "
+            "the "
             "scale-shifts after attn.proj and mlp.fc2 keep nothing for backward and read their output back from the "
             "residual stream the norms keep (ResidualScaleShift); False keeps those outputs. Training cost only."
         ),
@@ -145,19 +155,22 @@ def placement(module: nn.Module) -> tuple[int, int] | str:
 
 def _residual_branch_ends(model: nn.Module) -> dict[str, str]:
     """The ``attn.proj`` and ``mlp.fc2`` of every timm ViT ``Block`` whose residual steps are plain sums of the
-    branch's last Linear output (timm's own forwards, no layer scale, no drop path, dropouts of rate 0 or none
-    after the Linear): ``{linear name: block name}``. A :class:`ResidualScaleShift` after them reads their
-    output back from the residual stream (``SSFConfig.from_residual``)."""
+    branch's last Linear output, with or without timm's drop path (timm's own forwards, no layer scale, dropouts
+    of rate 0 or none after the Linear): ``{linear name: block name}``. A :class:`ResidualScaleShift` after them
+    reads their output back from the residual stream (``SSFConfig.from_residual``)."""
 
     def plain(module: nn.Module) -> bool:
         return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0)
+
+    def dropped(module: nn.Module) -> bool:  # timm's drop path: y times a per-sample 0 or 1 / keep
+        return plain(module) or type(module).forward is DropPath.forward
 
     ends = {}
     for name, block in model.named_modules():
         if type(block).forward is not Block.forward:
             continue
         attn, mlp = block.attn, block.mlp
-        if not all(plain(m) for m in (block.ls1, block.ls2, block.drop_path1, block.drop_path2)):
+        if not (plain(block.ls1) and plain(block.ls2) and dropped(block.drop_path1) and dropped(block.drop_path2)):
             continue
         prefix = f"{name}." if name else ""
         if type(attn).forward is Attention.forward and plain(attn.proj_drop):
