@@ -864,11 +864,22 @@ def targets(rows: list[Result], targeted: tuple[str, ...] = TARGETED["adapters"]
             continue
         over, under, share = 100 * (r.mean - probe.mean), 100 * (full.mean - r.mean), 100 * r.trainable / full.trainable
         ok = over >= 2 and under <= 2 and (share < 2 or name not in capped)
-        by_seed = [f"{100 * (m - f):+.1f}" for m, f in zip(r.seed_means, full.seed_means, strict=True)]
-        per_seed = f" (by seed: {', '.join(by_seed)})" if len(by_seed) > 1 else ""
+        seeds = len(r.seed_means) > 1 and len(r.seed_means) == len(full.seed_means)
+        gaps = [100 * (m - f) for m, f in zip(r.seed_means, full.seed_means, strict=True)] if seeds else []
+        per_seed = f" (by seed: {', '.join(f'{g:+.1f}' for g in gaps)})" if seeds else ""
+        # at the 2-point limit one decimal would read as the limit itself: two then show which side it is on
+        gap = f"{-under:+.2f}" if round(under, 1) == 2 else f"{-under:+.1f}"
+        # the mean gap's standard error over seeds: a verdict closer to the limit than that is not settled
+        margin, error = abs(2 - under), statistics.stdev(gaps) / len(gaps) ** 0.5 if seeds else 0.0
+        caveat = (
+            f"; its margin to the limit ({margin:.2f}) is under the standard error of its mean gap over "
+            f"{len(gaps)} seeds (±{error:.2f}), so they do not settle it"
+            if margin < error
+            else ""
+        )
         lines.append(
-            f"{name}: {over:+.1f} over the probe, {-under:+.1f} from full fine-tuning{per_seed}, {share:.2f}% of its "
-            f"parameters: {verdict[ok]}"
+            f"{name}: {over:+.1f} over the probe, {gap} from full fine-tuning{per_seed}, {share:.2f}% of its "
+            f"parameters: {verdict[ok]}{caveat}"
         )
     sora = by_name.get("sora")
     if sora is not None and sora.pruned_trainable is not None and sora.pruned_accuracy:
