@@ -367,7 +367,9 @@ class PreNormResidualTaps:
     input (``after`` of the first, ``before`` of the second) and the block's output (``after`` of the second). The
     hooks hold these tensors only from the forward pass to the backward of the step (the norms keep them over that
     time anyway) and do nothing when the adapters do not run (another adapter active, merged, disabled, no
-    gradients). Built by :meth:`bind`; ``first``/``second`` may be ``None`` (that branch has no such adapter)."""
+    gradients). Built by :meth:`bind`; ``first``/``second`` may be ``None`` (that branch has no such adapter). The
+    hooks follow the block through ``copy.deepcopy`` (bound to the copy's own adapters); after ``merge_and_unload``
+    they stay on the block, inert (they only hand tensors to adapters that no longer run)."""
 
     def __init__(self, first: ResidualScaleShift | None, second: ResidualScaleShift | None) -> None:
         self.first, self.second = first, second
