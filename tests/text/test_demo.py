@@ -129,6 +129,7 @@ def test_a_page_says_where_it_is_judged_and_which_rows_were_rerun() -> None:
            "environment": {}, "extras": {}}  # fmt: skip
     page = demo.markdown(settings, rows, env, rerun=("loldu",))
     assert "Rerun alone after a change to them, in place of this run's rows: loldu" in page
+    assert all(line in page for line in demo.SVFIT_SEEDS)  # what more seeds showed about SVFit
     assert (
         "--suite weight-space --seeds 3 --steps 180 --results-dir docs/results` writes "
         "[`text_weight_space_180_steps.md`]" in page
@@ -141,6 +142,7 @@ def test_a_page_says_where_it_is_judged_and_which_rows_were_rerun() -> None:
     )
     adapters = demo.markdown(demo.TextSettings(tasks=("a", "b")), rows, env)
     assert "[`text_180_steps.md`](text_180_steps.md)" in adapters and all(line in adapters for line in demo.SHORTFALLS)
+    assert demo.SVFIT_SEEDS[0] not in adapters
 
 
 def test_rows_average_over_seeds_and_the_targets_are_judged_on_the_means() -> None:
