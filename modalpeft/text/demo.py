@@ -666,7 +666,6 @@ def run_text(settings: TextSettings, log: Callable[[str], None] = print) -> list
             f"methods {unknown} are not text demo contenders (choose from {list(CONTENDERS)}) or workers="
             f"{settings.workers} is below 1."
         )
-    out = Path(settings.out)
     for task in settings.tasks:
         write_data(settings, task)
     # the longest runs first, so that the two workers finish together (the order does not change any figure)
@@ -684,18 +683,27 @@ def run_text(settings: TextSettings, log: Callable[[str], None] = print) -> list
         )
     order = list(settings.tasks)
     rows = [combine(sorted(parts[name], key=lambda p: order.index(p.task))) for name in settings.methods]
-    report_md = markdown(settings, rows)
+    write_run(settings, rows)
+    return rows
+
+
+def write_run(settings: TextSettings, rows: list[Result], reused: Sequence[int] = ()) -> None:
+    """A run's ``results.json``, page and plot in ``settings.out`` (the page and plot also in ``results_dir``);
+    ``reused``: the seeds :func:`run_seeds` read from finished runs (``results.json``'s ``"reused"``)."""
     results = {
         "settings": asdict(settings),
         "environment": run_environment(),
         "rows": [asdict(r) for r in rows],
         "targets": targets(rows, TARGETED[settings.suite]),
+        **({"reused": list(reused)} if reused else {}),
     }
-    page = {f"{settings.page}.md": report_md.encode(), settings.plot_name: plot(rows, settings)}
-    atomic_write({"results.json": json.dumps(results, indent=1).encode(), **page}, out)
+    page = {
+        f"{settings.page}.md": markdown(settings, rows, reused=reused).encode(),
+        settings.plot_name: plot(rows, settings),
+    }
+    atomic_write({"results.json": json.dumps(results, indent=1).encode(), **page}, Path(settings.out))
     if settings.results_dir:
         atomic_write(page, Path(settings.results_dir))
-    return rows
 
 
 def average(rows: Sequence[Result]) -> Result:
@@ -758,20 +766,7 @@ def run_seeds(settings: TextSettings, log: Callable[[str], None] = print) -> lis
         else:
             runs.append(run_text(one, log))
     rows = [average(by_seed) for by_seed in zip(*runs, strict=True)]
-    results = {
-        "settings": asdict(settings),
-        "environment": run_environment(),
-        "rows": [asdict(r) for r in rows],
-        "targets": targets(rows, TARGETED[settings.suite]),
-        "reused": reused,
-    }
-    page = {
-        f"{settings.page}.md": markdown(settings, rows, reused=reused).encode(),
-        settings.plot_name: plot(rows, settings),
-    }
-    atomic_write({"results.json": json.dumps(results, indent=1).encode(), **page}, out)
-    if settings.results_dir:
-        atomic_write(page, Path(settings.results_dir))
+    write_run(settings, rows, reused)
     return rows
 
 

@@ -315,24 +315,35 @@ class _ScaleShiftFromResidual(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         scale, shift = ctx.saved_tensors
         step, ctx.step = ctx.step, None
-        axes = [i for i in range(grad.ndim) if scale.shape[i] == 1]
-        grad_out = grad * scale if ctx.needs_input_grad[0] else None
-        grad_scale = None
-        if ctx.needs_input_grad[1]:
-            if step.after is None or step.before is None:
-                raise RuntimeError(
-                    "a ResidualScaleShift (SSF) found no residual sum after its output in this forward pass, so it "
-                    "cannot rebuild that output for γ's gradient; the block it was bound to did not run its "
-                    "residual step (set `module.recompute_from_output = False` on it to keep the output instead)"
-                )
-            added = step.after - step.before
-            if step.keep is not None:  # y for the kept samples; a dropped sample's gradient is 0 whatever y is
-                added = torch.where(step.keep != 0, added / step.keep, 0.0)
-            out = (added - shift) / scale
-            grad_scale = (grad * out).sum(axes, keepdim=True)
-        grad_shift = grad.sum(axes, keepdim=True) if ctx.needs_input_grad[2] else None
+        grads = _scale_shift_grads(ctx.needs_input_grad, grad, scale, shift, lambda: _added(step))
         step.before = step.after = None  # this step's ends are not needed any more
-        return grad_out, grad_scale, grad_shift, None
+        return *grads, None
+
+
+def _added(step: ResidualStep) -> Tensor:
+    """What the residual step added to the stream, ``y = after - before`` (``/ r`` after a drop path)."""
+    if step.after is None or step.before is None:
+        raise RuntimeError(
+            "a ResidualScaleShift (SSF) found no residual sum after its output in this forward pass, so it cannot "
+            "rebuild that output for γ's gradient; the block it was bound to did not run its residual step (set "
+            "`module.recompute_from_output = False` on it to keep the output instead)"
+        )
+    added = step.after - step.before
+    if step.keep is not None:  # y for the kept samples; a dropped sample's gradient is 0 whatever y is
+        added = torch.where(step.keep != 0, added / step.keep, 0.0)
+    return added
+
+
+def _scale_shift_grads(
+    needs: tuple[bool, ...], grad: Tensor, scale: Tensor, shift: Tensor, output: Callable[[], Tensor]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of ``y = out ⊙ γ + β`` for ``(out, γ, β)`` (``γ, β`` broadcast views), with ``out`` rebuilt as
+    ``(y - β) / γ`` from ``output()`` (``y``, asked for only when ``γ`` needs its gradient)."""
+    axes = [i for i in range(grad.ndim) if scale.shape[i] == 1]
+    grad_out = grad * scale if needs[0] else None
+    grad_scale = (grad * ((output() - shift) / scale)).sum(axes, keepdim=True) if needs[1] else None
+    grad_shift = grad.sum(axes, keepdim=True) if needs[2] else None
+    return grad_out, grad_scale, grad_shift
 
 
 def _check_residual_sum(total: Tensor, step: ResidualStep, where: str) -> None:
@@ -459,11 +470,7 @@ class _ScaleShiftKeepsOutput(torch.autograd.Function):
                 "`module.recompute_from_output = False` on the model's ScaleShift modules, or make that operation "
                 "out of place"
             ) from err
-        axes = [i for i in range(grad.ndim) if scale.shape[i] == 1]
-        grad_out = grad * scale if ctx.needs_input_grad[0] else None
-        grad_scale = (grad * ((y - shift) / scale)).sum(axes, keepdim=True) if ctx.needs_input_grad[1] else None
-        grad_shift = grad.sum(axes, keepdim=True) if ctx.needs_input_grad[2] else None
-        return grad_out, grad_scale, grad_shift
+        return _scale_shift_grads(ctx.needs_input_grad, grad, scale, shift, lambda: y)
 
 
 FOLDABLE_TYPES: tuple[type[nn.Module], ...] = (

@@ -153,11 +153,12 @@ def placement(module: nn.Module) -> tuple[int, int] | str:
     return module.out_channels, 1
 
 
-def _residual_branch_ends(model: nn.Module) -> dict[str, str]:
-    """The ``attn.proj`` and ``mlp.fc2`` of every timm ViT ``Block`` whose residual steps are plain sums of the
-    branch's last Linear output, with or without timm's drop path (timm's own forwards, no layer scale, dropouts
-    of rate 0 or none after the Linear): ``{linear name: block name}``. A :class:`ResidualScaleShift` after them
-    reads their output back from the residual stream (``SSFConfig.from_residual``)."""
+def _residual_blocks(model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
+    """``{block name: (its attn.proj name, its mlp.fc2 name)}`` for every timm ViT ``Block`` whose residual steps are
+    plain sums of the branch's last Linear output, with or without timm's drop path (timm's own forwards, no layer
+    scale, dropouts of rate 0 or none after the Linear); ``None`` for a branch that is not. A
+    :class:`ResidualScaleShift` after those Linears reads their output back from the residual stream
+    (``SSFConfig.from_residual``)."""
 
     def plain(module: nn.Module) -> bool:
         return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0)
@@ -165,7 +166,7 @@ def _residual_branch_ends(model: nn.Module) -> dict[str, str]:
     def dropped(module: nn.Module) -> bool:  # timm's drop path: y times a per-sample 0 or 1 / keep
         return plain(module) or type(module).forward is DropPath.forward
 
-    ends = {}
+    blocks = {}
     for name, block in model.named_modules():
         if type(block).forward is not Block.forward:
             continue
@@ -173,19 +174,9 @@ def _residual_branch_ends(model: nn.Module) -> dict[str, str]:
         if not (plain(block.ls1) and plain(block.ls2) and dropped(block.drop_path1) and dropped(block.drop_path2)):
             continue
         prefix = f"{name}." if name else ""
-        if type(attn).forward is Attention.forward and plain(attn.proj_drop):
-            ends[f"{prefix}attn.proj"] = name
-        if type(mlp).forward is Mlp.forward and plain(mlp.drop2):
-            ends[f"{prefix}mlp.fc2"] = name
-    return ends
-
-
-def _residual_blocks(ends: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """``{block name: (its attn.proj name, its mlp.fc2 name)}`` from :func:`_residual_branch_ends`."""
-    blocks: dict[str, tuple[str, str]] = {}
-    for linear, block in ends.items():
-        proj, fc2 = blocks.get(block, ("", ""))
-        blocks[block] = (linear, fc2) if linear.endswith("attn.proj") else (proj, linear)
+        proj = f"{prefix}attn.proj" if type(attn).forward is Attention.forward and plain(attn.proj_drop) else None
+        fc2 = f"{prefix}mlp.fc2" if type(mlp).forward is Mlp.forward and plain(mlp.drop2) else None
+        blocks[name] = (proj, fc2)
     return blocks
 
 
@@ -225,7 +216,8 @@ def apply_ssf(
             f"ssf: recompute_modules={config.recompute_modules!r} matches none of the adapted layers; name adapted "
             "Linears (ViT: ['attn.proj', 'mlp.fc2']) or leave it None"
         )
-    ends = _residual_branch_ends(model) if config.from_residual else {}
+    blocks = _residual_blocks(model) if config.from_residual else {}
+    ends = {linear for pair in blocks.values() for linear in pair if linear is not None}
     placed: dict[str, ScaleShift] = {}
     for name, module, dim, channel_dim in plans:
         if name in ends and name not in recompute and channel_dim == -1:
@@ -236,7 +228,7 @@ def apply_ssf(
             )
         attach(model, name, adapter_name, adapter)
         placed[name] = adapter
-    for block_name, (proj, fc2) in _residual_blocks(ends).items():
+    for block_name, (proj, fc2) in blocks.items():
         first, second = placed.get(proj), placed.get(fc2)
         first = first if isinstance(first, ResidualScaleShift) else None
         second = second if isinstance(second, ResidualScaleShift) else None
