@@ -61,6 +61,16 @@ def test_positions_are_added_before_every_block(clouds):
     torch.testing.assert_close(torch.cat([out[:, :1], out[:, 4:]], 1), x + pos)
 
 
+def test_embed_of_the_first_patches_equals_the_full_embedding_in_eval_mode(clouds):
+    torch.manual_seed(0)
+    model = create_backbone("point_mae_test", num_classes=5).eval()
+    x, pos, center = model.embed(clouds)
+    part_x, part_pos, part_center = model.embed(clouds, 5)
+    assert part_x.shape == (4, 6, C) and torch.equal(part_center, center)
+    torch.testing.assert_close(part_x, x[:, :6], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(part_pos, pos[:, :6], rtol=1e-6, atol=1e-6)
+
+
 def test_output_does_not_depend_on_point_order(clouds):
     torch.manual_seed(0)
     model = create_backbone("point_mae_test", num_classes=5).eval()

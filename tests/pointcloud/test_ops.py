@@ -150,3 +150,65 @@ def test_fps_follows_the_official_origin_rule_only_when_asked():
     assert 5 in default.tolist() or 9 in default.tolist()  # by default the origin is no special place
     model = create_backbone("point_mae_test", num_classes=2, fps_min_sq_norm=OFFICIAL_MIN_SQ_NORM)
     assert model.group_divider.fps_min_sq_norm == OFFICIAL_MIN_SQ_NORM
+
+
+def test_gather_points_takes_whole_rows_and_adds_them_back():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 7, 5, generator=g, requires_grad=True)
+    index = torch.randint(0, 7, (3, 4, 6), generator=g)
+    out = gather_points(values, index)
+    expected = torch.stack([values[b][index[b]] for b in range(3)])
+    assert torch.equal(out, expected)
+    weights = torch.randn(out.shape, generator=g)
+    (grad,) = torch.autograd.grad((out * weights).sum(), values)
+    (ref,) = torch.autograd.grad((expected * weights).sum(), values)
+    torch.testing.assert_close(grad, ref, rtol=1e-6, atol=1e-6)
+
+
+def reference_gather_linear_max(values, index, hidden, weight, bias, scale):
+    """The straightforward form: gathered groups plus the (scaled) projection, then the max over each group."""
+    b, a, k = index.shape
+    branch = torch.nn.functional.linear(hidden, weight, bias).view(b, a, k, -1)
+    if scale is not None:
+        branch = branch * scale.view(b, a, 1, 1)
+    return (gather_points(values, index) + branch).max(dim=2).values
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_gather_linear_max_matches_the_straightforward_form(scaled):
+    g = torch.Generator().manual_seed(1)
+    b, n, a, k, c, d = 2, 12, 5, 4, 6, 3
+    values = torch.randn(b, n, c, generator=g)
+    index = torch.stack([torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(a)]) for _ in range(b)])
+    hidden, weight, bias = torch.randn(b * a * k, d, generator=g), torch.randn(c, d, generator=g), torch.randn(c)
+    scale = (torch.rand(b * a, 1, generator=g) > 0.3).float() / 0.7 if scaled else None
+    leaves = [t.clone().requires_grad_(True) for t in (values, hidden, weight, bias)]
+    refs = [t.clone().requires_grad_(True) for t in (values, hidden, weight, bias)]
+    out = ops.gather_linear_max(leaves[0], index, leaves[1], leaves[2], leaves[3], scale)
+    ref = reference_gather_linear_max(refs[0], index, refs[1], refs[2], refs[3], scale)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * upstream).sum(), leaves)
+    expected = torch.autograd.grad((ref * upstream).sum(), refs)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gather_linear_max_gives_a_tie_to_the_first_neighbour_and_propagates_nan():
+    values = torch.zeros(1, 3, 2)
+    index = torch.tensor([[[2, 0, 1]]])  # every neighbour's sum is the bias: a three-way tie
+    hidden, weight, bias = torch.zeros(3, 1), torch.ones(2, 1), torch.tensor([1.0, -1.0])
+    leaves = [t.clone().requires_grad_(True) for t in (values, hidden)]
+    out = ops.gather_linear_max(leaves[0], index, leaves[1], weight, bias)
+    (grad_values, grad_hidden) = torch.autograd.grad(out.sum(), leaves)
+    assert torch.equal(out, torch.tensor([[[1.0, -1.0]]]))
+    assert torch.equal(grad_values[0], torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))  # token 2: neighbour 0
+    assert torch.equal(grad_hidden, torch.tensor([[2.0], [0.0], [0.0]]))  # neighbour 0, both channels
+    values[0, 1, 0] = float("nan")
+    assert torch.isnan(ops.gather_linear_max(values, index, hidden, weight, bias)[0, 0, 0])
+
+
+def test_gather_linear_max_rejects_shapes_that_do_not_fit():
+    with pytest.raises(ValueError, match=r"expected hidden \(8, D\)"):
+        ops.gather_linear_max(torch.zeros(1, 4, 3), torch.zeros(1, 2, 4, dtype=torch.long), torch.zeros(7, 2),
+                              torch.zeros(3, 2), torch.zeros(3))  # fmt: skip

@@ -345,16 +345,21 @@ class PointTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def embed(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def embed(self, points: Tensor, patches: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Validate and group the input, encode the tokens.
 
+        ``patches``: encode only the first this many of the ``G`` patches (their tokens are those of the full
+        encoding when the encoder's BatchNorms are in eval mode: each patch is encoded on its own); the centres
+        stay all ``G``.
+
         Returns:
-            tokens ``(B, 1 + G, C)`` (class token first), positions ``(B, 1 + G, C)``, centres ``(B, G, 3)``.
+            tokens ``(B, 1 + G', C)`` (class token first), positions ``(B, 1 + G', C)``, centres ``(B, G, 3)``.
         """
         check_points(points, min_points=self.min_points)
         neighborhood, center = self.group_divider(points)
-        tokens = self.reduce_dim(self.encoder(neighborhood))  # (B, G, C)
-        x, pos = self.class_token(tokens, self.pos_embed(center))  # (B, 1 + G, C) each
+        kept = center if patches is None else center[:, :patches]
+        tokens = self.reduce_dim(self.encoder(neighborhood[:, : kept.shape[1]]))  # (B, G', C)
+        x, pos = self.class_token(tokens, self.pos_embed(kept))  # (B, 1 + G', C) each
         return x, pos, center
 
     def forward_features(self, points: Tensor) -> Tensor:

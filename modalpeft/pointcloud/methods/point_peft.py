@@ -78,17 +78,29 @@ in training mode, against a transcription of the official ``Block.forward`` with
 Cost. The local attention's LayerNorm and qkv projection act token by token, so they run on the ``G`` tokens before
 the gather into ``A·K`` groups (:meth:`LocalAttention.grouped`; the official runs them on the gathered groups): the
 same values from 16x fewer rows on Point-MAE, and backward keeps no ``(B·A, K, C)`` copy for them (tested against the
-official order, gradients included). What stays is the algorithm's own price: the retrieval query is a second,
-gradient-free forward of the backbone per batch (on half its patches, as the official frozen copy), and every
-block's gathered groups ``(B·A, K, C)`` for the max over neighbours (built and dropped in the forward; backward keeps
-the max's indices). On the full-size Point-MAE (batch 8, CPU, a quiet machine; ``python -m benchmarks.pointcloud``,
-its ``profile_point_peft``) a step takes 1.05x full fine-tuning's (1.10-1.45x in earlier runs) at 0.53x its peak
-memory: the frozen pass is 17% of it (22% when it ran on every patch), the geometry adapters' forward 16%, the
-backward through every block 37%. The floor (backward through every block, which any method that trains inside
-the network pays) plus the frozen pass take 0.68x full fine-tuning's step (0.77-0.86x before the official
-grouping); the 0.3x above that is Point-PEFT's own layers. It saves 208 MiB for backward against the frozen model's
-93 and full fine-tuning's 263, 96 of them in the geometry adapters (about 8 MiB a block, each piece needed: the qkv
-of the groups, the max's indices, the norms' inputs).
+official order, gradients included). The residual sum of each group, the attention's output projection and the max
+over the neighbours are one op (:func:`~modalpeft.pointcloud.ops.gather_linear_max`): the ``(B·A·K, C)`` sums are
+built once, the max is ``amax`` plus a byte per output for which neighbour gave it (``Tensor.max`` with indices is
+10-20x slower on the CPU), and the gradient reaches the tokens through the ``B·A·C`` maxima only. The heads'
+attention is written out (``softmax(q kᵀ) v``): with heads of 3 and groups of 16, PyTorch's fused CPU kernel takes
+1.5x as long, but it keeps the ``(B·A, h, K, K)`` probabilities for backward (with the byte-sized max indices
+replacing ``Tensor.max``'s int64 ones, a Point-MAE step saves 19 MiB more than before, 227 against 208). The
+retrieval pass encodes only the patches it uses (the first half, :meth:`PointTransformer.embed`'s ``patches``; the
+tokens are the full encoding's in eval mode, tested), halving its mini-PointNet, which dominates it.
+One block's geometry adapter, forward and backward, went from 62 to 37 ms (Point-MAE, batch 8, one CPU thread).
+
+What stays is the algorithm's own price: the retrieval query is a second, gradient-free forward of the backbone per
+batch (on half its patches, as the official frozen copy), and every block's ``(B·A·K, C)`` sums for the max over
+neighbours (built and dropped in the forward). On the full-size Point-MAE (batch 8, 2 CPU threads; ``python -m
+benchmarks.pointcloud --steps 12``, its ``profile_point_peft``) a step takes 1.04-1.22x full fine-tuning's over four
+runs on one day (1.11x in the committed table), where the code before these three changes took 1.41x with the same
+command that day (1.05x in an earlier, quieter run): the frozen pass is 15% of the step (23% before), the geometry
+adapters' forward 11%. The floor (backward through every block, which any method that trains inside the network
+pays) plus the frozen pass take 0.67x full fine-tuning's step; the 0.3x above that is Point-PEFT's own layers
+(prompts, both adapters per block, the bias deltas). Issue 13's 0.8x is therefore not reached. It saves 227 MiB for
+backward against the frozen model's 93 and full fine-tuning's 263, 115 of them in the geometry adapters (the qkv of
+the groups, the attention probabilities, the maxima's neighbour indices, the norms' inputs), and its training memory
+is 0.40x full fine-tuning's.
 """
 
 from __future__ import annotations
@@ -103,6 +115,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
+from timm.layers import drop as timm_drop
 from torch import Tensor, nn
 
 from ...core.config import AdapterConfig, _help
@@ -110,7 +123,7 @@ from ...core.inject import attach, hosts
 from ...core.layer import AdapterModule, InitMode
 from ...core.layers import Bottleneck, Bypass, ParamDelta
 from ...core.registry import register_method
-from ..ops import farthest_point_sample, gather_points, knn
+from ..ops import farthest_point_sample, gather_linear_max, gather_points, knn
 from .pointgst import selected_blocks
 
 BANK_KEY = "group_divider.adapters.bank"
@@ -240,10 +253,9 @@ def pooled_features(model: nn.Module, points: Tensor, groups: int | None = None)
     Shapes:
         - points: ``(B, N, 3)``; output: feature ``(B, C)``, the backbone's centres ``(B, G, 3)``
     """
-    x, pos, center = model.embed(points)
+    x, pos, center = model.embed(points, groups)  # only the patches it uses go through the mini-PointNet
     k = model.num_prefix_tokens
-    g = x.shape[1] - k if groups is None else groups
-    x, pos = x[:, k : k + g], pos[:, k : k + g]  # (B, g, C): no class token
+    x, pos = x[:, k:], pos[:, k:]  # (B, g, C): no class token
     for block in model.blocks:
         x = block(x, pos)
     return model.norm(x).max(dim=1).values, center
@@ -359,16 +371,26 @@ class LocalAttention(nn.Module):
         LayerNorm, not two ``(B·A, K, C)`` copies. Gradients equal the reference form's up to float summation order
         (the gather's backward adds the groups' contributions per token)."""
         b, a, k = index.shape
+        return self.proj(self.grouped_heads(tokens, index)).view(b * a, k, -1)
+
+    def grouped_heads(self, tokens: Tensor, index: Tensor) -> Tensor:
+        """:meth:`grouped` before the output projection: the heads' outputs ``(B·A·K, h·d)``."""
+        b, a, k = index.shape
         qkv = gather_points(self.qkv(self.norm(tokens)), index)  # (B, A, K, 3·h·d)
-        return self._attend(qkv.reshape(b * a, k, -1))
+        return self._heads(qkv.reshape(b * a, k, -1)).reshape(b * a * k, -1)
 
     def _attend(self, qkv: Tensor) -> Tensor:
+        return self.proj(self._heads(qkv))
+
+    def _heads(self, qkv: Tensor) -> Tensor:
+        """``(B', K, 3·h·d)`` -> the heads' outputs ``(B', K, h·d)``."""
         b, k, _ = qkv.shape
         qkv = qkv.reshape(b, k, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, kk, v = qkv.unbind(0)  # (B', h, K, d)
-        # the official scale is (h·d)^-0.5, not d^-0.5
-        out = F.scaled_dot_product_attention(q, kk, v, scale=(self.heads * self.head_dim) ** -0.5)
-        return self.proj(out.transpose(1, 2).reshape(b, k, -1))
+        # the official scale is (h·d)^-0.5, not d^-0.5; written out: with heads of 3 and groups of 16, PyTorch's
+        # fused CPU kernel takes 1.5x as long (forward and backward, Point-MAE's groups on one thread)
+        weights = (q @ kk.transpose(-2, -1)).mul_((self.heads * self.head_dim) ** -0.5).softmax(dim=-1)
+        return (weights @ v).transpose(1, 2).reshape(b, k, -1)
 
 
 class _Shared:
@@ -530,16 +552,26 @@ class PointPEFTBlock(AdapterModule):
         prompts = self.prompt_drop(prompts) + self.cp_adapter.post(cache)
         return torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
 
+    def _drop_path_scale(self, groups: int, like: Tensor) -> Tensor | None:
+        """The drop-path factor per group ``(groups, 1)``: timm's ``drop_path`` of ones (the same draw as
+        ``DropPath`` on the ``(B·A, K, C)`` branch), or ``None`` when drop-path is off."""
+        if not self.training or not isinstance(self.drop_path, DropPath) or self.drop_path.drop_prob == 0.0:
+            return None
+        ones = like.new_ones(groups, 1)
+        return timm_drop.drop_path(ones, self.drop_path.drop_prob, True, self.drop_path.scale_by_keep)
+
     def post(self, out: Tensor) -> Tensor:
         shared = self.shared
         g = shared.interp.shape[1]
         tokens = out[:, -g:]  # (B, G, C)
         b, _, c = tokens.shape
-        a, k = shared.neighbor_idx.shape[1:]
-        groups = gather_points(tokens, shared.neighbor_idx).reshape(b * a, k, c)  # (B·A, K, C)
-        # z + drop_path(Attn(LN(z))) per group z, as the official (LN and qkv on the tokens, before the gather)
-        groups = groups + self.drop_path(shared.local_attn.grouped(tokens, shared.neighbor_idx))
-        pooled = groups.max(dim=1).values.reshape(b, a, c)  # (B, A, C)
+        a = shared.neighbor_idx.shape[1]
+        # max over each group z of z + drop_path(Attn(LN(z))), as the official (LN and qkv on the tokens, before
+        # the gather; the residual sum, the projection and the max in one op whose backward touches the maxima only)
+        attn = shared.local_attn
+        heads = attn.grouped_heads(tokens, shared.neighbor_idx)  # (B·A·K, h·d)
+        scale = self._drop_path_scale(b * a, tokens)
+        pooled = gather_linear_max(tokens, shared.neighbor_idx, heads, attn.proj.weight, attn.proj.bias, scale)
         pooled = F.gelu(self.out_norm(pooled.transpose(1, 2)).transpose(1, 2))  # BatchNorm over C
         pooled = pooled + self.geo_scaling * gather_points(tokens, shared.anchor_idx)
         tokens = tokens + self.geo_scaling * (shared.interp @ pooled)  # (B, G, A) @ (B, A, C)
