@@ -329,8 +329,10 @@ class _GatherLinearMax(torch.autograd.Function):
                 grad_hidden = grad_hidden.view(k, b * a, -1).transpose(0, 1).reshape(b * a * k, -1)
             if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
                 full = dense.t() @ hidden  # (C, width [+ 1])
-                bias_grad = full[:, -1] if ctx.scaled else grad.reshape(-1, c).sum(0)
-                grad_weight, grad_bias = (full[:, :-1] if ctx.scaled else full), bias_grad
+                if ctx.scaled:
+                    grad_weight, grad_bias = full[:, :-1], full[:, -1]
+                else:
+                    grad_weight, grad_bias = full, grad.reshape(-1, c).sum(0)
         return grad_values, None, grad_hidden, grad_weight, grad_bias, None
 
 

@@ -114,7 +114,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from timm.layers import drop as timm_drop
 from torch import Tensor, nn
 
@@ -520,7 +519,7 @@ class PointPEFTBlock(AdapterModule):
         self.prompted = prompted
         self.geo_scaling = config.geo_scaling
         self.num_tokens = config.top_k + 2
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # on the local attention
+        self.drop_path = drop_path  # the rate on the local attention's branch, per group
         if prompted:
             self.prompts = nn.Parameter(torch.zeros(self.num_tokens, dim))
             self.prompt_drop = nn.Dropout(config.prompt_dropout)
@@ -553,12 +552,11 @@ class PointPEFTBlock(AdapterModule):
         return torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
 
     def _drop_path_scale(self, groups: int, like: Tensor) -> Tensor | None:
-        """The drop-path factor per group ``(groups, 1)``: timm's ``drop_path`` of ones (the same draw as
+        """The drop-path factor per group ``(groups, 1)``: timm's ``drop_path`` of ones (the same draw as its
         ``DropPath`` on the ``(B·A, K, C)`` branch), or ``None`` when drop-path is off."""
-        if not self.training or not isinstance(self.drop_path, DropPath) or self.drop_path.drop_prob == 0.0:
+        if not self.training or self.drop_path == 0.0:
             return None
-        ones = like.new_ones(groups, 1)
-        return timm_drop.drop_path(ones, self.drop_path.drop_prob, True, self.drop_path.scale_by_keep)
+        return timm_drop.drop_path(like.new_ones(groups, 1), self.drop_path, True)
 
     def post(self, out: Tensor) -> Tensor:
         shared = self.shared
