@@ -138,14 +138,38 @@ def _describe_method(name: str) -> str:
     return f"{name} ({info.modality}, {'mergeable' if info.mergeable else 'not mergeable'}, {info.paper})"
 
 
+def demo_contenders(modality: str) -> list[str] | None:
+    """The contenders that ``demo --methods`` picks from in a section (``None``: the section has no such choice)."""
+    if modality == "vision":
+        from modalpeft.vision.demo import LRS
+
+        return list(LRS)
+    if modality == "text":
+        from modalpeft.text.demo import CONTENDERS
+
+        return list(CONTENDERS)
+    return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from modalpeft.demo import run_demo
-    from modalpeft.vision.demo import LRS
 
-    unknown = [m for m in args.methods or () if m not in LRS]
-    if unknown:
-        print(f"modalpeft demo: error: unknown --methods {unknown}; choose from {list(LRS)}", file=sys.stderr)
-        return 2
+    chosen = (args.modality or DEMO_SECTIONS) if args.methods else ()
+    for modality in chosen:
+        names = demo_contenders(modality)
+        if names is None:
+            print(
+                f"modalpeft demo: error: --methods picks the contenders of the vision and text sections; the "
+                f"{modality} section runs all of its own (pass --modality vision or --modality text with --methods)",
+                file=sys.stderr,
+            )
+            return 2
+        unknown = [m for m in args.methods if m not in names]
+        if unknown:
+            print(
+                f"modalpeft demo: error: unknown {modality} --methods {unknown}; choose from {names}", file=sys.stderr
+            )
+            return 2
 
     overrides = {
         k: v
@@ -221,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of the demo (docs/results/<modality>_lr_grid.md)",
     )
     p.add_argument("--tasks", nargs="+", choices=("digits", "faces", "count"), help="vision: mini-VTAB tasks to run")
-    p.add_argument("--methods", nargs="+", help="vision: contenders to run (default: all)")
+    p.add_argument("--methods", nargs="+", help="vision and text: the contenders to run (default: the section's)")
     p.add_argument(
         "--suite",
         choices=("adapters", "weight-space", "mwa"),

@@ -117,6 +117,24 @@ def test_demo_runs_the_other_sections_quickly(tmp_path, capsys) -> None:
     assert "LN tuning" in printed and "pointgst" in printed
 
 
+def test_demo_methods_pick_the_text_contenders(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--modality", "text", "--out", str(out), "--methods", "linear probe", "bitfit"]
+    assert main(argv) == 2  # bitfit is a vision contender, not a text one
+    assert "unknown text --methods ['bitfit']" in capsys.readouterr().err
+    assert main(argv[:-1]) == 0
+    report = out / "text" / "results.json"
+    if not report.is_file():  # the offline text model or data is not installed: the section says so and skips
+        pytest.skip("the text demo's offline data is not installed")
+    assert {r["method"] for r in json.loads(report.read_text())["rows"]} == {"linear probe"}
+
+
+@pytest.mark.parametrize("modalities", [["pointcloud"], []])
+def test_demo_methods_need_a_section_that_takes_them(modalities, capsys) -> None:
+    assert main(["demo", "--quick", *(["--modality", *modalities] if modalities else []), "--methods", "ssf"]) == 2
+    assert "--methods picks the contenders of the vision and text sections" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv", [[], ["inspect"], ["demo", "--steps", "many"], ["demo", "--seeds"], ["demo", "--modality", "sound"]]
 )

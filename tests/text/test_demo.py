@@ -228,13 +228,15 @@ def test_missing_data_is_reported_with_the_install_command(tmp_path) -> None:
 
 
 def test_the_demo_wires_the_text_section(tmp_path, monkeypatch) -> None:
-    """``modalpeft demo --modality text``: SECTIONS["text"] runs this demo into <out>/text with the steps override
-    (the run itself is the test above; with the real MiniLM it takes too long for the suite)."""
+    """``modalpeft demo --modality text``: SECTIONS["text"] runs this demo into <out>/text with the steps and methods
+    overrides, not the vision ones (the run itself is the test above; with the real MiniLM it takes too long for the
+    suite)."""
     calls = []
     monkeypatch.setattr(demo, "run", lambda *args, **kwargs: calls.append((args, kwargs)) or True)
     console = Console(record=True)
-    assert SECTIONS["text"](True, tmp_path, None, console, steps=7, tasks=("faces",), methods=("ssf",))
-    assert calls == [((True, tmp_path / "text"), {"console": console, "results_dir": None, "steps": 7})]
+    assert SECTIONS["text"](True, tmp_path, None, console, steps=7, tasks=("faces",), methods=("linear probe",))
+    expected = {"console": console, "results_dir": None, "steps": 7, "methods": ("linear probe",)}
+    assert calls == [((True, tmp_path / "text"), expected)]
 
 
 @pytest.mark.slow
