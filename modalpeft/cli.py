@@ -174,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = {
         k: v
         for k, v in vars(args).items()
-        if k in ("seeds", "steps", "batch_size", "threads", "workers", "lr_grid", "tasks", "methods", "suite")
+        if k in ("seed", "seeds", "steps", "batch_size", "threads", "workers", "lr_grid", "tasks", "methods", "suite")
         and v not in (None, False)
     }
     for key in ("tasks", "methods"):
@@ -232,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="seeds per method and task (vision default: 1; docs/results/vision.md: 3); text: the page averages "
         "over them (default: 1; the 180-step pages: 3)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="text: the first seed (default: 0); with --seeds N the runs use seeds SEED to SEED+N-1, e.g. to add "
+        "seeds to a page's judged ones",
     )
     p.add_argument("--steps", type=int, help="training steps per run (vision default: 300, point clouds: 150)")
     p.add_argument("--batch-size", type=int, help="batch size (vision default: 32)")

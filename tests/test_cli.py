@@ -129,6 +129,16 @@ def test_demo_methods_pick_the_text_contenders(tmp_path, capsys) -> None:
     assert {r["method"] for r in json.loads(report.read_text())["rows"]} == {"linear probe"}
 
 
+def test_demo_seed_starts_the_text_seeds(monkeypatch) -> None:
+    import modalpeft.demo
+
+    calls = []
+    monkeypatch.setattr(modalpeft.demo, "run_demo", lambda *args, **kwargs: calls.append((args, kwargs)) or 0)
+    assert main(["demo", "--modality", "text", "--suite", "weight-space", "--seed", "3", "--seeds", "4"]) == 0
+    assert calls[0][0] == (["text"],)
+    assert {k: calls[0][1][k] for k in ("seed", "seeds", "suite")} == {"seed": 3, "seeds": 4, "suite": "weight-space"}
+
+
 @pytest.mark.parametrize("modalities", [["pointcloud"], []])
 def test_demo_methods_need_a_section_that_takes_them(modalities, capsys) -> None:
     assert main(["demo", "--quick", *(["--modality", *modalities] if modalities else []), "--methods", "ssf"]) == 2

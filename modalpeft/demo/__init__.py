@@ -92,7 +92,7 @@ def _pointcloud(quick: bool, out: Path, results_dir: str | None, console: Consol
 def _text(quick: bool, out: Path, results_dir: str | None, console: Console, **overrides: Any) -> bool:
     from modalpeft.text import demo
 
-    options = {k: overrides[k] for k in ("steps", "suite", "lr_grid", "seeds") if overrides.get(k) is not None}
+    options = {k: overrides[k] for k in ("steps", "suite", "lr_grid", "seed", "seeds") if overrides.get(k) is not None}
     methods = tuple(m for m in overrides.get("methods") or () if m in demo.CONTENDERS)  # the text ones among them
     if methods:
         options["methods"] = methods
@@ -185,8 +185,8 @@ def run_demo(
             committed pages; ``None``: only the run folder); never with ``quick``.
         overrides: go to the sections that take them (for vision: ``seeds``, ``steps``, ``batch_size``,
             ``lr_grid``, ``threads``, ``tasks``, ``methods``; for point clouds, text, diffusion, tracking and audio:
-            ``steps``; for text also ``suite``, ``seeds`` and ``methods`` (the text contenders among them; none:
-            the suite's); for text, diffusion, tracking and audio also
+            ``steps``; for text also ``suite``, ``seed`` (the first seed), ``seeds`` and ``methods`` (the text
+            contenders among them; none: the suite's); for text, diffusion, tracking and audio also
             ``lr_grid``: the learning-rate study instead of the demo).
     """
     from modalpeft.lightning.demo import run_folder

@@ -950,10 +950,10 @@ def markdown(
         return kept
 
     default = used(TextSettings(suite=settings.suite, steps=settings.steps))  # ``--steps N`` sets its own rates
-    changed = {k: v for k, v in used(settings).items() if default[k] != v}
+    changed = {k: v for k, v in used(settings).items() if default[k] != v and k != "seed"}
     suite = f" {settings.suite_flag}" if settings.suite_flag else ""
     steps = f" --steps {settings.steps}" if settings.steps != DEMO_STEPS else ""
-    seeds = f" --seeds {settings.seeds}" if seeded else ""
+    seeds = (f" --seed {settings.seed}" if settings.seed else "") + (f" --seeds {settings.seeds}" if seeded else "")
     command = f"modalpeft demo --modality text{suite}{seeds}{steps}" + (f" with {changed}" if changed else "")
     last = settings.seed + settings.seeds - 1
     seed_text = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -187,7 +188,7 @@ def test_seeds_run_once_each_and_a_finished_seed_is_read_not_rerun(tmp_path, mon
 
     def fake_run_text(settings: demo.TextSettings, log=print) -> list[demo.Result]:
         ran.append(settings.seed)
-        assert settings.seeds == 1 and settings.out == str(tmp_path / f"seed-{settings.seed}")
+        assert settings.seeds == 1 and Path(settings.out).name == f"seed-{settings.seed}"
         rows = [row(name, 10, 0.6 + 0.1 * i + 0.01 * settings.seed) for i, name in enumerate(settings.methods)]
         demo.atomic_write({"results.json": {"settings": asdict(settings), "rows": [asdict(r) for r in rows]}},
                           settings.out)  # fmt: skip
@@ -216,6 +217,12 @@ def test_seeds_run_once_each_and_a_finished_seed_is_read_not_rerun(tmp_path, mon
     assert demo.render_results(tmp_path) == "text_weight_space_180_steps.md"  # again from results.json, same page
     demo.run_seeds(replace(settings, lrs={**settings.lrs, "svfit": 1.0}), log=lambda line: None)
     assert ran == [0, 1, 2, 2, 0, 1, 2]  # other rates: every seed again
+    later = tmp_path / "later"
+    demo.run_seeds(replace(settings, seed=3, seeds=2, out=str(later)), log=lambda line: None)  # --seed 3 --seeds 2
+    assert ran[-2:] == [3, 4] and sorted(p.name for p in later.glob("seed-*")) == ["seed-3", "seed-4"]
+    page = (later / "text_weight_space_180_steps.md").read_text()
+    assert "--suite weight-space --seed 3 --seeds 2 --steps 180 with {'tasks'" in page and "seeds 3 to 4" in page
+    assert "'seed'" not in page.split("Command: ")[1].split("`")[1]  # the flag, not a settings dict entry
     with pytest.raises(ValueError, match="seeds=0 is below 1"):
         demo.TextSettings(seeds=0)
 
@@ -234,8 +241,8 @@ def test_the_demo_wires_the_text_section(tmp_path, monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(demo, "run", lambda *args, **kwargs: calls.append((args, kwargs)) or True)
     console = Console(record=True)
-    assert SECTIONS["text"](True, tmp_path, None, console, steps=7, tasks=("faces",), methods=("linear probe",))
-    expected = {"console": console, "results_dir": None, "steps": 7, "methods": ("linear probe",)}
+    assert SECTIONS["text"](True, tmp_path, None, console, steps=7, seed=3, tasks=("faces",), methods=("linear probe",))
+    expected = {"console": console, "results_dir": None, "steps": 7, "seed": 3, "methods": ("linear probe",)}
     assert calls == [((True, tmp_path / "text"), expected)]
 
 
