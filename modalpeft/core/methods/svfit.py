@@ -15,6 +15,17 @@ BERT/RoBERTa) at full rank, which is the paper's "16x fewer parameters than LoRA
 (24 · 768 = 18,432 = 294,912 / 16).
 
 Trainable count: ``r`` per targeted Linear (``rank=None``: ``r = min(d_in, d_out)``).
+
+Training cost: the gradient of ``σ'`` is ``Σ_t (g U_r)[t] ⊙ (x V_r)[t]``, so every step needs ``x V_r`` and
+``g U_r``, two ``tokens x d x r`` products on top of the two a Linear needs anyway (its output and ``∂L/∂x``). At
+full rank on a square Linear that is twice the frozen Linear's work, whichever way it is computed (the factored
+route :class:`~modalpeft.core.layers.FactorizedVector` takes is that bound). Measured on one 4096 x 4096 Linear
+(LLaMA-7B's ``q_proj``), 1,024 tokens, forward and backward, one thread: 1.05 s frozen, 2.13 s with SVFit (2.02x).
+So where the targeted Linears are a large share of a model's work, full-rank SVFit steps slower than LoRA: 1.06x
+LoRA's step on RoBERTa-base's q and v (``benchmarks/results/roberta_base_b8_cpu.md``), 1.35x on two LLaMA-7B-sized
+blocks (``llama_7b_blocks_b8_cpu.md``), where q and v are 4096 wide and the batch has 1,024 tokens. A smaller
+``rank`` adds ``r·d_out·d_in`` (the update, once per step) and ``tokens·r·(d_out + 2·d_in)`` (the factored
+backward) to the frozen Linear's work instead.
 """
 
 from __future__ import annotations
