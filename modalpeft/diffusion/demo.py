@@ -63,6 +63,7 @@ from .metrics import mean_pairwise_similarity
 from .pipeline import png_bytes
 from .tiny import (
     CLASS_NAMES,
+    FMNIST_GUIDANCE,
     IDENTIFIER,
     TinyTextToImage,
     caption,
@@ -127,7 +128,8 @@ class DiffusionSettings:
     max_drift: float = 0.05
     fmnist_root: str = "/usr/share/datasets/fashion-mnist"
     sample_steps: int = 10
-    guidance: float = 3.0
+    guidance: float = FMNIST_GUIDANCE
+    """Classifier-free guidance of every generation (the base model's best scale, :data:`FMNIST_GUIDANCE`)."""
     identifier_samples: int = 8
     class_samples: int = 4
     other_samples_per_class: int = 6

@@ -11,6 +11,8 @@ import torch
 from modalpeft.diffusion.demo import SUBJECT_FILE, DiffusionSettings, all_checks_passed, instance_views, run
 from modalpeft.diffusion.tiny import (
     FMNIST_DIFFUSION_FILE,
+    FMNIST_DIFFUSION_SHA256,
+    FMNIST_GUIDANCE,
     IDENTIFIER,
     MAX_LENGTH,
     VOCABULARY,
@@ -37,6 +39,18 @@ def test_committed_model_is_checked_and_samples_deterministically(tmp_path) -> N
     bad.write_bytes(FMNIST_DIFFUSION_FILE.read_bytes()[:-1] + b"\0")
     with pytest.raises(ValueError, match="sha256 mismatch"):
         fmnist_diffusion(checkpoint_path=bad)
+
+
+def test_the_default_guidance_is_the_committed_models_best() -> None:
+    """``FMNIST_GUIDANCE`` (the demo's and ``sample``'s default) is the scale the pretraining recipe's ``--export``
+    measured as best for the committed weights, whose digest the manifest names."""
+    manifest = json.loads((FMNIST_DIFFUSION_FILE.parent / "fmnist_unet.json").read_text())
+    assert manifest["file"]["sha256"] == FMNIST_DIFFUSION_SHA256
+    by_guidance = manifest["metrics"]["class_accuracy_by_guidance"]
+    assert manifest["metrics"]["guidance"] == FMNIST_GUIDANCE and by_guidance[f"{FMNIST_GUIDANCE:g}"] == max(
+        by_guidance.values()
+    )
+    assert DiffusionSettings().guidance == FMNIST_GUIDANCE
 
 
 def test_instance_views_are_the_photo_its_mirror_and_shifts() -> None:
