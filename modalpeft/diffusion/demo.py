@@ -106,10 +106,10 @@ class DiffusionSettings:
     """Constant learning rates; ``None``: :data:`LRS_BY_STEPS` for this run's ``steps`` (the demo's where that length
     has no grid of its own), each the pick of the validation-subject grid (``lr_grid``,
     ``docs/results/diffusion_lr_grid.md``): the highest subject fidelity (under the self-supervised encoder) within 5
-    points of language drift. DiffuseKronA's pick is the official recipe's 1e-3; LoRA's 1e-4 is the usual
-    DreamBooth-LoRA rate, and LoRA drifts 10 points at 3e-4. Full fine-tuning of the attention prefers the smallest
-    rates: its fidelity barely moves between 3e-5 and 3e-4 while its drift grows. The metric is noisy at this size
-    (one of the grid's 90 prompt-fidelity generations is 1.1 points)."""
+    points of language drift (else the least drifting). Since the base model samples well (81% prompt fidelity on
+    the grid's prompts), every method drifts 4-6 points even at its lowest candidate rate, where its weights barely
+    move: a few of the 90 generations flip, mostly from right to wrong, so the picks are the lowest candidates. The
+    metric is noisy at this size (one of the grid's 90 prompt-fidelity generations is 1.1 points)."""
     lr_grid: bool = False
     """Instead of the demo: train every method at each of ``lr_candidates`` on a *validation subject* (another bag
     of the Fashion-MNIST test set, :func:`validation_subject`; the demo's subject is not used) and pick, per method,
@@ -151,11 +151,11 @@ class DiffusionSettings:
 DEMO_STEPS = DiffusionSettings.steps
 LRS_BY_STEPS: dict[int, dict[str, float]] = {
     DEMO_STEPS: {
-        "DiffuseKronA (official)": 1e-3,
-        "DiffuseKronA (kron)": 1e-3,
-        "LoRA r=4 (peft)": 1e-4,
-        "LoKr (peft)": 3e-4,
-        "full attention": 3e-5,
+        "DiffuseKronA (official)": 3e-4,
+        "DiffuseKronA (kron)": 3e-4,
+        "LoRA r=4 (peft)": 3e-5,
+        "LoKr (peft)": 1e-4,
+        "full attention": 1e-5,
     },
     400: {
         "DiffuseKronA (official)": 3e-4,
@@ -553,17 +553,25 @@ def plot(results: list[Result]) -> bytes:
     )
 
 
+LEARNED = 0.01
+"""The least gain in subject fidelity over the base model that counts as having learned the subject (the base
+model's generations score about 0.84-0.89, the instance images among themselves 0.997)."""
+
+
 def targets(results: list[Result]) -> dict[str, Any]:
     """The issue's target on this run: DiffuseKronA's subject fidelity at least LoRA's, its prompt fidelity within
-    2 points of LoRA's."""
+    2 points of LoRA's, and (so that a tie of two untrained models does not count) DiffuseKronA's subject fidelity at
+    least :data:`LEARNED` over the base model's."""
+    base = next(r for r in results if r.method == "base model")
     lora = next(r for r in results if r.method.startswith("LoRA"))
     out = {}
     for r in results:
         if r.method.startswith("DiffuseKronA"):
             fidelity, prompt = r.subject_fidelity - lora.subject_fidelity, r.prompt_fidelity - lora.prompt_fidelity
-            out[r.method] = {"subject_vs_lora": fidelity, "prompt_vs_lora": prompt,
+            learned = r.subject_fidelity - base.subject_fidelity
+            out[r.method] = {"subject_vs_lora": fidelity, "prompt_vs_lora": prompt, "subject_vs_base": learned,
                              "params_vs_lora": r.trainable_params / lora.trainable_params,
-                             "met": fidelity >= 0 and prompt >= -0.02}  # fmt: skip
+                             "met": fidelity >= 0 and prompt >= -0.02 and learned >= LEARNED}  # fmt: skip
     return out
 
 
@@ -633,14 +641,18 @@ def markdown(results: list[Result], demo: Demo, meta: dict[str, Any]) -> str:
         "Step times compare methods within this run only (the machine may be shared).",
         environment_note(meta["environment"]),
         "",
-        "Target (issue 14: DiffuseKronA's subject fidelity at least LoRA's, prompt fidelity within 2 points of it):",
+        "Target (issue 14: DiffuseKronA's subject fidelity at least LoRA's, prompt fidelity within 2 points of it; "
+        f"and, so that two methods that learned nothing do not pass by a tie, its subject fidelity at least "
+        f"{LEARNED:g} over the base model's):",
         "",
     ]
     for name, t in meta["targets"].items():
+        learned = t.get("subject_vs_base")
         lines.append(
-            f"- {name}: subject fidelity {t['subject_vs_lora']:+.3f} vs LoRA, prompt fidelity "
-            f"{100 * t['prompt_vs_lora']:+.1f} points, {t['params_vs_lora']:.2f}x its parameters: "
-            f"{'met' if t['met'] else 'NOT met'}."
+            f"- {name}: subject fidelity {t['subject_vs_lora']:+.3f} vs LoRA"
+            + (f" ({learned:+.3f} vs the base model)" if learned is not None else "")
+            + f", prompt fidelity {100 * t['prompt_vs_lora']:+.1f} points, {t['params_vs_lora']:.2f}x its "
+            f"parameters: {'met' if t['met'] else 'NOT met'}."
         )
     lines += [
         "",

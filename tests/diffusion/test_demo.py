@@ -85,6 +85,19 @@ def test_demo_quick_run(tmp_path) -> None:
     assert "Environment: Python" in (tmp_path / "diffusion.md").read_text()
 
 
+def test_the_target_needs_the_subject_learned_not_only_a_tie_with_lora() -> None:
+    from modalpeft.diffusion.demo import LEARNED, Result, targets
+
+    def result(method: str, fidelity: float, prompt: float, params: int) -> Result:
+        return Result(method, 1e-3, params, None, None, 0.0, fidelity, 1.0, 0.8, prompt, 0.0)
+
+    untrained = [result("base model", 0.841, 0.815, 0), result("LoRA r=4 (peft)", 0.842, 0.815, 28672)]
+    tie = targets([*untrained, result("DiffuseKronA (official)", 0.842, 0.796, 7168)])["DiffuseKronA (official)"]
+    assert tie["subject_vs_lora"] == pytest.approx(0) and tie["prompt_vs_lora"] >= -0.02 and not tie["met"]
+    learned = targets([*untrained, result("DiffuseKronA (kron)", 0.841 + LEARNED + 1e-6, 0.8, 7168)])
+    assert learned["DiffuseKronA (kron)"]["met"] and learned["DiffuseKronA (kron)"]["params_vs_lora"] == 0.25
+
+
 def test_the_lr_grid_picks_the_most_faithful_rate_within_the_drift_bound() -> None:
     from modalpeft.diffusion.demo import picked
 
