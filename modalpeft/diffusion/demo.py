@@ -162,7 +162,7 @@ LRS_BY_STEPS: dict[int, dict[str, float]] = {
         "DiffuseKronA (kron)": 3e-4,
         "LoRA r=4 (peft)": 3e-5,
         "LoKr (peft)": 1e-4,
-        "full attention": 3e-5,
+        "full attention": 1e-5,
     },
 }
 """The rates of a run of each length that has its own validation grid (``--lr-grid --steps N`` writes
