@@ -647,11 +647,9 @@ def markdown(results: list[Result], demo: Demo, meta: dict[str, Any]) -> str:
         "",
     ]
     for name, t in meta["targets"].items():
-        learned = t.get("subject_vs_base")
         lines.append(
-            f"- {name}: subject fidelity {t['subject_vs_lora']:+.3f} vs LoRA"
-            + (f" ({learned:+.3f} vs the base model)" if learned is not None else "")
-            + f", prompt fidelity {100 * t['prompt_vs_lora']:+.1f} points, {t['params_vs_lora']:.2f}x its "
+            f"- {name}: subject fidelity {t['subject_vs_lora']:+.3f} vs LoRA ({t['subject_vs_base']:+.3f} vs the base "
+            f"model), prompt fidelity {100 * t['prompt_vs_lora']:+.1f} points, {t['params_vs_lora']:.2f}x its "
             f"parameters: {'met' if t['met'] else 'NOT met'}."
         )
     lines += [

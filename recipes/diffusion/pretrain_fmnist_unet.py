@@ -38,6 +38,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from modalpeft.core.state import atomic_write, sha256_of
+from modalpeft.diffusion.demo import DiffusionSettings
 from modalpeft.diffusion.pipeline import png_bytes
 from modalpeft.diffusion.tiny import (
     CLASS_NAMES,
@@ -60,7 +61,7 @@ COMMANDS = (
 
 GUIDANCES = (1.0, 1.5, 2.0, 3.0)
 """The classifier-free guidance scales ``--export`` compares (at the demo's sampler, :data:`SAMPLE_STEPS`)."""
-SAMPLE_STEPS = 10
+SAMPLE_STEPS = DiffusionSettings.sample_steps
 
 
 def train(args: argparse.Namespace) -> None:
